@@ -1,0 +1,257 @@
+//! `ebsfs snapshot create|list|wait|delete`: plain file operations on the mount.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{IsTerminal, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Subcommand;
+
+use super::MountLocation;
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Start a snapshot of VOLUME (mkdir snapshots/VOLUME@LABEL).
+    Create {
+        volume: String,
+        label: String,
+        /// Wait until the snapshot is completed, showing progress.
+        #[arg(long)]
+        wait: bool,
+        /// Stored as the snapshot's user.description.
+        #[arg(long)]
+        description: Option<String>,
+        #[command(flatten)]
+        location: MountLocation,
+    },
+    /// List snapshots with their status, size, owner and time.
+    List {
+        #[command(flatten)]
+        location: MountLocation,
+    },
+    /// Wait for a snapshot (VOLUME@LABEL) to complete; non-zero exit if it fails.
+    Wait {
+        id: String,
+        #[command(flatten)]
+        location: MountLocation,
+    },
+    /// Delete a snapshot (rmdir snapshots/VOLUME@LABEL).
+    Delete {
+        id: String,
+        #[command(flatten)]
+        location: MountLocation,
+    },
+}
+
+/// A failure to report, with the exit code to use.
+struct Failure(i32, String);
+
+pub fn run(cmd: SnapshotCommand) -> i32 {
+    let result = match cmd {
+        SnapshotCommand::Create {
+            volume,
+            label,
+            wait,
+            description,
+            location,
+        } => with_mount(&location, |mnt| {
+            create(mnt, &volume, &label, description.as_deref(), wait)
+        }),
+        SnapshotCommand::List { location } => with_mount(&location, list),
+        SnapshotCommand::Wait { id, location } => with_mount(&location, |mnt| wait_for(mnt, &id)),
+        SnapshotCommand::Delete { id, location } => with_mount(&location, |mnt| delete(mnt, &id)),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(Failure(code, message)) => {
+            eprintln!("ebsfs: {message}");
+            code
+        }
+    }
+}
+
+fn with_mount(
+    location: &MountLocation,
+    f: impl FnOnce(&Path) -> Result<(), Failure>,
+) -> Result<(), Failure> {
+    let mnt = location.resolve().map_err(|e| Failure(2, e))?;
+    if !mnt.join("snapshots").is_dir() {
+        return Err(Failure(
+            2,
+            format!(
+                "{} is not an ebsfs mount (no snapshots/ directory); pass --mount DIR",
+                mnt.display()
+            ),
+        ));
+    }
+    f(&mnt)
+}
+
+fn snapshot_dir(mnt: &Path, id: &str) -> PathBuf {
+    mnt.join("snapshots").join(id)
+}
+
+fn explain(err: &std::io::Error, id: &str) -> String {
+    match err.raw_os_error() {
+        Some(libc::ENOENT) => format!("{id}: no such volume or snapshot"),
+        Some(libc::EEXIST) => format!("{id}: a snapshot with this name already exists"),
+        Some(libc::EBUSY) => {
+            format!("{id}: the volume already has a snapshot pending; wait for it first")
+        }
+        Some(libc::EINVAL) => {
+            format!("{id}: invalid name (use VOLUME@LABEL, 1-64 of A-Z a-z 0-9 . _ -)")
+        }
+        Some(libc::ENAMETOOLONG) => {
+            format!("{id}: name too long (at most 64 characters each side of @)")
+        }
+        _ => format!("{id}: {err}"),
+    }
+}
+
+fn create(
+    mnt: &Path,
+    volume: &str,
+    label: &str,
+    description: Option<&str>,
+    wait: bool,
+) -> Result<(), Failure> {
+    let id = format!("{volume}@{label}");
+    let dir = snapshot_dir(mnt, &id);
+    fs::create_dir(&dir).map_err(|e| Failure(1, explain(&e, &id)))?;
+    if let Some(text) = description {
+        set_xattr(&dir, "user.description", text.as_bytes())
+            .map_err(|e| Failure(1, format!("{id}: setting description: {e}")))?;
+    }
+    println!("{id}");
+    if wait { wait_for(mnt, &id) } else { Ok(()) }
+}
+
+fn set_xattr(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let c_name = CString::new(name).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: both strings are NUL-terminated; value is a valid slice for its length.
+    let rc = unsafe {
+        libc::setxattr(
+            c_path.as_ptr(),
+            c_name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn read_field(dir: &Path, file: &str) -> Result<String, std::io::Error> {
+    fs::read_to_string(dir.join(file)).map(|s| s.trim().to_string())
+}
+
+fn info_value(info: &toml::Table, key: &str) -> String {
+    match info.get(key) {
+        Some(toml::Value::String(s)) => s.clone(),
+        Some(v) => v.to_string(),
+        None => String::new(),
+    }
+}
+
+fn list(mnt: &Path) -> Result<(), Failure> {
+    let mut names: Vec<String> = fs::read_dir(mnt.join("snapshots"))
+        .map_err(|e| Failure(1, format!("listing snapshots: {e}")))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{:<40} {:<10} {:>5} {:>12} {:>12} {:>6}  CREATED",
+        "SNAPSHOT", "STATUS", "DONE", "SIZE", "STORED", "OWNER"
+    );
+    for name in names {
+        let dir = snapshot_dir(mnt, &name);
+        let status = read_field(&dir, "status").unwrap_or_else(|_| "?".into());
+        let progress = read_field(&dir, "progress").unwrap_or_default();
+        let info: toml::Table = read_field(&dir, "info")
+            .ok()
+            .and_then(|t| toml::from_str(&t).ok())
+            .unwrap_or_default();
+        let size = info_value(&info, "size")
+            .parse::<u64>()
+            .map(|b| crate::config::ByteSize(b).to_string())
+            .unwrap_or_default();
+        let stored = info_value(&info, "stored_bytes")
+            .parse::<u64>()
+            .map(|b| crate::config::ByteSize(b).to_string())
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{name:<40} {status:<10} {progress:>5} {size:>12} {stored:>12} {:>6}  {}",
+            info_value(&info, "owner"),
+            info_value(&info, "created")
+        );
+    }
+    Ok(())
+}
+
+/// Polls `status` and `progress`: a bar on a terminal, a line per 10% otherwise.
+fn wait_for(mnt: &Path, id: &str) -> Result<(), Failure> {
+    let dir = snapshot_dir(mnt, id);
+    let tty = std::io::stderr().is_terminal();
+    let mut last_reported: Option<u64> = None;
+    loop {
+        let status = read_field(&dir, "status").map_err(|e| Failure(2, explain(&e, id)))?;
+        let percent: u64 = read_field(&dir, "progress")
+            .ok()
+            .and_then(|p| p.trim_end_matches('%').parse().ok())
+            .unwrap_or(0);
+        if tty {
+            let filled = (percent / 5) as usize;
+            eprint!(
+                "\r{id} [{}{}] {percent:>3}% {status}   ",
+                "#".repeat(filled),
+                ".".repeat(20 - filled.min(20))
+            );
+        } else if last_reported
+            .is_none_or(|last| percent >= last + 10 || (status != "pending" && percent != last))
+        {
+            eprintln!("{id}: {status} {percent}%");
+            last_reported = Some(percent);
+        }
+        match status.as_str() {
+            "completed" => {
+                if tty {
+                    eprintln!();
+                }
+                println!("{id}: completed");
+                return Ok(());
+            }
+            "error" => {
+                if tty {
+                    eprintln!();
+                }
+                let info: toml::Table = read_field(&dir, "info")
+                    .ok()
+                    .and_then(|t| toml::from_str(&t).ok())
+                    .unwrap_or_default();
+                return Err(Failure(
+                    1,
+                    format!("{id}: snapshot failed: {}", info_value(&info, "error")),
+                ));
+            }
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+fn delete(mnt: &Path, id: &str) -> Result<(), Failure> {
+    fs::remove_dir(snapshot_dir(mnt, id)).map_err(|e| Failure(1, explain(&e, id)))?;
+    println!("{id}: deleted");
+    Ok(())
+}

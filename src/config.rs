@@ -1,0 +1,368 @@
+//! `config.toml` → typed [`Settings`].
+//!
+//! The repository's `config.toml` is compiled in as the defaults; a user file only
+//! needs the keys it changes, and command-line values override both. Every error names
+//! the file, the line and the key, so a typo never turns into a silent default.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The defaults, exactly as shipped in the repository's `config.toml`.
+pub const EMBEDDED_CONFIG: &str = include_str!("../config.toml");
+
+const MIN_BLOCK_SIZE: u64 = 4096;
+const MAX_BLOCK_SIZE: u64 = 4 << 20;
+
+/// Validated settings for one mount.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    pub mountpoint: PathBuf,
+    pub block_size_bytes: u32,
+    pub max_volume_size_bytes: u64,
+    pub compression_level: i32,
+    pub capture_threads: usize,
+    pub fuse_threads: usize,
+    pub cache_size_bytes: u64,
+    pub allow_other: bool,
+}
+
+/// One config file's keys, all optional so a file may override only some.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    data_dir: Option<PathBuf>,
+    mountpoint: Option<PathBuf>,
+    block_size: Option<ByteSize>,
+    max_volume_size: Option<ByteSize>,
+    compression_level: Option<i32>,
+    capture_threads: Option<usize>,
+    fuse_threads: Option<usize>,
+    cache_size: Option<ByteSize>,
+    allow_other: Option<bool>,
+}
+
+/// What went wrong with a config file, and where.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+}
+
+impl Settings {
+    /// The embedded defaults, with relative paths taken from the current directory.
+    pub fn embedded() -> Settings {
+        let mut settings = Settings::placeholder();
+        // The embedded file is part of the binary and covered by a unit test.
+        apply_text(
+            &mut settings,
+            EMBEDDED_CONFIG,
+            Path::new("<embedded config.toml>"),
+            Path::new("."),
+        )
+        .unwrap_or_else(|e| panic!("embedded config.toml is invalid: {e}"));
+        settings
+    }
+
+    /// The embedded defaults overridden by the file at `path`.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let mut settings = Settings::embedded();
+        apply_text(&mut settings, &text, path, base)?;
+        Ok(settings)
+    }
+
+    /// `--config FILE` when given, else `./config.toml` when present, else the defaults.
+    pub fn discover(explicit: Option<&Path>) -> Result<Settings, ConfigError> {
+        match explicit {
+            Some(path) => Settings::load(path),
+            None if Path::new("config.toml").is_file() => Settings::load(Path::new("config.toml")),
+            None => Ok(Settings::embedded()),
+        }
+    }
+
+    fn placeholder() -> Settings {
+        Settings {
+            data_dir: PathBuf::new(),
+            mountpoint: PathBuf::new(),
+            block_size_bytes: 0,
+            max_volume_size_bytes: 0,
+            compression_level: 0,
+            capture_threads: 0,
+            fuse_threads: 0,
+            cache_size_bytes: 0,
+            allow_other: false,
+        }
+    }
+}
+
+fn apply_text(
+    settings: &mut Settings,
+    text: &str,
+    path: &Path,
+    base: &Path,
+) -> Result<(), ConfigError> {
+    let invalid = |line: usize, message: String| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        line,
+        message,
+    };
+    let file: ConfigFile = toml::from_str(text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|span| line_of_offset(text, span.start))
+            .unwrap_or(1);
+        invalid(line, e.message().to_string())
+    })?;
+    let check = |key: &str, ok: bool, what: String| {
+        if ok {
+            Ok(())
+        } else {
+            Err(invalid(
+                line_of_key(text, key),
+                format!("key `{key}`: {what}"),
+            ))
+        }
+    };
+    let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+
+    if let Some(dir) = file.data_dir {
+        check(
+            "data_dir",
+            !dir.as_os_str().is_empty(),
+            "must not be empty".into(),
+        )?;
+        settings.data_dir = resolve(dir);
+    }
+    if let Some(dir) = file.mountpoint {
+        check(
+            "mountpoint",
+            !dir.as_os_str().is_empty(),
+            "must not be empty".into(),
+        )?;
+        settings.mountpoint = resolve(dir);
+    }
+    if let Some(ByteSize(size)) = file.block_size {
+        check(
+            "block_size",
+            size.is_power_of_two() && (MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&size),
+            format!("{size} is not a power of two between 4KiB and 4MiB"),
+        )?;
+        settings.block_size_bytes = size as u32;
+    }
+    if let Some(ByteSize(size)) = file.max_volume_size {
+        check(
+            "max_volume_size",
+            size > 0 && size <= i64::MAX as u64,
+            format!("{size} must be between 1 byte and 8EiB"),
+        )?;
+        settings.max_volume_size_bytes = size;
+    }
+    if let Some(level) = file.compression_level {
+        check(
+            "compression_level",
+            (1..=19).contains(&level),
+            format!("{level} is not between 1 and 19"),
+        )?;
+        settings.compression_level = level;
+    }
+    if let Some(threads) = file.capture_threads {
+        check(
+            "capture_threads",
+            (1..=64).contains(&threads),
+            format!("{threads} is not between 1 and 64"),
+        )?;
+        settings.capture_threads = threads;
+    }
+    if let Some(threads) = file.fuse_threads {
+        check(
+            "fuse_threads",
+            (1..=64).contains(&threads),
+            format!("{threads} is not between 1 and 64"),
+        )?;
+        settings.fuse_threads = threads;
+    }
+    if let Some(ByteSize(size)) = file.cache_size {
+        check(
+            "cache_size",
+            size >= 1 << 20,
+            format!("{size} is below the 1MiB minimum"),
+        )?;
+        settings.cache_size_bytes = size;
+    }
+    if let Some(allow) = file.allow_other {
+        settings.allow_other = allow;
+    }
+    Ok(())
+}
+
+fn line_of_offset(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The line on which `key` is assigned, for errors found after parsing.
+fn line_of_key(text: &str, key: &str) -> usize {
+    text.lines()
+        .position(|line| {
+            let line = line.trim_start();
+            line.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map_or(1, |idx| idx + 1)
+}
+
+/// A byte count written as a number or as a string with a binary unit ("64KiB").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses "4096", "64K", "64KiB", "1.5GiB" style sizes (binary multiples).
+    pub fn parse(text: &str) -> Result<ByteSize, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            "g" | "gb" | "gib" => 1 << 30,
+            "t" | "tb" | "tib" => 1 << 40,
+            "p" | "pb" | "pib" => 1 << 50,
+            other => return Err(format!("unknown size unit `{other}` in `{text}`")),
+        };
+        let value: f64 = number
+            .parse()
+            .map_err(|_| format!("`{text}` is not a size"))?;
+        let bytes = value * multiplier as f64;
+        if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+            return Err(format!("`{text}` is out of range"));
+        }
+        Ok(ByteSize(bytes as u64))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+        let mut value = self.0 as f64;
+        let mut unit = 0;
+        while value >= 1024.0 && unit + 1 < UNITS.len() {
+            value /= 1024.0;
+            unit += 1;
+        }
+        if unit == 0 {
+            write!(f, "{} B", self.0)
+        } else {
+            write!(f, "{value:.1} {}", UNITS[unit])
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(i64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Number(n) if n >= 0 => Ok(ByteSize(n as u64)),
+            Raw::Number(n) => Err(serde::de::Error::custom(format!("size {n} is negative"))),
+            Raw::Text(text) => ByteSize::parse(&text).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str) -> Result<Settings, ConfigError> {
+        let mut settings = Settings::embedded();
+        apply_text(
+            &mut settings,
+            text,
+            Path::new("test.toml"),
+            Path::new("/base"),
+        )
+        .map(|_| settings)
+    }
+
+    #[test]
+    fn embedded_defaults_are_valid() {
+        let s = Settings::embedded();
+        assert_eq!(s.data_dir, Path::new("./data"));
+        assert_eq!(s.mountpoint, Path::new("./mnt"));
+        assert_eq!(s.block_size_bytes, 64 * 1024);
+        assert_eq!(s.max_volume_size_bytes, 16 << 40);
+        assert!(!s.allow_other);
+    }
+
+    #[test]
+    fn file_overrides_only_its_keys_and_resolves_paths() {
+        let s = load_text("data_dir = \"d\"\nblock_size = 8192\n").unwrap();
+        assert_eq!(s.data_dir, Path::new("/base/d"));
+        assert_eq!(s.block_size_bytes, 8192);
+        assert_eq!(s.mountpoint, Path::new("./mnt"));
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let err = load_text("data_dir = \"d\"\n\nblok_size = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:3:"), "{err}");
+        assert!(err.contains("blok_size"), "{err}");
+    }
+
+    #[test]
+    fn invalid_value_names_file_line_and_key() {
+        let err = load_text("# c\nblock_size = \"3KiB\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:2:"), "{err}");
+        assert!(err.contains("block_size"), "{err}");
+        let err = load_text("compression_level = 40").unwrap_err().to_string();
+        assert!(
+            err.contains("test.toml:1: key `compression_level`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn syntax_error_has_line() {
+        let err = load_text("a = 1\nb = [\n").unwrap_err().to_string();
+        assert!(err.starts_with("test.toml:"), "{err}");
+    }
+
+    #[test]
+    fn byte_sizes_parse() {
+        assert_eq!(ByteSize::parse("4096"), Ok(ByteSize(4096)));
+        assert_eq!(ByteSize::parse("64KiB"), Ok(ByteSize(65536)));
+        assert_eq!(ByteSize::parse("1.5 GiB"), Ok(ByteSize(3 << 29)));
+        assert_eq!(ByteSize::parse("16T"), Ok(ByteSize(16 << 40)));
+        assert!(ByteSize::parse("12 parsecs").is_err());
+        assert!(ByteSize::parse("lots").is_err());
+    }
+}

@@ -1,0 +1,123 @@
+//! Inode numbers: derived from volume and snapshot ids, which are never reused, so an
+//! inode number always means the same object and needs no table or generation.
+//!
+//! Layout: the top 8 bits are the node kind, the low 56 bits the object id.
+
+pub const ROOT: u64 = 1;
+pub const VOLUMES_DIR: u64 = 2;
+pub const SNAPSHOTS_DIR: u64 = 3;
+
+const KIND_SHIFT: u32 = 56;
+const ID_MASK: u64 = (1 << KIND_SHIFT) - 1;
+
+/// The files inside every `snapshots/<name>/` directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotFile {
+    Status,
+    Progress,
+    Image,
+    Info,
+}
+
+impl SnapshotFile {
+    pub const ALL: [SnapshotFile; 4] = [
+        SnapshotFile::Status,
+        SnapshotFile::Progress,
+        SnapshotFile::Image,
+        SnapshotFile::Info,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SnapshotFile::Status => "status",
+            SnapshotFile::Progress => "progress",
+            SnapshotFile::Image => "volume.img",
+            SnapshotFile::Info => "info",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<SnapshotFile> {
+        SnapshotFile::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    fn kind(self) -> u64 {
+        match self {
+            SnapshotFile::Status => 3,
+            SnapshotFile::Progress => 4,
+            SnapshotFile::Image => 5,
+            SnapshotFile::Info => 6,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Node {
+    Root,
+    VolumesDir,
+    SnapshotsDir,
+    Volume(u64),
+    SnapshotDir(u64),
+    SnapshotFile(u64, SnapshotFile),
+}
+
+impl Node {
+    pub fn ino(self) -> u64 {
+        let tagged = |kind: u64, id: u64| (kind << KIND_SHIFT) | (id & ID_MASK);
+        match self {
+            Node::Root => ROOT,
+            Node::VolumesDir => VOLUMES_DIR,
+            Node::SnapshotsDir => SNAPSHOTS_DIR,
+            Node::Volume(id) => tagged(1, id),
+            Node::SnapshotDir(id) => tagged(2, id),
+            Node::SnapshotFile(id, file) => tagged(file.kind(), id),
+        }
+    }
+
+    pub fn from_ino(ino: u64) -> Option<Node> {
+        let (kind, id) = (ino >> KIND_SHIFT, ino & ID_MASK);
+        Some(match (kind, ino) {
+            (0, ROOT) => Node::Root,
+            (0, VOLUMES_DIR) => Node::VolumesDir,
+            (0, SNAPSHOTS_DIR) => Node::SnapshotsDir,
+            (1, _) => Node::Volume(id),
+            (2, _) => Node::SnapshotDir(id),
+            _ => Node::SnapshotFile(
+                id,
+                SnapshotFile::ALL.into_iter().find(|f| f.kind() == kind)?,
+            ),
+        })
+    }
+
+    pub fn is_dir(self) -> bool {
+        matches!(
+            self,
+            Node::Root | Node::VolumesDir | Node::SnapshotsDir | Node::SnapshotDir(_)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inode_numbers_round_trip() {
+        let nodes = [
+            Node::Root,
+            Node::VolumesDir,
+            Node::SnapshotsDir,
+            Node::Volume(1),
+            Node::Volume(ID_MASK),
+            Node::SnapshotDir(7),
+            Node::SnapshotFile(7, SnapshotFile::Status),
+            Node::SnapshotFile(7, SnapshotFile::Image),
+            Node::SnapshotFile(9, SnapshotFile::Info),
+            Node::SnapshotFile(9, SnapshotFile::Progress),
+        ];
+        for node in nodes {
+            assert_eq!(Node::from_ino(node.ino()), Some(node));
+        }
+        assert_eq!(Node::from_ino(0), None);
+        assert_eq!(Node::from_ino(99 << KIND_SHIFT), None);
+    }
+}

@@ -1,0 +1,250 @@
+//! The capture: turns a [`Freeze`] into a completed snapshot.
+//!
+//! Workers take the frozen blocks in order, hash them, skip those identical to the
+//! base snapshot, and store each new chunk once (compressed, appended to a pack this
+//! capture owns). Nothing becomes visible until [`commit`]: the pack is fsynced, then
+//! one transaction adds the manifest entries, the chunk references and the
+//! `completed` status. A capture cut off before that leaves no trace but bytes past
+//! the pack's committed length, which the store cuts off.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use log::warn;
+
+use crate::meta::{CHUNKS, MANIFEST, Meta, MetaError};
+use crate::store::codec::{self, ChunkHash};
+use crate::store::pack::PackWriter;
+use crate::store::{ChunkLocation, ChunkStore, index};
+use crate::volume::Volume;
+use crate::volume::freeze::Freeze;
+
+use super::SnapshotError;
+use super::manifest::{self, BlockContent};
+
+/// Live state of a running capture, shared with readers of `progress` and `rmdir`.
+#[derive(Default)]
+pub struct CaptureProgress {
+    pub total_blocks: AtomicU64,
+    pub done_blocks: AtomicU64,
+    pub cancelled: AtomicBool,
+    finished: Mutex<bool>,
+    finished_signal: Condvar,
+}
+
+impl CaptureProgress {
+    pub fn percent(&self) -> u64 {
+        let total = self.total_blocks.load(Ordering::Relaxed);
+        let done = self.done_blocks.load(Ordering::Relaxed);
+        (done * 100).checked_div(total).map_or(0, |p| p.min(99))
+    }
+
+    pub fn finish(&self) {
+        *self.finished.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.finished_signal.notify_all();
+    }
+
+    pub fn wait(&self) {
+        let mut finished = self.finished.lock().unwrap_or_else(|p| p.into_inner());
+        while !*finished {
+            finished = self
+                .finished_signal
+                .wait(finished)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Everything a capture needs, fixed at the freeze.
+pub struct CaptureJob {
+    pub snapshot: u64,
+    pub lineage: u64,
+    /// The snapshot this one is incremental against.
+    pub base: Option<u64>,
+    pub volume: Arc<Volume>,
+    pub freeze: Arc<Freeze>,
+    pub progress: Arc<CaptureProgress>,
+}
+
+/// What the workers found, ready to commit.
+#[derive(Default)]
+pub struct Captured {
+    pub entries: Vec<(u64, BlockContent)>,
+    /// Chunks this capture wrote.
+    pub new_chunks: HashMap<ChunkHash, ChunkLocation>,
+    /// Chunks found already stored when looked up.
+    pub existing: HashMap<ChunkHash, ChunkLocation>,
+    /// Copies written twice by racing workers: never referenced, freed after commit.
+    pub duplicates: Vec<(ChunkHash, ChunkLocation)>,
+    pub stored_bytes: u64,
+}
+
+/// Reads, hashes and stores every block of the freeze on `threads` workers.
+pub fn run(
+    job: &CaptureJob,
+    meta: &Meta,
+    store: &ChunkStore,
+    writer: &PackWriter,
+    threads: usize,
+) -> Result<Captured, SnapshotError> {
+    let words = job.freeze.blocks.word_count();
+    job.progress
+        .total_blocks
+        .store(job.freeze.blocks.count(), Ordering::Relaxed);
+    let cursor = AtomicUsize::new(0);
+    let shared = Mutex::new(Captured::default());
+    let first_error: Mutex<Option<SnapshotError>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..threads.max(1) {
+            scope.spawn(|| {
+                if let Err(e) = worker(job, meta, store, writer, &cursor, words, &shared) {
+                    job.progress.cancelled.store(true, Ordering::Relaxed);
+                    first_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(e);
+                }
+            });
+        }
+    });
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    if job.progress.cancelled.load(Ordering::Relaxed) {
+        return Err(SnapshotError::Cancelled);
+    }
+    if let Some(failure) = job.freeze.failure() {
+        return Err(SnapshotError::CaptureFailed(failure));
+    }
+    Ok(shared.into_inner().unwrap_or_else(|p| p.into_inner()))
+}
+
+fn worker(
+    job: &CaptureJob,
+    meta: &Meta,
+    store: &ChunkStore,
+    writer: &PackWriter,
+    cursor: &AtomicUsize,
+    words: usize,
+    shared: &Mutex<Captured>,
+) -> Result<(), SnapshotError> {
+    let txn = meta.begin_read()?;
+    let manifest_table = txn.open_table(MANIFEST).map_err(MetaError::from)?;
+    let chunk_table = txn.open_table(CHUNKS).map_err(MetaError::from)?;
+    let live = job.volume.data_file();
+    loop {
+        let w = cursor.fetch_add(1, Ordering::Relaxed);
+        if w >= words || job.progress.cancelled.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        for block in job.freeze.blocks.blocks_in_word(w) {
+            let data = job
+                .freeze
+                .take(live, block)
+                .map_err(|e| SnapshotError::CaptureFailed(format!("reading block {block}: {e}")))?;
+            let content = if data.iter().all(|&b| b == 0) {
+                BlockContent::Zero
+            } else {
+                BlockContent::Chunk(ChunkHash::of(&data))
+            };
+            let unchanged = match job.base {
+                Some(base) => {
+                    manifest::resolve(&manifest_table, job.lineage, block, base)? == content
+                }
+                None => content == BlockContent::Zero,
+            };
+            if !unchanged {
+                if let BlockContent::Chunk(hash) = content {
+                    store_chunk(store, writer, &chunk_table, shared, hash, &data)?;
+                }
+                shared
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entries
+                    .push((block, content));
+            }
+            job.progress.done_blocks.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn store_chunk(
+    store: &ChunkStore,
+    writer: &PackWriter,
+    chunk_table: &impl redb::ReadableTable<&'static [u8; 32], crate::meta::ChunkRow>,
+    shared: &Mutex<Captured>,
+    hash: ChunkHash,
+    data: &[u8],
+) -> Result<(), SnapshotError> {
+    {
+        let captured = shared.lock().unwrap_or_else(|p| p.into_inner());
+        if captured.new_chunks.contains_key(&hash) || captured.existing.contains_key(&hash) {
+            return Ok(());
+        }
+    }
+    if let Some((loc, _)) = index::lookup(chunk_table, &hash)? {
+        shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .existing
+            .insert(hash, loc);
+        return Ok(());
+    }
+    let chunk = codec::encode(data, hash, store.compression_level);
+    let offset = writer.append(&chunk.payload).map_err(|e| {
+        SnapshotError::CaptureFailed(format!("writing to pack {}: {e}", writer.pack.id))
+    })?;
+    let loc = ChunkLocation {
+        pack: writer.pack.id,
+        offset,
+        stored_len: chunk.payload.len() as u32,
+        plain_len: data.len() as u32,
+        codec: chunk.codec,
+    };
+    let mut captured = shared.lock().unwrap_or_else(|p| p.into_inner());
+    match captured.new_chunks.entry(hash) {
+        std::collections::hash_map::Entry::Occupied(_) => captured.duplicates.push((hash, loc)),
+        std::collections::hash_map::Entry::Vacant(slot) => {
+            slot.insert(loc);
+            captured.stored_bytes += u64::from(loc.stored_len);
+        }
+    }
+    Ok(())
+}
+
+/// Adds the capture's entries and chunk references inside `txn`. Returns the space
+/// to free once the transaction has committed: copies another capture stored first.
+pub fn commit_entries(
+    txn: &redb::WriteTransaction,
+    job: &CaptureJob,
+    captured: &Captured,
+) -> Result<Vec<(ChunkHash, ChunkLocation)>, SnapshotError> {
+    let mut refs: HashMap<ChunkHash, u64> = HashMap::new();
+    for (block, content) in &captured.entries {
+        manifest::insert(txn, job.lineage, *block, job.snapshot, *content)?;
+        if let BlockContent::Chunk(hash) = content {
+            *refs.entry(*hash).or_default() += 1;
+        }
+    }
+    let mut chunks = txn.open_table(CHUNKS).map_err(MetaError::from)?;
+    let mut garbage = captured.duplicates.clone();
+    for (hash, count) in refs {
+        if let Some(&loc) = captured.new_chunks.get(&hash) {
+            let kept = index::add_refs(&mut chunks, &hash, loc, count)?;
+            if kept != loc {
+                garbage.push((hash, loc));
+            }
+        } else if let Some(&loc) = captured.existing.get(&hash) {
+            // If a deletion removed the row since the lookup, the bytes are still in
+            // place (space is not freed while a capture runs) and the row comes back.
+            index::add_refs(&mut chunks, &hash, loc, count)?;
+        } else {
+            warn!("snapshot {}: chunk {hash} has no location", job.snapshot);
+            return Err(SnapshotError::CaptureFailed(format!(
+                "chunk {hash} was never stored"
+            )));
+        }
+    }
+    Ok(garbage)
+}

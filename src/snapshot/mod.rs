@@ -1,0 +1,558 @@
+//! Snapshots: creation (freeze + pending record), capture in the background,
+//! completion, deletion, reading images, and recovery after a crash.
+//!
+//! Rules kept here:
+//! - one capture per volume at a time: a second `mkdir` while one is pending is `EBUSY`;
+//! - a snapshot is `completed` only in the transaction that commits its manifest,
+//!   after its chunks are durable;
+//! - a failed or interrupted capture returns its blocks to the volume's dirty map, so
+//!   the next snapshot of the volume still holds every change since the last
+//!   completed one;
+//! - a deleted snapshot that is still the base of its volume's next capture stays,
+//!   hidden, until a newer snapshot completes or the volume is deleted.
+
+pub mod capture;
+pub mod manifest;
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use log::{error, info, warn};
+use redb::WriteTransaction;
+
+use crate::catalog::{Catalog, Records};
+use crate::meta::{
+    self, CHUNKS, MANIFEST, Meta, MetaError, Owner, PACKS, SnapshotRecord, SnapshotStatus,
+    Timestamp,
+};
+use crate::names::SnapshotName;
+use crate::store::codec::ChunkHash;
+use crate::store::{ChunkLocation, ChunkStore, StoreError, index};
+use crate::volume::dirty::DirtyMap;
+use crate::volume::{Volume, VolumeError};
+use capture::{CaptureJob, CaptureProgress};
+use manifest::BlockContent;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot {0} already exists")]
+    Exists(String),
+    #[error("no snapshot named {0}")]
+    NotFound(String),
+    #[error("no volume named {0}")]
+    NoVolume(String),
+    #[error("volume {0} already has a snapshot pending; wait for it to complete")]
+    Busy(String),
+    #[error("snapshot {0} is still pending; its image is readable once it completes")]
+    NotReady(String),
+    #[error("capture cancelled")]
+    Cancelled,
+    #[error("capture failed: {0}")]
+    CaptureFailed(String),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+pub type SnapshotResult<T> = Result<T, SnapshotError>;
+
+/// Where a capture's files live: `captures/<volume>-<snapshot>.set` / `.cow`.
+fn capture_file(dir: &Path, volume: u64, snapshot: u64, ext: &str) -> PathBuf {
+    dir.join(format!("{volume}-{snapshot}.{ext}"))
+}
+
+fn parse_capture_file(name: &str) -> Option<(u64, u64, &str)> {
+    let (stem, ext) = name.rsplit_once('.')?;
+    let (volume, snapshot) = stem.split_once('-')?;
+    Some((volume.parse().ok()?, snapshot.parse().ok()?, ext))
+}
+
+pub struct SnapshotEngine {
+    pub meta: Arc<Meta>,
+    pub store: Arc<ChunkStore>,
+    pub catalog: Arc<Catalog>,
+    captures_dir: PathBuf,
+    capture_threads: usize,
+    /// Serialises changes to the namespace (creating and deleting volumes and
+    /// snapshots, committing captures): each checks the catalog, commits, then
+    /// updates the catalog, and must not interleave with another.
+    ns_lock: Mutex<()>,
+    running: Mutex<HashMap<u64, Arc<CaptureProgress>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SnapshotEngine {
+    pub fn new(
+        meta: Arc<Meta>,
+        store: Arc<ChunkStore>,
+        catalog: Arc<Catalog>,
+        captures_dir: PathBuf,
+        capture_threads: usize,
+    ) -> SnapshotEngine {
+        SnapshotEngine {
+            meta,
+            store,
+            catalog,
+            captures_dir,
+            capture_threads,
+            ns_lock: Mutex::new(()),
+            running: Mutex::new(HashMap::new()),
+            threads: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn namespace_lock(&self) -> MutexGuard<'_, ()> {
+        lock(&self.ns_lock)
+    }
+
+    pub fn progress(&self, snapshot: u64) -> Option<Arc<CaptureProgress>> {
+        lock(&self.running).get(&snapshot).cloned()
+    }
+
+    /// `mkdir snapshots/<vol>@<label>`: freezes the volume and starts the capture.
+    /// Returns as soon as the pending record is durable.
+    pub fn create(
+        self: &Arc<Self>,
+        name: &SnapshotName,
+        volume: &Arc<Volume>,
+        owner: Owner,
+    ) -> SnapshotResult<SnapshotRecord> {
+        let _ns = self.namespace_lock();
+        let (vol_record, parent) = {
+            let records = self.catalog.read();
+            if records.snapshot_id(&name.to_string()).is_some() {
+                return Err(SnapshotError::Exists(name.to_string()));
+            }
+            let Some(vol) = records.volume_by_name(name.volume().as_str()).cloned() else {
+                return Err(SnapshotError::NoVolume(name.volume().to_string()));
+            };
+            if records
+                .lineage(vol.id)
+                .any(|s| s.status == SnapshotStatus::Pending)
+            {
+                return Err(SnapshotError::Busy(vol.name.clone()));
+            }
+            let parent = vol
+                .base_snapshot
+                .and_then(|id| records.snapshots.get(&id))
+                .map(SnapshotRecord::name);
+            (vol, parent)
+        };
+        let txn = self.meta.begin_write()?;
+        let id = meta::next_snapshot_id(&txn)?;
+        let set_path = capture_file(&self.captures_dir, vol_record.id, id, "set");
+        let cow_path = capture_file(&self.captures_dir, vol_record.id, id, "cow");
+        let freeze = volume.freeze(&set_path, &cow_path, vol_record.full_compare)?;
+        let record = SnapshotRecord {
+            id,
+            volume: vol_record.name.clone(),
+            label: name.label().to_string(),
+            lineage: vol_record.id,
+            size_bytes: freeze.size_bytes,
+            block_size: vol_record.block_size,
+            created: Timestamp::now(),
+            completed: None,
+            status: SnapshotStatus::Pending,
+            hidden: false,
+            parent,
+            changed_blocks: 0,
+            stored_bytes: 0,
+            owner,
+            description: vol_record
+                .xattrs
+                .get("user.description")
+                .map(|d| String::from_utf8_lossy(&d).into_owned())
+                .unwrap_or_default(),
+            xattrs: vol_record.xattrs.clone(),
+            error: None,
+        };
+        let committed =
+            meta::put_snapshot(&txn, &record).and_then(|_| txn.commit().map_err(MetaError::from));
+        if let Err(e) = committed {
+            // Nothing was promised yet: undo the freeze, keep every change tracked.
+            volume.thaw(true)?;
+            remove_capture_files(&set_path, &cow_path);
+            return Err(e.into());
+        }
+        self.catalog.write().upsert_snapshot(record.clone());
+        let progress = Arc::new(CaptureProgress::default());
+        lock(&self.running).insert(id, progress.clone());
+        let job = CaptureJob {
+            snapshot: id,
+            lineage: vol_record.id,
+            base: vol_record.base_snapshot,
+            volume: volume.clone(),
+            freeze,
+            progress,
+        };
+        let engine = self.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("capture-{id}"))
+            .spawn(move || engine.capture(job))
+            .map_err(|e| SnapshotError::Io {
+                what: "starting capture thread".into(),
+                source: e,
+            })?;
+        let mut threads = lock(&self.threads);
+        threads.retain(|t| !t.is_finished());
+        threads.push(handle);
+        info!("snapshot {name} (id {id}) started");
+        Ok(record)
+    }
+
+    fn capture(&self, job: CaptureJob) {
+        self.store.begin_capture();
+        let outcome = self
+            .store
+            .checkout_writer(&self.meta)
+            .map_err(SnapshotError::from)
+            .and_then(|writer| {
+                let result =
+                    capture::run(&job, &self.meta, &self.store, &writer, self.capture_threads)
+                        .and_then(|captured| self.complete(&job, &writer, captured));
+                self.store.return_writer(writer, result.is_ok());
+                result
+            });
+        if let Err(e) = outcome {
+            self.fail(&job, e);
+        }
+        remove_capture_files(job.freeze.blocks.path().as_path(), job.freeze.cow_path());
+        self.store.end_capture(&self.meta);
+        if let Some(progress) = lock(&self.running).remove(&job.snapshot) {
+            progress.finish();
+        }
+    }
+
+    /// Makes a capture durable and visible: chunks first, then one transaction.
+    fn complete(
+        &self,
+        job: &CaptureJob,
+        writer: &crate::store::pack::PackWriter,
+        captured: capture::Captured,
+    ) -> SnapshotResult<()> {
+        writer.pack.sync_data().map_err(|e| {
+            SnapshotError::CaptureFailed(format!("syncing pack {}: {e}", writer.pack.id))
+        })?;
+        let _ns = self.namespace_lock();
+        let txn = self.meta.begin_write()?;
+        let mut freed = capture::commit_entries(&txn, job, &captured)?;
+        txn.open_table(PACKS)
+            .map_err(MetaError::from)?
+            .insert(writer.pack.id, writer.end())
+            .map_err(MetaError::from)?;
+        let mut records = self.catalog.write();
+        let Some(mut record) = records.snapshots.get(&job.snapshot).cloned() else {
+            return Err(SnapshotError::Cancelled);
+        };
+        record.status = SnapshotStatus::Completed;
+        record.completed = Some(Timestamp::now());
+        record.changed_blocks = captured.entries.len() as u64;
+        record.stored_bytes = captured.stored_bytes;
+        meta::put_snapshot(&txn, &record)?;
+        let volume = records.volumes.get(&job.lineage).cloned().map(|mut v| {
+            v.base_snapshot = Some(job.snapshot);
+            v.full_compare = false;
+            v
+        });
+        if let Some(v) = &volume {
+            meta::put_volume(&txn, v)?;
+        }
+        let mut staged = records.clone();
+        staged.upsert_snapshot(record.clone());
+        if let Some(v) = &volume {
+            staged.upsert_volume(v.clone());
+        }
+        freed.extend(collect_hidden(&txn, &mut staged, job.lineage)?);
+        txn.commit().map_err(MetaError::from)?;
+        *records = staged;
+        drop(records);
+        job.volume.thaw(false)?;
+        self.store.release(&self.meta, freed);
+        info!(
+            "snapshot {} completed: {} blocks changed, {} bytes stored",
+            record.name(),
+            record.changed_blocks,
+            record.stored_bytes
+        );
+        Ok(())
+    }
+
+    /// Records a failed capture (or forgets a cancelled one) and gives its blocks
+    /// back to the volume's dirty map.
+    fn fail(&self, job: &CaptureJob, reason: SnapshotError) {
+        if let Err(e) = job.volume.thaw(true) {
+            error!(
+                "snapshot {}: cannot return blocks to the dirty map: {e}",
+                job.snapshot
+            );
+        }
+        let cancelled = matches!(reason, SnapshotError::Cancelled);
+        let _ns = self.namespace_lock();
+        let result = (|| -> SnapshotResult<()> {
+            let mut records = self.catalog.write();
+            let Some(mut record) = records.snapshots.get(&job.snapshot).cloned() else {
+                return Ok(());
+            };
+            let txn = self.meta.begin_write()?;
+            let mut staged = records.clone();
+            if cancelled {
+                meta::delete_snapshot(&txn, record.id)?;
+                staged.remove_snapshot(record.id);
+            } else {
+                record.status = SnapshotStatus::Error;
+                record.error = Some(reason.to_string());
+                meta::put_snapshot(&txn, &record)?;
+                staged.upsert_snapshot(record.clone());
+            }
+            let freed = collect_hidden(&txn, &mut staged, job.lineage)?;
+            txn.commit().map_err(MetaError::from)?;
+            *records = staged;
+            drop(records);
+            self.store.release(&self.meta, freed);
+            Ok(())
+        })();
+        match (result, cancelled) {
+            (Err(e), _) => error!(
+                "snapshot {}: cannot record failure ({reason}): {e}",
+                job.snapshot
+            ),
+            (Ok(()), true) => info!("snapshot {} cancelled", job.snapshot),
+            (Ok(()), false) => warn!("snapshot {} failed: {reason}", job.snapshot),
+        }
+    }
+
+    /// `rmdir snapshots/<name>`. A pending snapshot is cancelled first.
+    pub fn delete(&self, name: &str) -> SnapshotResult<()> {
+        let ns = self.namespace_lock();
+        let Some(id) = self.catalog.read().snapshot_id(name) else {
+            return Err(SnapshotError::NotFound(name.to_string()));
+        };
+        if let Some(progress) = self.progress(id) {
+            progress.cancelled.store(true, Ordering::Relaxed);
+            drop(ns);
+            progress.wait();
+            return Ok(());
+        }
+        let mut records = self.catalog.write();
+        let Some(record) = records.snapshots.get(&id).cloned() else {
+            return Err(SnapshotError::NotFound(name.to_string()));
+        };
+        let txn = self.meta.begin_write()?;
+        let mut staged = records.clone();
+        let freed = if record.status == SnapshotStatus::Completed {
+            let mut hidden = record.clone();
+            hidden.hidden = true;
+            meta::put_snapshot(&txn, &hidden)?;
+            staged.upsert_snapshot(hidden);
+            collect_hidden(&txn, &mut staged, record.lineage)?
+        } else {
+            meta::delete_snapshot(&txn, id)?;
+            staged.remove_snapshot(id);
+            Vec::new()
+        };
+        txn.commit().map_err(MetaError::from)?;
+        *records = staged;
+        drop(records);
+        self.store.release(&self.meta, freed);
+        info!("snapshot {name} deleted");
+        Ok(())
+    }
+
+    /// Called when a volume is deleted (inside its deletion transaction): hidden
+    /// snapshots kept only as its base can go.
+    pub fn on_volume_deleted(
+        &self,
+        txn: &WriteTransaction,
+        staged: &mut Records,
+        lineage: u64,
+    ) -> SnapshotResult<Vec<(ChunkHash, ChunkLocation)>> {
+        collect_hidden(txn, staged, lineage)
+    }
+
+    pub fn release(&self, freed: Vec<(ChunkHash, ChunkLocation)>) {
+        self.store.release(&self.meta, freed);
+    }
+
+    /// Reads `buf.len()` bytes of a completed snapshot's image at `offset`.
+    pub fn read_image(
+        &self,
+        record: &SnapshotRecord,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> SnapshotResult<usize> {
+        if record.status != SnapshotStatus::Completed {
+            return Err(SnapshotError::NotReady(record.name()));
+        }
+        let end = (offset + buf.len() as u64).min(record.size_bytes);
+        if offset >= end {
+            return Ok(0);
+        }
+        let bs = u64::from(record.block_size);
+        let txn = self.meta.begin_read()?;
+        let manifest_table = txn.open_table(MANIFEST).map_err(MetaError::from)?;
+        let chunk_table = txn.open_table(CHUNKS).map_err(MetaError::from)?;
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / bs;
+            let within = (pos % bs) as usize;
+            let take = ((bs - within as u64).min(end - pos)) as usize;
+            let out = &mut buf[(pos - offset) as usize..][..take];
+            match manifest::resolve(&manifest_table, record.lineage, block, record.id)? {
+                BlockContent::Zero => out.fill(0),
+                BlockContent::Chunk(hash) => {
+                    let Some((loc, _)) = index::lookup(&chunk_table, &hash)? else {
+                        return Err(MetaError::Corrupt {
+                            what: format!("snapshot {}", record.name()),
+                            reason: format!(
+                                "block {block} names chunk {hash}, which is not stored"
+                            ),
+                        }
+                        .into());
+                    };
+                    let plain = self.store.read(&hash, loc)?;
+                    out.copy_from_slice(&plain[within..within + take]);
+                }
+            }
+            pos += take as u64;
+        }
+        Ok((end - offset) as usize)
+    }
+
+    /// Waits for every running capture (used at unmount).
+    pub fn wait_all(&self) {
+        let pending: Vec<_> = lock(&self.running).values().cloned().collect();
+        if !pending.is_empty() {
+            info!(
+                "waiting for {} snapshot capture(s) to finish",
+                pending.len()
+            );
+        }
+        for progress in pending {
+            progress.wait();
+        }
+        for handle in lock(&self.threads).drain(..) {
+            let _ = handle.join();
+        }
+    }
+
+    /// Start-up: snapshots left pending by a crash become `error`; blocks their
+    /// captures held go back to their volumes' dirty maps.
+    pub fn recover(&self, volumes: &HashMap<u64, Arc<Volume>>) -> SnapshotResult<()> {
+        let mut records = self.catalog.write();
+        let interrupted: Vec<SnapshotRecord> = records
+            .snapshots
+            .values()
+            .filter(|s| s.status == SnapshotStatus::Pending)
+            .cloned()
+            .collect();
+        fs::create_dir_all(&self.captures_dir).map_err(|e| SnapshotError::Io {
+            what: format!("creating {}", self.captures_dir.display()),
+            source: e,
+        })?;
+        for entry in fs::read_dir(&self.captures_dir).map_err(|e| SnapshotError::Io {
+            what: format!("listing {}", self.captures_dir.display()),
+            source: e,
+        })? {
+            let entry = entry.map_err(|e| SnapshotError::Io {
+                what: "listing captures".into(),
+                source: e,
+            })?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some((volume_id, snapshot_id, "set")) = parse_capture_file(&name)
+                && let Some(volume) = volumes.get(&volume_id)
+            {
+                let set = DirtyMap::open(&entry.path()).map_err(|e| SnapshotError::Io {
+                    what: format!("reading {name}"),
+                    source: e,
+                })?;
+                volume.absorb_dirty(&set)?;
+                info!(
+                    "volume {volume_id}: {} blocks of interrupted snapshot {snapshot_id} returned to its dirty map",
+                    set.count()
+                );
+            }
+            fs::remove_file(entry.path()).map_err(|e| SnapshotError::Io {
+                what: format!("removing {name}"),
+                source: e,
+            })?;
+        }
+        if interrupted.is_empty() {
+            return Ok(());
+        }
+        let txn = self.meta.begin_write()?;
+        let mut staged = records.clone();
+        let mut freed = Vec::new();
+        for mut record in interrupted {
+            warn!(
+                "snapshot {} was interrupted by a restart: marking it as error",
+                record.name()
+            );
+            record.status = SnapshotStatus::Error;
+            record.error =
+                Some("capture interrupted: the daemon stopped before it completed".into());
+            meta::put_snapshot(&txn, &record)?;
+            staged.upsert_snapshot(record.clone());
+            freed.extend(collect_hidden(&txn, &mut staged, record.lineage)?);
+        }
+        txn.commit().map_err(MetaError::from)?;
+        *records = staged;
+        drop(records);
+        self.store.release(&self.meta, freed);
+        Ok(())
+    }
+}
+
+fn remove_capture_files(set: &Path, cow: &Path) {
+    for path in [set, cow] {
+        if let Err(e) = fs::remove_file(path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!("cannot remove {}: {e}", path.display());
+        }
+    }
+}
+
+/// Settles the hidden snapshots of `lineage`: one with a completed successor merges
+/// into it; one whose volume is gone (and with no capture pending) is dropped.
+fn collect_hidden(
+    txn: &WriteTransaction,
+    staged: &mut Records,
+    lineage: u64,
+) -> SnapshotResult<Vec<(ChunkHash, ChunkLocation)>> {
+    let volume_alive = staged.volumes.contains_key(&lineage);
+    let snapshots: Vec<SnapshotRecord> = staged.lineage(lineage).cloned().collect();
+    let pending = snapshots
+        .iter()
+        .any(|s| s.status == SnapshotStatus::Pending);
+    let mut freed = Vec::new();
+    for hidden in snapshots.iter().filter(|s| s.hidden) {
+        let successor = snapshots
+            .iter()
+            .find(|s| s.id > hidden.id && s.status == SnapshotStatus::Completed)
+            .map(|s| s.id);
+        if successor.is_none() && (volume_alive || pending) {
+            continue;
+        }
+        freed.extend(manifest::remove_snapshot(
+            txn, lineage, hidden.id, successor,
+        )?);
+        meta::delete_snapshot(txn, hidden.id)?;
+        staged.remove_snapshot(hidden.id);
+    }
+    Ok(freed)
+}

@@ -1,0 +1,93 @@
+//! The chunk index: content hash → where the chunk lives and how many manifest
+//! entries reference it. Rows live in the `chunks` table of the metadata database and
+//! change only inside the caller's write transaction, together with the manifest
+//! entries that account for the references.
+
+use redb::{ReadableTable, Table};
+
+use super::codec::{ChunkHash, Codec};
+use crate::meta::{ChunkRow, MetaError, MetaResult};
+
+/// Where a chunk's payload is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkLocation {
+    pub pack: u32,
+    pub offset: u64,
+    pub stored_len: u32,
+    pub plain_len: u32,
+    pub codec: Codec,
+}
+
+fn row_of(loc: ChunkLocation, refs: u64) -> ChunkRow {
+    (
+        loc.pack,
+        loc.offset,
+        loc.stored_len,
+        loc.plain_len,
+        loc.codec as u8,
+        refs,
+    )
+}
+
+fn location_of(hash: &ChunkHash, row: ChunkRow) -> MetaResult<(ChunkLocation, u64)> {
+    let (pack, offset, stored_len, plain_len, codec, refs) = row;
+    let codec = Codec::from_u8(codec).ok_or_else(|| MetaError::Corrupt {
+        what: format!("chunk {hash}"),
+        reason: format!("unknown codec {codec}"),
+    })?;
+    Ok((
+        ChunkLocation {
+            pack,
+            offset,
+            stored_len,
+            plain_len,
+            codec,
+        },
+        refs,
+    ))
+}
+
+/// The chunk's location and reference count, if it is stored.
+pub fn lookup(
+    table: &impl ReadableTable<&'static [u8; 32], ChunkRow>,
+    hash: &ChunkHash,
+) -> MetaResult<Option<(ChunkLocation, u64)>> {
+    match table.get(&hash.0)? {
+        Some(row) => location_of(hash, row.value()).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Adds `count` references to a chunk, inserting its row at `loc` if it has none.
+/// Returns the location the index holds afterwards (an existing row wins).
+pub fn add_refs(
+    table: &mut Table<'_, &'static [u8; 32], ChunkRow>,
+    hash: &ChunkHash,
+    loc: ChunkLocation,
+    count: u64,
+) -> MetaResult<ChunkLocation> {
+    let (kept, refs) = lookup(table, hash)?.unwrap_or((loc, 0));
+    table.insert(&hash.0, row_of(kept, refs + count))?;
+    Ok(kept)
+}
+
+/// Drops one reference. Returns the location when that was the last one: the row is
+/// gone and the caller frees the space once its transaction has committed.
+pub fn drop_ref(
+    table: &mut Table<'_, &'static [u8; 32], ChunkRow>,
+    hash: &ChunkHash,
+) -> MetaResult<Option<ChunkLocation>> {
+    let Some((loc, refs)) = lookup(table, hash)? else {
+        return Err(MetaError::Corrupt {
+            what: format!("chunk {hash}"),
+            reason: "a manifest entry references a chunk that is not in the index".into(),
+        });
+    };
+    if refs <= 1 {
+        table.remove(&hash.0)?;
+        Ok(Some(loc))
+    } else {
+        table.insert(&hash.0, row_of(loc, refs - 1))?;
+        Ok(None)
+    }
+}

@@ -1,0 +1,271 @@
+//! Content-addressed block store: chunks named by the BLAKE3 hash of their contents,
+//! zstd-compressed, appended to pack files, indexed in the metadata database.
+//!
+//! Invariants:
+//! - a chunk's bytes are durable (pack fsynced) before any committed row points at them;
+//! - an index row's reference count equals the number of manifest entries naming it;
+//! - space is freed only after the transaction that removed the row has committed, and
+//!   never while a capture that might have looked the row up is still running: such a
+//!   capture may bring the row back at its commit (see [`ChunkStore::begin_capture`]).
+
+pub mod cache;
+pub mod codec;
+pub mod index;
+pub mod pack;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use log::{error, info, warn};
+use redb::ReadableDatabase;
+
+use crate::meta::{self, CHUNKS, Meta, MetaError, PACKS};
+use cache::BlockCache;
+use codec::{ChunkHash, CodecError};
+pub use index::ChunkLocation;
+use pack::{PACK_TARGET_BYTES, PackFile, PackWriter};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("chunk store I/O on {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Space whose index rows are gone, waiting for running captures to finish.
+struct Reclaim {
+    active_captures: usize,
+    deferred: Vec<(ChunkHash, ChunkLocation)>,
+}
+
+pub struct ChunkStore {
+    dir: PathBuf,
+    packs: Mutex<HashMap<u32, Arc<PackFile>>>,
+    /// Packs below the target size that no capture is appending to: (id, committed length).
+    idle: Mutex<Vec<(u32, u64)>>,
+    reclaim: Mutex<Reclaim>,
+    cache: BlockCache,
+    pub compression_level: i32,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl ChunkStore {
+    /// Opens `dir`, cutting every pack back to its committed length: bytes beyond it
+    /// were written by a capture that never committed.
+    pub fn open(
+        dir: &Path,
+        meta: &Meta,
+        compression_level: i32,
+        cache_bytes: u64,
+    ) -> StoreResult<ChunkStore> {
+        fs::create_dir_all(dir).map_err(io_at(dir))?;
+        let committed = meta.load_packs()?;
+        let mut packs = HashMap::new();
+        let mut idle = Vec::new();
+        for (&id, &len) in &committed {
+            let pack = PackFile::open(dir, id).map_err(io_at(&pack::pack_path(dir, id)))?;
+            let on_disk = pack.file_len().map_err(io_at(&pack::pack_path(dir, id)))?;
+            if on_disk > len {
+                info!("pack {id}: dropping {} uncommitted bytes", on_disk - len);
+                pack.truncate(len)
+                    .map_err(io_at(&pack::pack_path(dir, id)))?;
+            }
+            if len < PACK_TARGET_BYTES {
+                idle.push((id, len));
+            }
+            packs.insert(id, Arc::new(pack));
+        }
+        for entry in fs::read_dir(dir).map_err(io_at(dir))? {
+            let entry = entry.map_err(io_at(dir))?;
+            let name = entry.file_name();
+            if let Some(id) = name.to_str().and_then(pack::pack_id_of)
+                && !committed.contains_key(&id)
+            {
+                info!("removing pack {id}: it was never committed");
+                fs::remove_file(entry.path()).map_err(io_at(&entry.path()))?;
+            }
+        }
+        Ok(ChunkStore {
+            dir: dir.to_path_buf(),
+            packs: Mutex::new(packs),
+            idle: Mutex::new(idle),
+            reclaim: Mutex::new(Reclaim {
+                active_captures: 0,
+                deferred: Vec::new(),
+            }),
+            cache: BlockCache::new(cache_bytes),
+            compression_level,
+        })
+    }
+
+    fn pack(&self, id: u32) -> StoreResult<Arc<PackFile>> {
+        if let Some(pack) = lock(&self.packs).get(&id) {
+            return Ok(pack.clone());
+        }
+        let path = pack::pack_path(&self.dir, id);
+        if !path.exists() {
+            return Err(StoreError::Io {
+                path,
+                source: io::Error::new(io::ErrorKind::NotFound, "pack file is missing"),
+            });
+        }
+        let pack = Arc::new(PackFile::open(&self.dir, id).map_err(io_at(&path))?);
+        lock(&self.packs).insert(id, pack.clone());
+        Ok(pack)
+    }
+
+    /// Reads, verifies and decompresses a chunk (through the cache).
+    pub fn read(&self, hash: &ChunkHash, loc: ChunkLocation) -> StoreResult<Arc<[u8]>> {
+        if let Some(hit) = self.cache.get(hash) {
+            return Ok(hit);
+        }
+        let pack = self.pack(loc.pack)?;
+        let payload = pack
+            .read(loc.offset, loc.stored_len as usize)
+            .map_err(io_at(&pack::pack_path(&self.dir, loc.pack)))?;
+        let plain: Arc<[u8]> = codec::decode(payload, loc.codec, loc.plain_len as usize, *hash)
+            .inspect_err(|e| error!("{e} (pack {} offset {})", loc.pack, loc.offset))?
+            .into();
+        self.cache.insert(*hash, plain.clone());
+        Ok(plain)
+    }
+
+    /// Registers a running capture: until it ends, freed space is only queued, so
+    /// that chunks it found in the index stay readable until its commit.
+    pub fn begin_capture(&self) {
+        lock(&self.reclaim).active_captures += 1;
+    }
+
+    /// Ends a capture; the last one out frees the queued space whose rows are still gone.
+    pub fn end_capture(&self, meta: &Meta) {
+        let mut reclaim = lock(&self.reclaim);
+        reclaim.active_captures -= 1;
+        if reclaim.active_captures == 0 && !reclaim.deferred.is_empty() {
+            let deferred = std::mem::take(&mut reclaim.deferred);
+            // Still under the lock: no capture can start and look these up meanwhile.
+            if let Err(e) = self.free_unless_revived(meta, &deferred) {
+                warn!("freeing chunk space: {e}");
+            }
+        }
+    }
+
+    /// Frees the space of chunks whose index rows a committed transaction removed.
+    pub fn release(&self, meta: &Meta, freed: Vec<(ChunkHash, ChunkLocation)>) {
+        if freed.is_empty() {
+            return;
+        }
+        let mut reclaim = lock(&self.reclaim);
+        if reclaim.active_captures > 0 {
+            reclaim.deferred.extend(freed);
+        } else if let Err(e) = self.free_unless_revived(meta, &freed) {
+            warn!("freeing chunk space: {e}");
+        }
+    }
+
+    fn free_unless_revived(
+        &self,
+        meta: &Meta,
+        freed: &[(ChunkHash, ChunkLocation)],
+    ) -> StoreResult<()> {
+        let txn = meta.db.begin_read().map_err(MetaError::from)?;
+        let table = txn.open_table(CHUNKS).map_err(MetaError::from)?;
+        for (hash, loc) in freed {
+            if index::lookup(&table, hash)?.is_some_and(|(now, _)| now == *loc) {
+                continue;
+            }
+            let pack = self.pack(loc.pack)?;
+            pack.punch(loc.offset, u64::from(loc.stored_len))
+                .map_err(io_at(&pack::pack_path(&self.dir, loc.pack)))?;
+        }
+        Ok(())
+    }
+
+    /// Hands out a pack for one capture to append to.
+    pub fn checkout_writer(&self, meta: &Meta) -> StoreResult<PackWriter> {
+        if let Some((id, len)) = lock(&self.idle).pop() {
+            return Ok(PackWriter::new(self.pack(id)?, len));
+        }
+        let txn = meta.begin_write()?;
+        let id = meta::next_pack_id(&txn)?;
+        txn.open_table(PACKS)
+            .map_err(MetaError::from)?
+            .insert(id, 0)
+            .map_err(MetaError::from)?;
+        let path = pack::pack_path(&self.dir, id);
+        let pack = Arc::new(PackFile::open(&self.dir, id).map_err(io_at(&path))?);
+        txn.commit().map_err(MetaError::from)?;
+        lock(&self.packs).insert(id, pack.clone());
+        Ok(PackWriter::new(pack, 0))
+    }
+
+    /// Returns a writer's pack. Unless the capture committed (recording the new
+    /// length in the same transaction), what it appended is cut off again.
+    pub fn return_writer(&self, writer: PackWriter, committed: bool) {
+        let len = if committed {
+            writer.end()
+        } else {
+            if let Err(e) = writer.pack.truncate(writer.start) {
+                warn!(
+                    "pack {}: cannot cut off an aborted capture: {e}",
+                    writer.pack.id
+                );
+            }
+            writer.start
+        };
+        if len < PACK_TARGET_BYTES {
+            lock(&self.idle).push((writer.pack.id, len));
+        }
+    }
+
+    /// Punches every byte of every pack that no index row references: space leaked by
+    /// a crash between a commit and the freeing of what it released.
+    pub fn reclaim_unreferenced(&self, meta: &Meta) -> StoreResult<u64> {
+        let txn = meta.begin_read()?;
+        let table = txn.open_table(CHUNKS).map_err(MetaError::from)?;
+        let mut live: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
+        for row in redb::ReadableTable::range::<&[u8; 32]>(&table, ..).map_err(MetaError::from)? {
+            let (hash, row) = row.map_err(MetaError::from)?;
+            let (pack, offset, stored_len, ..) = row.value();
+            let _ = hash;
+            live.entry(pack)
+                .or_default()
+                .push((offset, pack::align_up(offset + u64::from(stored_len))));
+        }
+        let mut punched = 0;
+        for (&id, &len) in &meta.load_packs()? {
+            let pack = self.pack(id)?;
+            let mut extents = live.remove(&id).unwrap_or_default();
+            extents.sort_unstable();
+            let mut cursor = 0;
+            for (start, end) in extents.into_iter().chain([(len, len)]) {
+                if start > cursor {
+                    pack.punch(cursor, start - cursor)
+                        .map_err(io_at(&pack::pack_path(&self.dir, id)))?;
+                    punched += start - cursor;
+                }
+                cursor = cursor.max(end);
+            }
+        }
+        Ok(punched)
+    }
+}

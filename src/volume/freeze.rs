@@ -1,0 +1,282 @@
+//! [`Freeze`]: the point-in-time view of a volume while a snapshot is captured.
+//!
+//! At the freeze, the volume's dirty map becomes the *capture set*: the blocks this
+//! snapshot must read as they were at that instant. Each block of the set is taken
+//! exactly once, by whoever gets there first:
+//! - the capture worker, which reads the block from the live file, or
+//! - a writer about to change it, which first copies the old contents to the
+//!   preservation file (`captures/<id>.cow`); the worker later reads that copy.
+//!
+//! A block's `claimed` bit says someone is taking it; its `done` bit says the frozen
+//! contents are safe (read by the worker, or preserved). A writer that finds a block
+//! claimed but not done waits for `done` before touching it. Invariant: no byte of a
+//! block in the capture set changes before that block is done.
+//!
+//! Bytes at or past the frozen size read as zeros, so a capture never sees data
+//! written after the freeze beyond the old end of the volume.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+
+use super::dirty::DirtyMap;
+
+pub struct Freeze {
+    /// The blocks this snapshot captures (file `captures/<id>.set`).
+    pub blocks: DirtyMap,
+    pub size_bytes: u64,
+    pub block_size: u64,
+    claimed: Vec<AtomicU64>,
+    done: Vec<AtomicU64>,
+    cow: File,
+    cow_path: PathBuf,
+    cow_next: AtomicU64,
+    /// Block index → offset of its preserved copy in the cow file.
+    preserved: Mutex<HashMap<u64, u64>>,
+    /// First failure to preserve a block; the snapshot then ends in error.
+    failure: Mutex<Option<String>>,
+    done_signal: (Mutex<()>, Condvar),
+}
+
+fn bit(block: u64) -> (usize, u64) {
+    ((block / 64) as usize, 1u64 << (block % 64))
+}
+
+impl Freeze {
+    /// Creates the (empty) preservation file for a freeze.
+    pub fn create_cow_file(cow_path: &Path) -> io::Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(cow_path)
+    }
+
+    pub fn new(
+        blocks: DirtyMap,
+        size_bytes: u64,
+        block_size: u64,
+        cow: File,
+        cow_path: &Path,
+    ) -> Freeze {
+        let words = blocks.word_count();
+        Freeze {
+            blocks,
+            size_bytes,
+            block_size,
+            claimed: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            done: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            cow,
+            cow_path: cow_path.to_path_buf(),
+            cow_next: AtomicU64::new(0),
+            preserved: Mutex::new(HashMap::new()),
+            failure: Mutex::new(None),
+            done_signal: (Mutex::new(()), Condvar::new()),
+        }
+    }
+
+    pub fn cow_path(&self) -> &Path {
+        &self.cow_path
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn in_set(&self, block: u64) -> bool {
+        let (w, _) = bit(block);
+        w < self.claimed.len() && self.blocks.is_set(block)
+    }
+
+    fn is_done(&self, block: u64) -> bool {
+        let (w, mask) = bit(block);
+        self.done[w].load(Ordering::Acquire) & mask != 0
+    }
+
+    fn try_claim(&self, block: u64) -> bool {
+        let (w, mask) = bit(block);
+        self.claimed[w].fetch_or(mask, Ordering::AcqRel) & mask == 0
+    }
+
+    fn mark_done(&self, block: u64) {
+        let (w, mask) = bit(block);
+        self.done[w].fetch_or(mask, Ordering::AcqRel);
+        let _guard = self.done_signal.0.lock().unwrap_or_else(|p| p.into_inner());
+        self.done_signal.1.notify_all();
+    }
+
+    fn wait_done(&self, block: u64) {
+        let mut guard = self.done_signal.0.lock().unwrap_or_else(|p| p.into_inner());
+        while !self.is_done(block) {
+            guard = self
+                .done_signal
+                .1
+                .wait(guard)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Reads `block` of the live file as the frozen view shows it: zeros past the
+    /// frozen size (and past the live end of file).
+    fn read_frozen_from_live(&self, live: &File, block: u64) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; self.block_size as usize];
+        let start = block * self.block_size;
+        let valid = self.size_bytes.saturating_sub(start).min(self.block_size) as usize;
+        read_full_at(live, &mut buf[..valid], start)?;
+        Ok(buf)
+    }
+
+    /// Called before any change to `block` of the live file. Returns once the
+    /// frozen contents of the block are safe. A failure to preserve is recorded (the
+    /// snapshot will end in error) but never fails the write: the volume comes first.
+    pub fn protect(&self, live: &File, block: u64) {
+        if !self.in_set(block) || self.is_done(block) {
+            return;
+        }
+        if !self.try_claim(block) {
+            self.wait_done(block);
+            return;
+        }
+        if let Err(e) = self.preserve(live, block) {
+            let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+            failure.get_or_insert_with(|| {
+                format!("cannot preserve block {block} before a write: {e}")
+            });
+        }
+        self.mark_done(block);
+    }
+
+    fn preserve(&self, live: &File, block: u64) -> io::Result<()> {
+        let data = self.read_frozen_from_live(live, block)?;
+        let offset = self.cow_next.fetch_add(self.block_size, Ordering::Relaxed);
+        self.cow.write_all_at(&data, offset)?;
+        self.preserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(block, offset);
+        Ok(())
+    }
+
+    /// The frozen contents of `block`, for the capture worker. Each block of the set
+    /// must be taken once.
+    pub fn take(&self, live: &File, block: u64) -> io::Result<Vec<u8>> {
+        if self.try_claim(block) {
+            let data = self.read_frozen_from_live(live, block);
+            self.mark_done(block);
+            return data;
+        }
+        self.wait_done(block);
+        let offset = self
+            .preserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&block)
+            .copied();
+        match offset {
+            Some(offset) => {
+                let mut buf = vec![0u8; self.block_size as usize];
+                self.cow.read_exact_at(&mut buf, offset)?;
+                Ok(buf)
+            }
+            None => {
+                Err(io::Error::other(self.failure().unwrap_or_else(|| {
+                    format!("block {block} was not preserved")
+                })))
+            }
+        }
+    }
+}
+
+/// `pread` until `buf` is full or the file ends; the rest of `buf` is left as is.
+pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BS: u64 = 4096;
+
+    fn setup(blocks: &[u64]) -> (tempfile::TempDir, File, Freeze) {
+        let dir = tempfile::tempdir().unwrap();
+        let live = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("live"))
+            .unwrap();
+        for b in 0..8u64 {
+            live.write_all_at(&vec![b as u8 + 1; BS as usize], b * BS)
+                .unwrap();
+        }
+        let set = DirtyMap::create(&dir.path().join("set")).unwrap();
+        for &b in blocks {
+            set.mark(b, b).unwrap();
+        }
+        let cow_path = dir.path().join("cow");
+        let cow = Freeze::create_cow_file(&cow_path).unwrap();
+        let freeze = Freeze::new(set, 7 * BS + 100, BS, cow, &cow_path);
+        (dir, live, freeze)
+    }
+
+    #[test]
+    fn writer_first_preserves_old_contents() {
+        let (_dir, live, freeze) = setup(&[1, 2]);
+        freeze.protect(&live, 1);
+        live.write_all_at(&vec![0xaa; BS as usize], BS).unwrap();
+        assert_eq!(freeze.take(&live, 1).unwrap(), vec![2u8; BS as usize]);
+        // Untouched block is read live; a block outside the set is never preserved.
+        assert_eq!(freeze.take(&live, 2).unwrap(), vec![3u8; BS as usize]);
+        freeze.protect(&live, 5);
+        assert!(freeze.preserved.lock().unwrap().get(&5).is_none());
+    }
+
+    #[test]
+    fn bytes_past_the_frozen_size_read_as_zero() {
+        let (_dir, live, freeze) = setup(&[7]);
+        let data = freeze.take(&live, 7).unwrap();
+        assert_eq!(&data[..100], &[8u8; 100][..]);
+        assert!(data[100..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn racing_writers_and_worker_always_see_the_frozen_block() {
+        let (_dir, live, freeze) = setup(&[0, 1, 2, 3, 4, 5, 6]);
+        let (live, freeze) = (std::sync::Arc::new(live), std::sync::Arc::new(freeze));
+        let writer = {
+            let (live, freeze) = (live.clone(), freeze.clone());
+            std::thread::spawn(move || {
+                for b in (0..7u64).rev() {
+                    freeze.protect(&live, b);
+                    live.write_all_at(&vec![0xee; BS as usize], b * BS).unwrap();
+                }
+            })
+        };
+        for b in 0..7u64 {
+            assert_eq!(
+                freeze.take(&live, b).unwrap(),
+                vec![b as u8 + 1; BS as usize]
+            );
+        }
+        writer.join().unwrap();
+    }
+}
