@@ -1,0 +1,318 @@
+//! Shared harness for the integration tests: a real `ebsfs` daemon on a temporary
+//! data directory and mount point, driven with real tools.
+//!
+//! Every test starts with [`require_fuse`]: with `CI=true` a missing `/dev/fuse` or
+//! missing root fails the test; elsewhere the test prints why and skips.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ebsfs");
+
+/// Returns false (after saying why) when FUSE tests cannot run here; panics under CI.
+pub fn require_fuse() -> bool {
+    let is_root = unsafe { libc::geteuid() } == 0;
+    let problem = if !Path::new("/dev/fuse").exists() {
+        Some("/dev/fuse is missing")
+    } else if !is_root {
+        Some("these tests mount filesystems and loop devices and need root")
+    } else {
+        None
+    };
+    match problem {
+        None => true,
+        Some(reason) if std::env::var("CI").is_ok_and(|v| v == "true") => panic!("CI=true but {reason}"),
+        Some(reason) => {
+            eprintln!("skipping: {reason}");
+            false
+        }
+    }
+}
+
+/// Runs a command, panicking with its output unless it succeeds.
+pub fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Output {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{program} {:?} failed ({}):\nstdout: {}\nstderr: {}",
+            args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect::<Vec<_>>(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+/// Runs a shell script with `set -euo pipefail`, panicking unless it succeeds.
+pub fn sh(script: &str) -> String {
+    let out = run("bash", &["-euo", "pipefail", "-c", script]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command and returns its output whatever the status.
+pub fn try_run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Output {
+    Command::new(program).args(args).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+/// Lazily unmounts `path` if something is mounted there; ignores errors.
+pub fn lazy_unmount(path: &Path) {
+    let _ = Command::new("umount").arg("-l").arg(path).stderr(Stdio::null()).status();
+}
+
+/// Waits until `check` holds, panicking with `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let Ok(canonical) = fs::canonicalize(path) else {
+        return false;
+    };
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| Path::new(m) == canonical)
+}
+
+/// A running `ebsfs mount` on a temporary data directory.
+pub struct Ebsfs {
+    pub root: tempfile::TempDir,
+    pub data: PathBuf,
+    pub mnt: PathBuf,
+    pub config: PathBuf,
+    child: Option<Child>,
+    loops: Vec<PathBuf>,
+}
+
+impl Ebsfs {
+    /// Mounts with the default config.
+    pub fn start() -> Ebsfs {
+        Ebsfs::start_with("")
+    }
+
+    /// Mounts with extra `config.toml` lines (e.g. `block_size = "4KiB"`).
+    pub fn start_with(config: &str) -> Ebsfs {
+        let root = tempfile::Builder::new().prefix("ebsfs-test").tempdir().expect("tempdir");
+        let data = root.path().join("data");
+        Ebsfs::start_in(root, data, config)
+    }
+
+    /// Mounts with a data directory that may live elsewhere (e.g. a small filesystem).
+    pub fn start_in(root: tempfile::TempDir, data: PathBuf, config: &str) -> Ebsfs {
+        let mnt = root.path().join("mnt");
+        let config_path = root.path().join("config.toml");
+        fs::write(&config_path, config).expect("write config");
+        let mut fs = Ebsfs {
+            root,
+            data,
+            mnt,
+            config: config_path,
+            child: None,
+            loops: Vec::new(),
+        };
+        fs.spawn();
+        fs
+    }
+
+    fn spawn(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.path().join("ebsfs.log"))
+            .expect("log file");
+        let child = Command::new(BIN)
+            .arg("mount")
+            .arg(&self.mnt)
+            .arg("--data-dir")
+            .arg(&self.data)
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn ebsfs");
+        self.child = Some(child);
+        let mnt = self.mnt.clone();
+        let start = Instant::now();
+        while !(is_mounted(&mnt) && mnt.join("volumes").is_dir()) {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("ebsfs exited with {status} before mounting:\n{}", self.log());
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                panic!("ebsfs did not mount within 30s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.root.path().join("ebsfs.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
+    pub fn volume(&self, name: &str) -> PathBuf {
+        self.mnt.join("volumes").join(format!("{name}.img"))
+    }
+
+    pub fn snapshot(&self, id: &str) -> PathBuf {
+        self.mnt.join("snapshots").join(id)
+    }
+
+    /// A scratch path outside the mount.
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        self.root.path().join(name)
+    }
+
+    /// Reads a snapshot's `status` (trimmed).
+    pub fn status(&self, id: &str) -> String {
+        fs::read_to_string(self.snapshot(id).join("status")).unwrap_or_default().trim().to_string()
+    }
+
+    /// Waits until a snapshot is no longer pending; returns its final status.
+    pub fn wait_snapshot(&self, id: &str) -> String {
+        let mut status = String::new();
+        wait_until(&format!("snapshot {id} to finish"), Duration::from_secs(600), || {
+            status = self.status(id);
+            status != "pending"
+        });
+        status
+    }
+
+    /// A snapshot's `info` file as a TOML table.
+    pub fn info(&self, id: &str) -> toml::Table {
+        let text = fs::read_to_string(self.snapshot(id).join("info")).expect("read info");
+        toml::from_str(&text).unwrap_or_else(|e| panic!("info of {id} is not TOML ({e}):\n{text}"))
+    }
+
+    pub fn info_u64(&self, id: &str, key: &str) -> u64 {
+        self.info(id)
+            .get(key)
+            .and_then(|v| v.as_integer())
+            .unwrap_or_else(|| panic!("info of {id} has no integer {key}")) as u64
+    }
+
+    /// Loop-mounts `image` at a new directory under the test root; unmounted on drop.
+    pub fn loop_mount(&mut self, image: &Path, dir_name: &str, options: &str) -> PathBuf {
+        let dir = self.scratch(dir_name);
+        fs::create_dir_all(&dir).expect("mkdir");
+        let opts = if options.is_empty() { "loop".to_string() } else { format!("loop,{options}") };
+        run("mount", &[OsStr::new("-o"), OsStr::new(&opts), image.as_os_str(), dir.as_os_str()]);
+        self.loops.push(dir.clone());
+        dir
+    }
+
+    /// Unmounts a loop mount made by [`Ebsfs::loop_mount`].
+    pub fn loop_unmount(&mut self, dir: &Path) {
+        run("umount", &[dir]);
+        self.loops.retain(|d| d != dir);
+    }
+
+    /// Unmounts cleanly with SIGTERM and waits for the daemon to exit.
+    pub fn stop(&mut self) {
+        for dir in std::mem::take(&mut self.loops) {
+            lazy_unmount(&dir);
+        }
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let start = Instant::now();
+            loop {
+                if child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                if start.elapsed() > Duration::from_secs(120) {
+                    let _ = child.kill();
+                    panic!("ebsfs did not exit within 120s of SIGTERM:\n{}", self.log());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        assert!(!is_mounted(&self.mnt), "mount left behind after a clean stop:\n{}", self.log());
+    }
+
+    /// `kill -9` the daemon and detach its dead mount.
+    pub fn kill9(&mut self) {
+        for dir in std::mem::take(&mut self.loops) {
+            lazy_unmount(&dir);
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        lazy_unmount(&self.mnt);
+    }
+
+    /// Starts the daemon again on the same data directory.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart of a running daemon");
+        self.spawn();
+    }
+
+    /// Writes `bytes` to a file outside the mount and returns its path.
+    pub fn write_scratch(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = self.scratch(name);
+        fs::File::create(&path).and_then(|mut f| f.write_all(bytes)).expect("write scratch");
+        path
+    }
+}
+
+impl Drop for Ebsfs {
+    fn drop(&mut self) {
+        for dir in std::mem::take(&mut self.loops) {
+            lazy_unmount(&dir);
+        }
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let start = Instant::now();
+            while child.try_wait().ok().flatten().is_none() && start.elapsed() < Duration::from_secs(30) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        lazy_unmount(&self.mnt);
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so tests can regenerate expectations.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// SHA-256 of a file, via sha256sum.
+pub fn sha256(path: &Path) -> String {
+    let out = run("sha256sum", &[path]);
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string()
+}
+
+/// Allocated bytes of everything under `path` (what `du` reports).
+pub fn du_bytes(path: &Path) -> u64 {
+    let out = run("du", &[OsStr::new("-s"), OsStr::new("-B1"), path.as_os_str()]);
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("0").parse().unwrap_or(0)
+}
