@@ -409,9 +409,16 @@ pub fn run_helper(args: HelperArgs) -> i32 {
         }
         _child => {
             drop(write_end);
-            let mut message = String::new();
-            let _ = fs::File::from(read_end).read_to_string(&mut message);
-            if message.starts_with("ok") {
+            // The child keeps the pipe open while it serves: "ok" arrives alone; an
+            // error message is followed by the child's exit (end of file).
+            let mut pipe = fs::File::from(read_end);
+            let mut first = [0u8; 2];
+            let n = pipe.read(&mut first).unwrap_or(0);
+            let mut message = String::from_utf8_lossy(&first[..n]).into_owned();
+            if message != "ok" {
+                let _ = pipe.read_to_string(&mut message);
+            }
+            if message == "ok" {
                 0
             } else {
                 eprintln!(

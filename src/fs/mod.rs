@@ -22,8 +22,10 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs as stdfs;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+
+use dashmap::DashMap;
 use std::time::SystemTime;
 
 use log::info;
@@ -120,8 +122,8 @@ pub struct FsCore {
     meta: Arc<Meta>,
     catalog: Arc<Catalog>,
     engine: Arc<SnapshotEngine>,
-    live: RwLock<HashMap<u64, Arc<Volume>>>,
-    handles: Mutex<HashMap<u64, Handle>>,
+    live: DashMap<u64, Arc<Volume>>,
+    handles: DashMap<u64, Handle>,
     next_handle: AtomicU64,
     session: recovery::Session,
     owner: Caller,
@@ -197,8 +199,8 @@ impl FsCore {
             meta,
             catalog,
             engine,
-            live: RwLock::new(live),
-            handles: Mutex::new(HashMap::new()),
+            live: live.into_iter().collect(),
+            handles: DashMap::new(),
             next_handle: AtomicU64::new(1),
             session,
             owner,
@@ -218,7 +220,7 @@ impl FsCore {
             return;
         }
         self.engine.wait_all();
-        for volume in self.live.read().unwrap_or_else(|p| p.into_inner()).values() {
+        for volume in self.live.iter() {
             if let Err(e) = volume.sync(false) {
                 log::error!("syncing volume {} at shutdown: {e}", volume.id);
             }
@@ -343,27 +345,16 @@ impl FsCore {
 
     fn add_handle(&self, handle: Handle) -> u64 {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(fh, handle);
+        self.handles.insert(fh, handle);
         fh
     }
 
     pub fn release(&self, fh: u64) {
-        self.handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&fh);
+        self.handles.remove(&fh);
     }
 
     fn handle_volume(&self, fh: u64) -> Option<Arc<Volume>> {
-        match self
-            .handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&fh)
-        {
+        match self.handles.get(&fh).as_deref() {
             Some(Handle::Volume(v)) => Some(v.clone()),
             _ => None,
         }
@@ -406,12 +397,7 @@ impl FsCore {
         buf: &mut Vec<u8>,
     ) -> FsResult<()> {
         buf.resize(size as usize, 0);
-        let handle = self
-            .handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&fh)
-            .cloned();
+        let handle = self.handles.get(&fh).map(|h| h.clone());
         let n = match handle {
             Some(Handle::Volume(volume)) => volume.read_at(buf, offset)?,
             Some(Handle::Text(text)) => {

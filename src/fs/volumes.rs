@@ -28,10 +28,8 @@ fn check_xattr_name(name: &OsStr) -> FsResult<&str> {
 impl FsCore {
     pub(super) fn live_volume(&self, id: u64) -> FsResult<Arc<Volume>> {
         self.live
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
             .get(&id)
-            .cloned()
+            .map(|v| v.clone())
             .ok_or_else(|| FsError::NotFound(format!("volume {id}")))
     }
 
@@ -149,10 +147,7 @@ impl FsCore {
         .map_err(io_error(format!("creating volume {name}")))?;
         meta::put_volume(&txn, &record)?;
         txn.commit().map_err(MetaError::from)?;
-        self.live
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, Arc::new(volume));
+        self.live.insert(id, Arc::new(volume));
         self.catalog.write().upsert_volume(record);
         info!("volume {name} created");
         self.volume_attr(id)
@@ -305,10 +300,7 @@ impl FsCore {
         *records = staged;
         drop(records);
         self.engine.release(freed);
-        self.live
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+        self.live.remove(&id);
         for path in [
             volume::data_path(&self.volumes_dir, id),
             volume::dirty_path(&self.volumes_dir, id),
