@@ -70,6 +70,17 @@ impl Records {
         self.snapshots.values().filter(|s| !s.hidden)
     }
 
+    /// Name of the newest visible, completed snapshot of `lineage` older than `id`:
+    /// what a user sees as the parent of snapshot `id`.
+    pub fn visible_parent(&self, lineage: u64, id: u64) -> Option<String> {
+        self.lineage(lineage)
+            .filter(|s| {
+                s.id < id && !s.hidden && s.status == crate::meta::SnapshotStatus::Completed
+            })
+            .last()
+            .map(SnapshotRecord::name)
+    }
+
     /// Snapshots of a lineage, in order, hidden ones included.
     pub fn lineage(&self, lineage: u64) -> impl Iterator<Item = &SnapshotRecord> {
         self.snapshots

@@ -38,6 +38,10 @@ pub const SNAPSHOT_BLOCKS: TableDefinition<(u64, u64), ()> =
 /// Manifest value meaning "this block is all zeros": no chunk is stored for it.
 pub const ZERO_BLOCK: [u8; 32] = [0; 32];
 
+/// Page cache of the metadata database: enough for the manifests in daily use,
+/// bounded so the daemon's memory stays predictable.
+const METADATA_CACHE_BYTES: usize = 64 << 20;
+
 const NEXT_VOLUME_ID: &str = "next_volume_id";
 const NEXT_SNAPSHOT_ID: &str = "next_snapshot_id";
 const NEXT_PACK_ID: &str = "next_pack_id";
@@ -249,7 +253,9 @@ pub struct Meta {
 
 impl Meta {
     pub fn open(path: &Path) -> MetaResult<Meta> {
-        let db = Database::create(path)?;
+        let db = Database::builder()
+            .set_cache_size(METADATA_CACHE_BYTES)
+            .create(path)?;
         let txn = db.begin_write()?;
         {
             txn.open_table(VOLUMES)?;

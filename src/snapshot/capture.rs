@@ -88,17 +88,17 @@ pub fn run(
     writer: &PackWriter,
     threads: usize,
 ) -> Result<Captured, SnapshotError> {
-    let words = job.freeze.blocks.word_count();
+    let units = job.freeze.unit_count();
     job.progress
         .total_blocks
-        .store(job.freeze.blocks.count(), Ordering::Relaxed);
+        .store(job.freeze.block_count(), Ordering::Relaxed);
     let cursor = AtomicUsize::new(0);
     let shared = Mutex::new(Captured::default());
     let first_error: Mutex<Option<SnapshotError>> = Mutex::new(None);
     std::thread::scope(|scope| {
         for _ in 0..threads.max(1) {
             scope.spawn(|| {
-                if let Err(e) = worker(job, meta, store, writer, &cursor, words, &shared) {
+                if let Err(e) = worker(job, meta, store, writer, &cursor, units, &shared) {
                     job.progress.cancelled.store(true, Ordering::Relaxed);
                     first_error
                         .lock()
@@ -126,7 +126,7 @@ fn worker(
     store: &ChunkStore,
     writer: &PackWriter,
     cursor: &AtomicUsize,
-    words: usize,
+    units: usize,
     shared: &Mutex<Captured>,
 ) -> Result<(), SnapshotError> {
     let txn = meta.begin_read()?;
@@ -134,11 +134,11 @@ fn worker(
     let chunk_table = txn.open_table(CHUNKS).map_err(MetaError::from)?;
     let live = job.volume.data_file();
     loop {
-        let w = cursor.fetch_add(1, Ordering::Relaxed);
-        if w >= words || job.progress.cancelled.load(Ordering::Relaxed) {
+        let unit = cursor.fetch_add(1, Ordering::Relaxed);
+        if unit >= units || job.progress.cancelled.load(Ordering::Relaxed) {
             return Ok(());
         }
-        for block in job.freeze.blocks.blocks_in_word(w) {
+        for block in job.freeze.unit_blocks(unit) {
             let data = job
                 .freeze
                 .take(live, block)

@@ -32,7 +32,7 @@ use crate::names::SnapshotName;
 use crate::store::codec::ChunkHash;
 use crate::store::{ChunkLocation, ChunkStore, StoreError, index};
 use crate::volume::dirty::DirtyMap;
-use crate::volume::{Volume, VolumeError};
+use crate::volume::{Rescan, Volume, VolumeError};
 use capture::{CaptureJob, CaptureProgress};
 use manifest::BlockContent;
 
@@ -133,7 +133,7 @@ impl SnapshotEngine {
         owner: Owner,
     ) -> SnapshotResult<SnapshotRecord> {
         let _ns = self.namespace_lock();
-        let (vol_record, parent) = {
+        let (vol_record, parent, high_water) = {
             let records = self.catalog.read();
             if records.snapshot_id(&name.to_string()).is_some() {
                 return Err(SnapshotError::Exists(name.to_string()));
@@ -147,17 +147,27 @@ impl SnapshotEngine {
             {
                 return Err(SnapshotError::Busy(vol.name.clone()));
             }
-            let parent = vol
-                .base_snapshot
-                .and_then(|id| records.snapshots.get(&id))
-                .map(SnapshotRecord::name);
-            (vol, parent)
+            let parent = records.visible_parent(vol.id, u64::MAX);
+            // The largest image any earlier snapshot of the volume holds: blocks past
+            // it cannot show through from older snapshots.
+            let high_water = records
+                .lineage(vol.id)
+                .filter(|s| s.status == SnapshotStatus::Completed)
+                .map(|s| s.size_bytes)
+                .max()
+                .unwrap_or(0);
+            (vol, parent, high_water)
         };
         let txn = self.meta.begin_write()?;
         let id = meta::next_snapshot_id(&txn)?;
         let set_path = capture_file(&self.captures_dir, vol_record.id, id, "set");
         let cow_path = capture_file(&self.captures_dir, vol_record.id, id, "cow");
-        let freeze = volume.freeze(&set_path, &cow_path, vol_record.full_compare)?;
+        let rescan = if vol_record.full_compare {
+            Rescan::All
+        } else {
+            Rescan::ShrunkBelow(high_water)
+        };
+        let freeze = volume.freeze(&set_path, &cow_path, rescan)?;
         let record = SnapshotRecord {
             id,
             volume: vol_record.name.clone(),
@@ -249,6 +259,10 @@ impl SnapshotEngine {
             SnapshotError::CaptureFailed(format!("syncing pack {}: {e}", writer.pack.id))
         })?;
         let _ns = self.namespace_lock();
+        // An rmdir may have cancelled the capture while it waited for the lock.
+        if job.progress.cancelled.load(Ordering::Relaxed) {
+            return Err(SnapshotError::Cancelled);
+        }
         let txn = self.meta.begin_write()?;
         let mut freed = capture::commit_entries(&txn, job, &captured)?;
         txn.open_table(PACKS)
@@ -261,6 +275,7 @@ impl SnapshotEngine {
         };
         record.status = SnapshotStatus::Completed;
         record.completed = Some(Timestamp::now());
+        record.parent = records.visible_parent(job.lineage, job.snapshot);
         record.changed_blocks = captured.entries.len() as u64;
         record.stored_bytes = captured.stored_bytes;
         meta::put_snapshot(&txn, &record)?;
@@ -359,6 +374,15 @@ impl SnapshotEngine {
             hidden.hidden = true;
             meta::put_snapshot(&txn, &hidden)?;
             staged.upsert_snapshot(hidden);
+            let successor = staged
+                .lineage(record.lineage)
+                .find(|s| s.id > id && s.status == SnapshotStatus::Completed)
+                .cloned();
+            if let Some(mut successor) = successor {
+                successor.parent = record.parent.clone();
+                meta::put_snapshot(&txn, &successor)?;
+                staged.upsert_snapshot(successor);
+            }
             collect_hidden(&txn, &mut staged, record.lineage)?
         } else {
             meta::delete_snapshot(&txn, id)?;
@@ -473,7 +497,16 @@ impl SnapshotEngine {
                 source: e,
             })?;
             let name = entry.file_name().to_string_lossy().into_owned();
+            // A capture set whose snapshot completed was merely not cleaned up; any
+            // other (pending, or never recorded) goes back to its volume.
+            let completed = |id: u64| {
+                records
+                    .snapshots
+                    .get(&id)
+                    .is_some_and(|s| s.status == SnapshotStatus::Completed)
+            };
             if let Some((volume_id, snapshot_id, "set")) = parse_capture_file(&name)
+                && !completed(snapshot_id)
                 && let Some(volume) = volumes.get(&volume_id)
             {
                 let set = DirtyMap::open(&entry.path()).map_err(|e| SnapshotError::Io {

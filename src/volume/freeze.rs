@@ -18,20 +18,26 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 
+use super::bitmap::Bitmap;
 use super::dirty::DirtyMap;
 
 pub struct Freeze {
     /// The blocks this snapshot captures (file `captures/<id>.set`).
     pub blocks: DirtyMap,
+    /// Blocks captured whether or not their bit is set.
+    pub reexamine: Range<u64>,
     pub size_bytes: u64,
     pub block_size: u64,
-    claimed: Vec<AtomicU64>,
-    done: Vec<AtomicU64>,
+    claimed: Bitmap,
+    done: Bitmap,
+    /// Words of `blocks` with bits set, fixed at the freeze: the first work units.
+    words: Vec<usize>,
     cow: File,
     cow_path: PathBuf,
     cow_next: AtomicU64,
@@ -40,10 +46,6 @@ pub struct Freeze {
     /// First failure to preserve a block; the snapshot then ends in error.
     failure: Mutex<Option<String>>,
     done_signal: (Mutex<()>, Condvar),
-}
-
-fn bit(block: u64) -> (usize, u64) {
-    ((block / 64) as usize, 1u64 << (block % 64))
 }
 
 impl Freeze {
@@ -59,18 +61,21 @@ impl Freeze {
 
     pub fn new(
         blocks: DirtyMap,
+        reexamine: Range<u64>,
         size_bytes: u64,
         block_size: u64,
         cow: File,
         cow_path: &Path,
     ) -> Freeze {
-        let words = blocks.word_count();
+        let words = blocks.nonzero_words();
         Freeze {
             blocks,
+            reexamine,
             size_bytes,
             block_size,
-            claimed: (0..words).map(|_| AtomicU64::new(0)).collect(),
-            done: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            claimed: Bitmap::new(),
+            done: Bitmap::new(),
+            words,
             cow,
             cow_path: cow_path.to_path_buf(),
             cow_next: AtomicU64::new(0),
@@ -91,24 +96,47 @@ impl Freeze {
             .clone()
     }
 
-    fn in_set(&self, block: u64) -> bool {
-        let (w, _) = bit(block);
-        w < self.claimed.len() && self.blocks.is_set(block)
+    pub fn in_set(&self, block: u64) -> bool {
+        self.reexamine.contains(&block) || self.blocks.is_set(block)
+    }
+
+    /// Work is handed out in units: first one per word of set bits, then one per 64
+    /// blocks of the re-examined range (minus blocks already covered by bits).
+    pub fn unit_count(&self) -> usize {
+        self.words.len() + (self.reexamine.end - self.reexamine.start).div_ceil(64) as usize
+    }
+
+    pub fn unit_blocks(&self, unit: usize) -> Vec<u64> {
+        if let Some(&w) = self.words.get(unit) {
+            return self.blocks.blocks_in_word(w).collect();
+        }
+        let start = self.reexamine.start + 64 * (unit - self.words.len()) as u64;
+        let end = (start + 64).min(self.reexamine.end);
+        (start..end).filter(|&b| !self.blocks.is_set(b)).collect()
+    }
+
+    /// Number of blocks this freeze captures.
+    pub fn block_count(&self) -> u64 {
+        let range = &self.reexamine;
+        let bits_in_range = self
+            .words
+            .iter()
+            .flat_map(|&w| self.blocks.blocks_in_word(w))
+            .filter(|b| range.contains(b))
+            .count() as u64;
+        self.blocks.count() + (range.end - range.start) - bits_in_range
     }
 
     fn is_done(&self, block: u64) -> bool {
-        let (w, mask) = bit(block);
-        self.done[w].load(Ordering::Acquire) & mask != 0
+        self.done.get(block)
     }
 
     fn try_claim(&self, block: u64) -> bool {
-        let (w, mask) = bit(block);
-        self.claimed[w].fetch_or(mask, Ordering::AcqRel) & mask == 0
+        self.claimed.set(block)
     }
 
     fn mark_done(&self, block: u64) {
-        let (w, mask) = bit(block);
-        self.done[w].fetch_or(mask, Ordering::AcqRel);
+        self.done.set(block);
         let _guard = self.done_signal.0.lock().unwrap_or_else(|p| p.into_inner());
         self.done_signal.1.notify_all();
     }
@@ -163,6 +191,25 @@ impl Freeze {
             .unwrap_or_else(|p| p.into_inner())
             .insert(block, offset);
         Ok(())
+    }
+
+    /// [`Freeze::protect`] for every captured block in `first..=last`.
+    pub fn protect_range(&self, live: &File, first: u64, last: u64) {
+        let from = self.words.partition_point(|&w| (w as u64) < first / 64);
+        for &w in self.words[from..]
+            .iter()
+            .take_while(|&&w| w as u64 <= last / 64)
+        {
+            for block in self.blocks.blocks_in_word(w) {
+                if (first..=last).contains(&block) {
+                    self.protect(live, block);
+                }
+            }
+        }
+        let range = &self.reexamine;
+        for block in first.max(range.start)..(last + 1).min(range.end) {
+            self.protect(live, block);
+        }
     }
 
     /// The frozen contents of `block`, for the capture worker. Each block of the set
@@ -228,13 +275,14 @@ mod tests {
             live.write_all_at(&vec![b as u8 + 1; BS as usize], b * BS)
                 .unwrap();
         }
-        let set = DirtyMap::create(&dir.path().join("set")).unwrap();
+        let set =
+            DirtyMap::create(&dir.path().join("set"), crate::volume::dirty::NEVER_SHRUNK).unwrap();
         for &b in blocks {
             set.mark(b, b).unwrap();
         }
         let cow_path = dir.path().join("cow");
         let cow = Freeze::create_cow_file(&cow_path).unwrap();
-        let freeze = Freeze::new(set, 7 * BS + 100, BS, cow, &cow_path);
+        let freeze = Freeze::new(set, 0..0, 7 * BS + 100, BS, cow, &cow_path);
         (dir, live, freeze)
     }
 

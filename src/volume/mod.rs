@@ -10,6 +10,7 @@
 //! The [`Epoch`] lock is the freeze barrier: changes hold it shared; a snapshot's
 //! freeze holds it exclusively for the few microseconds it takes to swap dirty maps.
 
+pub mod bitmap;
 pub mod dirty;
 pub mod freeze;
 
@@ -20,7 +21,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use dirty::DirtyMap;
+use dirty::{DirtyMap, NEVER_SHRUNK};
 use freeze::Freeze;
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +46,16 @@ pub enum VolumeError {
 }
 
 pub type VolumeResult<T> = Result<T, VolumeError>;
+
+/// Which blocks a freeze captures besides those marked dirty.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rescan {
+    /// Every block: the dirty map cannot be trusted (after a host crash).
+    All,
+    /// Blocks cut off by a shrink since the last snapshot, below the largest size any
+    /// earlier snapshot of the volume had (past that, nothing older can show through).
+    ShrunkBelow(u64),
+}
 
 /// What changes go through: the current dirty map and the capture in progress, if any.
 pub struct Epoch {
@@ -188,13 +199,30 @@ impl Volume {
     /// Grows or shrinks the volume. Shrinking frees the tail; growing exposes zeros.
     pub fn set_size(&self, new_size: u64) -> VolumeResult<()> {
         self.check_size(new_size)?;
+        let epoch = self.epoch_shared();
         let old_size = self.size()?;
-        // Bytes past the new end change (they will read as zeros if the volume grows
-        // back), so they are recorded like any other change.
-        self.modify(new_size, old_size.max(new_size), |file| {
-            file.set_len(new_size)
-                .map_err(self.io_err("truncate", new_size))
-        })
+        if new_size < old_size {
+            let bs = self.block_size;
+            if let Some(freeze) = &epoch.freeze {
+                freeze.protect_range(&self.data, new_size / bs, (old_size - 1) / bs);
+            }
+            // The block holding the new end keeps a zeroed tail: a change like any
+            // other. Blocks wholly past it are covered by the low-water size.
+            if !new_size.is_multiple_of(bs) {
+                let block = new_size / bs;
+                epoch
+                    .dirty
+                    .mark(block, block)
+                    .map_err(self.io_err("record change", new_size))?;
+            }
+            epoch
+                .dirty
+                .note_shrink(new_size)
+                .map_err(self.io_err("record change", new_size))?;
+        }
+        self.data
+            .set_len(new_size)
+            .map_err(self.io_err("truncate", new_size))
     }
 
     /// `fallocate(2)` with the modes FUSE forwards: plain allocation (optionally
@@ -265,32 +293,39 @@ impl Volume {
     }
 
     /// Freezes the volume for a snapshot: the dirty map becomes the capture set,
-    /// renamed to `set_path`, and a fresh empty map starts. With `all_blocks`, every
-    /// block is captured (the dirty map is not trusted).
+    /// renamed to `set_path`, and a fresh empty map starts.
     pub fn freeze(
         &self,
         set_path: &Path,
         cow_path: &Path,
-        all_blocks: bool,
+        rescan: Rescan,
     ) -> VolumeResult<Arc<Freeze>> {
         let mut epoch = self.epoch_exclusive();
         if epoch.freeze.is_some() {
             return Err(VolumeError::CaptureInProgress { volume: self.id });
         }
         let size = self.size()?;
+        let blocks_now = size.div_ceil(self.block_size);
+        let reexamine = match rescan {
+            Rescan::All => 0..blocks_now,
+            Rescan::ShrunkBelow(high_water_bytes) => {
+                let low_water = epoch.dirty.low_water();
+                let start = if low_water == NEVER_SHRUNK {
+                    blocks_now
+                } else {
+                    low_water / self.block_size
+                };
+                let end = blocks_now.min(high_water_bytes.div_ceil(self.block_size));
+                start..end.max(start)
+            }
+        };
         let cow = Freeze::create_cow_file(cow_path).map_err(self.io_err("freeze", 0))?;
         let dirty_file = epoch.dirty.path();
-        if all_blocks {
-            epoch
-                .dirty
-                .mark_all(size.div_ceil(self.block_size))
-                .map_err(self.io_err("record change", 0))?;
-        }
         epoch
             .dirty
             .rename(set_path)
             .map_err(self.io_err("freeze", 0))?;
-        let fresh = match DirtyMap::create(&dirty_file) {
+        let fresh = match DirtyMap::create(&dirty_file, size) {
             Ok(fresh) => fresh,
             Err(e) => {
                 // Put the map back: the volume must keep tracking changes.
@@ -299,7 +334,8 @@ impl Volume {
             }
         };
         let captured = std::mem::replace(&mut epoch.dirty, fresh);
-        let freeze = Arc::new(Freeze::new(captured, size, self.block_size, cow, cow_path));
+        let freeze = Freeze::new(captured, reexamine, size, self.block_size, cow, cow_path);
+        let freeze = Arc::new(freeze);
         epoch.freeze = Some(freeze.clone());
         Ok(freeze)
     }
@@ -384,11 +420,19 @@ mod tests {
         v.write_at(&vec![7u8; 8 * BS as usize], 0).unwrap();
         v.sync(true).unwrap();
         let freeze = v
-            .freeze(&dir.path().join("s"), &dir.path().join("c"), false)
+            .freeze(
+                &dir.path().join("s"),
+                &dir.path().join("c"),
+                Rescan::ShrunkBelow(0),
+            )
             .unwrap();
         assert_eq!(freeze.blocks.count(), 8);
         assert!(matches!(
-            v.freeze(&dir.path().join("s2"), &dir.path().join("c2"), false),
+            v.freeze(
+                &dir.path().join("s2"),
+                &dir.path().join("c2"),
+                Rescan::ShrunkBelow(0)
+            ),
             Err(VolumeError::CaptureInProgress { .. })
         ));
         v.set_size(5 * BS).unwrap();
@@ -406,7 +450,37 @@ mod tests {
             );
         }
         v.thaw(false).unwrap();
-        assert_eq!(v.dirty_blocks(), 2 + 3);
+        // The punch marked two blocks; the shrink is recorded as a low-water size.
+        assert_eq!(v.dirty_blocks(), 2);
+        let freeze = v
+            .freeze(
+                &dir.path().join("s3"),
+                &dir.path().join("c3"),
+                Rescan::ShrunkBelow(8 * BS),
+            )
+            .unwrap();
+        assert_eq!(
+            freeze.reexamine,
+            5..5,
+            "nothing to re-examine until the volume grows back"
+        );
+        v.thaw(true).unwrap();
+        v.set_size(8 * BS).unwrap();
+        let freeze = v
+            .freeze(
+                &dir.path().join("s4"),
+                &dir.path().join("c4"),
+                Rescan::ShrunkBelow(8 * BS),
+            )
+            .unwrap();
+        assert_eq!(freeze.reexamine, 5..8);
+        assert_eq!(freeze.block_count(), 2 + 3);
+        for b in 5..8 {
+            assert_eq!(
+                freeze.take(v.data_file(), b).unwrap(),
+                vec![0u8; BS as usize]
+            );
+        }
         assert!(v.allocated_bytes().unwrap() <= 3 * BS);
         assert_eq!(v.seek(0, libc::SEEK_DATA).unwrap(), 2 * BS);
     }
@@ -416,8 +490,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let v = volume(dir.path());
         v.write_at(b"a", 0).unwrap();
-        v.freeze(&dir.path().join("s"), &dir.path().join("c"), false)
-            .unwrap();
+        v.freeze(
+            &dir.path().join("s"),
+            &dir.path().join("c"),
+            Rescan::ShrunkBelow(0),
+        )
+        .unwrap();
         v.write_at(b"b", 5 * BS).unwrap();
         v.thaw(true).unwrap();
         assert_eq!(v.dirty_blocks(), 2);
