@@ -130,7 +130,13 @@ fn apply_text(
             .span()
             .map(|span| line_of_offset(text, span.start))
             .unwrap_or(1);
-        invalid(line, e.message().to_string())
+        let message = e.message().trim_end();
+        match key_on_line(text, line) {
+            Some(key) if !message.contains(&format!("`{key}`")) => {
+                invalid(line, format!("key `{key}`: {message}"))
+            }
+            _ => invalid(line, message.to_string()),
+        }
     })?;
     let check = |key: &str, ok: bool, what: String| {
         if ok {
@@ -216,6 +222,17 @@ fn apply_text(
 
 fn line_of_offset(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The key assigned on line `line` (1-based), if that line is a `key = value`.
+fn key_on_line(text: &str, line: usize) -> Option<&str> {
+    let (key, _) = text.lines().nth(line.checked_sub(1)?)?.split_once('=')?;
+    let key = key.trim();
+    let bare = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    bare.then_some(key)
 }
 
 /// The line on which `key` is assigned, for errors found after parsing.
@@ -348,6 +365,19 @@ mod tests {
             err.contains("test.toml:1: key `compression_level`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn value_and_syntax_errors_name_the_key() {
+        for text in [
+            "# c\n\n\nmax_volume_size = \"lots\"\n",
+            "# c\n\n\nmax_volume_size = 1GiB\n",
+        ] {
+            let err = load_text(text).unwrap_err().to_string();
+            assert!(err.starts_with("test.toml:4: key `max_volume_size`"), "{err}");
+        }
+        let err = load_text("a = 1\ncache_size = \"64MiB\n").unwrap_err().to_string();
+        assert!(err.contains("test.toml:2") && err.contains("cache_size"), "{err}");
     }
 
     #[test]

@@ -26,7 +26,9 @@ pub fn require_fuse() -> bool {
     };
     match problem {
         None => true,
-        Some(reason) if std::env::var("CI").is_ok_and(|v| v == "true") => panic!("CI=true but {reason}"),
+        Some(reason) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI=true but {reason}")
+        }
         Some(reason) => {
             eprintln!("skipping: {reason}");
             false
@@ -36,11 +38,16 @@ pub fn require_fuse() -> bool {
 
 /// Runs a command, panicking with its output unless it succeeds.
 pub fn run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Output {
-    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
     if !out.status.success() {
         panic!(
             "{program} {:?} failed ({}):\nstdout: {}\nstderr: {}",
-            args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect::<Vec<_>>(),
+            args.iter()
+                .map(|a| a.as_ref().to_string_lossy().into_owned())
+                .collect::<Vec<_>>(),
             out.status,
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
@@ -57,12 +64,19 @@ pub fn sh(script: &str) -> String {
 
 /// Runs a command and returns its output whatever the status.
 pub fn try_run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Output {
-    Command::new(program).args(args).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
 }
 
 /// Lazily unmounts `path` if something is mounted there; ignores errors.
 pub fn lazy_unmount(path: &Path) {
-    let _ = Command::new("umount").arg("-l").arg(path).stderr(Stdio::null()).status();
+    let _ = Command::new("umount")
+        .arg("-l")
+        .arg(path)
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// Waits until `check` holds, panicking with `what` after `timeout`.
@@ -105,7 +119,10 @@ impl Ebsfs {
 
     /// Mounts with extra `config.toml` lines (e.g. `block_size = "4KiB"`).
     pub fn start_with(config: &str) -> Ebsfs {
-        let root = tempfile::Builder::new().prefix("ebsfs-test").tempdir().expect("tempdir");
+        let root = tempfile::Builder::new()
+            .prefix("ebsfs-test")
+            .tempdir()
+            .expect("tempdir");
         let data = root.path().join("data");
         Ebsfs::start_in(root, data, config)
     }
@@ -140,7 +157,10 @@ impl Ebsfs {
             .arg(&self.data)
             .arg("--config")
             .arg(&self.config)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -150,8 +170,15 @@ impl Ebsfs {
         let mnt = self.mnt.clone();
         let start = Instant::now();
         while !(is_mounted(&mnt) && mnt.join("volumes").is_dir()) {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("ebsfs exited with {status} before mounting:\n{}", self.log());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "ebsfs exited with {status} before mounting:\n{}",
+                    self.log()
+                );
             }
             if start.elapsed() > Duration::from_secs(30) {
                 panic!("ebsfs did not mount within 30s:\n{}", self.log());
@@ -183,16 +210,23 @@ impl Ebsfs {
 
     /// Reads a snapshot's `status` (trimmed).
     pub fn status(&self, id: &str) -> String {
-        fs::read_to_string(self.snapshot(id).join("status")).unwrap_or_default().trim().to_string()
+        fs::read_to_string(self.snapshot(id).join("status"))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
     }
 
     /// Waits until a snapshot is no longer pending; returns its final status.
     pub fn wait_snapshot(&self, id: &str) -> String {
         let mut status = String::new();
-        wait_until(&format!("snapshot {id} to finish"), Duration::from_secs(600), || {
-            status = self.status(id);
-            status != "pending"
-        });
+        wait_until(
+            &format!("snapshot {id} to finish"),
+            Duration::from_secs(600),
+            || {
+                status = self.status(id);
+                status != "pending"
+            },
+        );
         status
     }
 
@@ -213,8 +247,20 @@ impl Ebsfs {
     pub fn loop_mount(&mut self, image: &Path, dir_name: &str, options: &str) -> PathBuf {
         let dir = self.scratch(dir_name);
         fs::create_dir_all(&dir).expect("mkdir");
-        let opts = if options.is_empty() { "loop".to_string() } else { format!("loop,{options}") };
-        run("mount", &[OsStr::new("-o"), OsStr::new(&opts), image.as_os_str(), dir.as_os_str()]);
+        let opts = if options.is_empty() {
+            "loop".to_string()
+        } else {
+            format!("loop,{options}")
+        };
+        run(
+            "mount",
+            &[
+                OsStr::new("-o"),
+                OsStr::new(&opts),
+                image.as_os_str(),
+                dir.as_os_str(),
+            ],
+        );
         self.loops.push(dir.clone());
         dir
     }
@@ -244,7 +290,11 @@ impl Ebsfs {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        assert!(!is_mounted(&self.mnt), "mount left behind after a clean stop:\n{}", self.log());
+        assert!(
+            !is_mounted(&self.mnt),
+            "mount left behind after a clean stop:\n{}",
+            self.log()
+        );
     }
 
     /// `kill -9` the daemon and detach its dead mount.
@@ -268,7 +318,9 @@ impl Ebsfs {
     /// Writes `bytes` to a file outside the mount and returns its path.
     pub fn write_scratch(&self, name: &str, bytes: &[u8]) -> PathBuf {
         let path = self.scratch(name);
-        fs::File::create(&path).and_then(|mut f| f.write_all(bytes)).expect("write scratch");
+        fs::File::create(&path)
+            .and_then(|mut f| f.write_all(bytes))
+            .expect("write scratch");
         path
     }
 }
@@ -281,7 +333,9 @@ impl Drop for Ebsfs {
         if let Some(mut child) = self.child.take() {
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             let start = Instant::now();
-            while child.try_wait().ok().flatten().is_none() && start.elapsed() < Duration::from_secs(30) {
+            while child.try_wait().ok().flatten().is_none()
+                && start.elapsed() < Duration::from_secs(30)
+            {
                 std::thread::sleep(Duration::from_millis(20));
             }
             let _ = child.kill();
@@ -308,11 +362,122 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 /// SHA-256 of a file, via sha256sum.
 pub fn sha256(path: &Path) -> String {
     let out = run("sha256sum", &[path]);
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string()
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Allocated bytes of everything under `path` (what `du` reports).
 pub fn du_bytes(path: &Path) -> u64 {
-    let out = run("du", &[OsStr::new("-s"), OsStr::new("-B1"), path.as_os_str()]);
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("0").parse().unwrap_or(0)
+    let out = run(
+        "du",
+        &[OsStr::new("-s"), OsStr::new("-B1"), path.as_os_str()],
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0)
+}
+
+impl Ebsfs {
+    /// Sends `signal` to the daemon without waiting.
+    pub fn signal(&self, signal: i32) {
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// Waits up to `timeout` for the daemon to exit (after [`Ebsfs::signal`]) and
+    /// returns its status; the daemon then counts as stopped for [`Ebsfs::restart`].
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("daemon running");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for ebsfs") {
+                self.child = None;
+                return status;
+            }
+            if start.elapsed() > timeout {
+                panic!("ebsfs did not exit within {timeout:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// How many mounts `/proc/self/mountinfo` lists at `path`.
+pub fn mounts_at(path: &Path) -> usize {
+    let path = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| Path::new(m) == path)
+        .count()
+}
+
+/// A loop device attached to an image with `losetup`; detached on drop.
+pub struct LoopDevice {
+    pub dev: PathBuf,
+    attached: bool,
+}
+
+impl LoopDevice {
+    /// `losetup --direct-io=on|off --find --show image`.
+    pub fn attach(image: &Path, direct_io: bool) -> LoopDevice {
+        let dio = if direct_io {
+            "--direct-io=on"
+        } else {
+            "--direct-io=off"
+        };
+        let out = run(
+            "losetup",
+            &[
+                OsStr::new(dio),
+                OsStr::new("--find"),
+                OsStr::new("--show"),
+                image.as_os_str(),
+            ],
+        );
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
+        LoopDevice {
+            dev: PathBuf::from(dev),
+            attached: true,
+        }
+    }
+
+    /// Whether the kernel does direct I/O to the backing file (`/sys/block/loopN/loop/dio`).
+    pub fn direct_io(&self) -> bool {
+        let name = self
+            .dev
+            .file_name()
+            .expect("loop device name")
+            .to_string_lossy()
+            .into_owned();
+        fs::read_to_string(format!("/sys/block/{name}/loop/dio"))
+            .unwrap_or_default()
+            .trim()
+            == "1"
+    }
+
+    /// `losetup -d`, panicking if it fails.
+    pub fn detach(mut self) {
+        self.attached = false;
+        run("losetup", &[OsStr::new("-d"), self.dev.as_os_str()]);
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        if self.attached {
+            let _ = Command::new("losetup")
+                .arg("-d")
+                .arg(&self.dev)
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
 }
