@@ -374,10 +374,18 @@ mod tests {
             "# c\n\n\nmax_volume_size = 1GiB\n",
         ] {
             let err = load_text(text).unwrap_err().to_string();
-            assert!(err.starts_with("test.toml:4: key `max_volume_size`"), "{err}");
+            assert!(
+                err.starts_with("test.toml:4: key `max_volume_size`"),
+                "{err}"
+            );
         }
-        let err = load_text("a = 1\ncache_size = \"64MiB\n").unwrap_err().to_string();
-        assert!(err.contains("test.toml:2") && err.contains("cache_size"), "{err}");
+        let err = load_text("a = 1\ncache_size = \"64MiB\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("test.toml:2") && err.contains("cache_size"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use log::warn;
 
 use crate::meta::{CHUNKS, MANIFEST, Meta, MetaError};
-use crate::store::codec::{self, ChunkHash};
+use crate::store::codec::{ChunkHash, Codec, Compressor};
 use crate::store::pack::PackWriter;
 use crate::store::{ChunkLocation, ChunkStore, index};
 use crate::volume::Volume;
@@ -133,15 +133,17 @@ fn worker(
     let manifest_table = txn.open_table(MANIFEST).map_err(MetaError::from)?;
     let chunk_table = txn.open_table(CHUNKS).map_err(MetaError::from)?;
     let live = job.volume.data_file();
+    let mut compressor = Compressor::new(store.compression_level)
+        .map_err(|e| SnapshotError::CaptureFailed(format!("zstd: {e}")))?;
+    let mut data = Vec::new();
     loop {
         let unit = cursor.fetch_add(1, Ordering::Relaxed);
         if unit >= units || job.progress.cancelled.load(Ordering::Relaxed) {
             return Ok(());
         }
         for block in job.freeze.unit_blocks(unit) {
-            let data = job
-                .freeze
-                .take(live, block)
+            job.freeze
+                .take_into(live, block, &mut data)
                 .map_err(|e| SnapshotError::CaptureFailed(format!("reading block {block}: {e}")))?;
             let content = if data.iter().all(|&b| b == 0) {
                 BlockContent::Zero
@@ -156,7 +158,7 @@ fn worker(
             };
             if !unchanged {
                 if let BlockContent::Chunk(hash) = content {
-                    store_chunk(store, writer, &chunk_table, shared, hash, &data)?;
+                    store_chunk(&mut compressor, writer, &chunk_table, shared, hash, &data)?;
                 }
                 shared
                     .lock()
@@ -170,7 +172,7 @@ fn worker(
 }
 
 fn store_chunk(
-    store: &ChunkStore,
+    compressor: &mut Compressor,
     writer: &PackWriter,
     chunk_table: &impl redb::ReadableTable<&'static [u8; 32], crate::meta::ChunkRow>,
     shared: &Mutex<Captured>,
@@ -191,16 +193,20 @@ fn store_chunk(
             .insert(hash, loc);
         return Ok(());
     }
-    let chunk = codec::encode(data, hash, store.compression_level);
-    let offset = writer.append(&chunk.payload).map_err(|e| {
+    let compressed = compressor.compress(data);
+    let (codec, payload) = match &compressed {
+        Some(bytes) => (Codec::Zstd, bytes.as_slice()),
+        None => (Codec::Raw, data),
+    };
+    let offset = writer.append(payload).map_err(|e| {
         SnapshotError::CaptureFailed(format!("writing to pack {}: {e}", writer.pack.id))
     })?;
     let loc = ChunkLocation {
         pack: writer.pack.id,
         offset,
-        stored_len: chunk.payload.len() as u32,
+        stored_len: payload.len() as u32,
         plain_len: data.len() as u32,
-        codec: chunk.codec,
+        codec,
     };
     let mut captured = shared.lock().unwrap_or_else(|p| p.into_inner());
     match captured.new_chunks.entry(hash) {

@@ -19,6 +19,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 use redb::WriteTransaction;
@@ -232,9 +233,12 @@ impl SnapshotEngine {
             .checkout_writer(&self.meta)
             .map_err(SnapshotError::from)
             .and_then(|writer| {
+                let started = Instant::now();
                 let result =
                     capture::run(&job, &self.meta, &self.store, &writer, self.capture_threads)
-                        .and_then(|captured| self.complete(&job, &writer, captured));
+                        .and_then(|captured| {
+                            self.complete(&job, &writer, captured, started.elapsed())
+                        });
                 self.store.return_writer(writer, result.is_ok());
                 result
             });
@@ -254,10 +258,14 @@ impl SnapshotEngine {
         job: &CaptureJob,
         writer: &crate::store::pack::PackWriter,
         captured: capture::Captured,
+        read_time: Duration,
     ) -> SnapshotResult<()> {
+        let sync_started = Instant::now();
         writer.pack.sync_data().map_err(|e| {
             SnapshotError::CaptureFailed(format!("syncing pack {}: {e}", writer.pack.id))
         })?;
+        let sync_time = sync_started.elapsed();
+        let commit_started = Instant::now();
         let _ns = self.namespace_lock();
         // An rmdir may have cancelled the capture while it waited for the lock.
         if job.progress.cancelled.load(Ordering::Relaxed) {
@@ -299,10 +307,14 @@ impl SnapshotEngine {
         job.volume.thaw(false)?;
         self.store.release(&self.meta, freed);
         info!(
-            "snapshot {} completed: {} blocks changed, {} bytes stored",
+            "snapshot {} completed: {} blocks changed, {} bytes stored \
+             (capture {:.2}s, fsync {:.2}s, commit {:.2}s)",
             record.name(),
             record.changed_blocks,
-            record.stored_bytes
+            record.stored_bytes,
+            read_time.as_secs_f64(),
+            sync_time.as_secs_f64(),
+            commit_started.elapsed().as_secs_f64()
         );
         Ok(())
     }

@@ -48,13 +48,6 @@ impl Codec {
     }
 }
 
-/// A chunk ready to be written: its name and its on-disk payload.
-pub struct EncodedChunk {
-    pub hash: ChunkHash,
-    pub codec: Codec,
-    pub payload: Vec<u8>,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
     #[error("chunk {expected} is damaged: its contents hash to {actual}")]
@@ -66,23 +59,24 @@ pub enum CodecError {
     Undecodable { hash: ChunkHash, reason: String },
 }
 
-/// Compresses `plain` unless that saves less than one 4 KiB page, in which case the
-/// raw bytes are kept: reads of incompressible data then skip decompression entirely.
-pub fn encode(plain: &[u8], hash: ChunkHash, level: i32) -> EncodedChunk {
-    const MIN_SAVING: usize = 4096;
-    if let Ok(compressed) = zstd::bulk::compress(plain, level)
-        && compressed.len() + MIN_SAVING <= plain.len()
-    {
-        return EncodedChunk {
-            hash,
-            codec: Codec::Zstd,
-            payload: compressed,
-        };
+/// A reusable zstd context: creating one per chunk costs more than compressing
+/// incompressible data.
+pub struct Compressor(zstd::bulk::Compressor<'static>);
+
+impl Compressor {
+    pub fn new(level: i32) -> std::io::Result<Compressor> {
+        Ok(Compressor(zstd::bulk::Compressor::new(level)?))
     }
-    EncodedChunk {
-        hash,
-        codec: Codec::Raw,
-        payload: plain.to_vec(),
+
+    /// The compressed form of `plain`, unless that saves less than one 4 KiB page:
+    /// then `None`, and the raw bytes are stored, so reads of incompressible data
+    /// skip decompression entirely.
+    pub fn compress(&mut self, plain: &[u8]) -> Option<Vec<u8>> {
+        const MIN_SAVING: usize = 4096;
+        self.0
+            .compress(plain)
+            .ok()
+            .filter(|compressed| compressed.len() + MIN_SAVING <= plain.len())
     }
 }
 
@@ -138,11 +132,10 @@ mod tests {
     fn compressible_data_round_trips_compressed() {
         let plain = b"ebsfs ".repeat(10_000);
         let hash = ChunkHash::of(&plain);
-        let chunk = encode(&plain, hash, 3);
-        assert_eq!(chunk.codec, Codec::Zstd);
-        assert!(chunk.payload.len() < plain.len() / 10);
+        let compressed = Compressor::new(3).unwrap().compress(&plain).unwrap();
+        assert!(compressed.len() < plain.len() / 10);
         assert_eq!(
-            decode(chunk.payload, chunk.codec, plain.len(), hash).unwrap(),
+            decode(compressed, Codec::Zstd, plain.len(), hash).unwrap(),
             plain
         );
     }
@@ -150,17 +143,14 @@ mod tests {
     #[test]
     fn random_data_is_stored_raw() {
         let plain = pseudo_random(65536, 7);
-        let hash = ChunkHash::of(&plain);
-        let chunk = encode(&plain, hash, 1);
-        assert_eq!(chunk.codec, Codec::Raw);
-        assert_eq!(chunk.payload, plain);
+        assert!(Compressor::new(1).unwrap().compress(&plain).is_none());
     }
 
     #[test]
     fn damage_is_detected_not_returned() {
         let plain = pseudo_random(65536, 9);
         let hash = ChunkHash::of(&plain);
-        let mut payload = encode(&plain, hash, 1).payload;
+        let mut payload = plain.clone();
         payload[100] ^= 1;
         assert!(matches!(
             decode(payload, Codec::Raw, plain.len(), hash),
@@ -169,9 +159,9 @@ mod tests {
 
         let text = b"abc".repeat(30_000);
         let hash = ChunkHash::of(&text);
-        let mut chunk = encode(&text, hash, 3);
-        let last = chunk.payload.len() - 1;
-        chunk.payload[last / 2] ^= 0xff;
-        assert!(decode(chunk.payload, Codec::Zstd, text.len(), hash).is_err());
+        let mut compressed = Compressor::new(3).unwrap().compress(&text).unwrap();
+        let last = compressed.len() - 1;
+        compressed[last / 2] ^= 0xff;
+        assert!(decode(compressed, Codec::Zstd, text.len(), hash).is_err());
     }
 }

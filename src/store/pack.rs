@@ -102,6 +102,23 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
+/// How much appended data may sit in the page cache before writeback starts.
+pub const WRITEBACK_STEP: u64 = 16 << 20;
+
+/// Asks the kernel to start writing a range back (without waiting for it).
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    // SAFETY: sync_file_range only reads its integer arguments; the fd is owned.
+    // A failure only means the final fsync has more to do.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
 /// Exclusive appender on one pack for the lifetime of one capture. Appends may run
 /// from several threads at once: each reserves its aligned range atomically.
 #[derive(Debug)]
@@ -121,12 +138,17 @@ impl PackWriter {
         }
     }
 
-    /// Writes `payload` at the next aligned offset and returns that offset.
+    /// Writes `payload` at the next aligned offset and returns that offset. Every
+    /// [`WRITEBACK_STEP`] bytes, writeback of the step just filled starts, so the
+    /// disk works while the capture hashes and the final fsync finds little to do.
     pub fn append(&self, payload: &[u8]) -> io::Result<u64> {
-        let offset = self
-            .next
-            .fetch_add(align_up(payload.len() as u64), Ordering::Relaxed);
+        let len = align_up(payload.len() as u64);
+        let offset = self.next.fetch_add(len, Ordering::Relaxed);
         self.pack.file.write_all_at(payload, offset)?;
+        if offset / WRITEBACK_STEP != (offset + len) / WRITEBACK_STEP {
+            let step_start = (offset + len) / WRITEBACK_STEP * WRITEBACK_STEP - WRITEBACK_STEP;
+            start_writeback(&self.pack.file, step_start.max(self.start), WRITEBACK_STEP);
+        }
         Ok(offset)
     }
 

@@ -152,14 +152,14 @@ impl Freeze {
         }
     }
 
-    /// Reads `block` of the live file as the frozen view shows it: zeros past the
-    /// frozen size (and past the live end of file).
-    fn read_frozen_from_live(&self, live: &File, block: u64) -> io::Result<Vec<u8>> {
-        let mut buf = vec![0u8; self.block_size as usize];
+    /// Reads `block` of the live file as the frozen view shows it into `buf` (one
+    /// block long): zeros past the frozen size (and past the live end of file).
+    fn read_frozen_from_live(&self, live: &File, block: u64, buf: &mut [u8]) -> io::Result<()> {
         let start = block * self.block_size;
         let valid = self.size_bytes.saturating_sub(start).min(self.block_size) as usize;
-        read_full_at(live, &mut buf[..valid], start)?;
-        Ok(buf)
+        let read = read_full_at(live, &mut buf[..valid], start)?;
+        buf[read..].fill(0);
+        Ok(())
     }
 
     /// Called before any change to `block` of the live file. Returns once the
@@ -183,7 +183,8 @@ impl Freeze {
     }
 
     fn preserve(&self, live: &File, block: u64) -> io::Result<()> {
-        let data = self.read_frozen_from_live(live, block)?;
+        let mut data = vec![0u8; self.block_size as usize];
+        self.read_frozen_from_live(live, block, &mut data)?;
         let offset = self.cow_next.fetch_add(self.block_size, Ordering::Relaxed);
         self.cow.write_all_at(&data, offset)?;
         self.preserved
@@ -212,13 +213,14 @@ impl Freeze {
         }
     }
 
-    /// The frozen contents of `block`, for the capture worker. Each block of the set
-    /// must be taken once.
-    pub fn take(&self, live: &File, block: u64) -> io::Result<Vec<u8>> {
+    /// The frozen contents of `block`, for the capture worker, into `buf` (resized
+    /// to one block). Each block of the set must be taken once.
+    pub fn take_into(&self, live: &File, block: u64, buf: &mut Vec<u8>) -> io::Result<()> {
+        buf.resize(self.block_size as usize, 0);
         if self.try_claim(block) {
-            let data = self.read_frozen_from_live(live, block);
+            let read = self.read_frozen_from_live(live, block, buf);
             self.mark_done(block);
-            return data;
+            return read;
         }
         self.wait_done(block);
         let offset = self
@@ -228,17 +230,20 @@ impl Freeze {
             .get(&block)
             .copied();
         match offset {
-            Some(offset) => {
-                let mut buf = vec![0u8; self.block_size as usize];
-                self.cow.read_exact_at(&mut buf, offset)?;
-                Ok(buf)
-            }
+            Some(offset) => self.cow.read_exact_at(buf, offset),
             None => {
                 Err(io::Error::other(self.failure().unwrap_or_else(|| {
                     format!("block {block} was not preserved")
                 })))
             }
         }
+    }
+
+    /// [`Freeze::take_into`] a new buffer.
+    pub fn take(&self, live: &File, block: u64) -> io::Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        self.take_into(live, block, &mut buf)?;
+        Ok(buf)
     }
 }
 
