@@ -223,7 +223,8 @@ fn mount_and_serve(plan: MountPlan, ready: Option<OwnedFd>) -> Result<(), String
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(format!("ebsfs:{}", settings.data_dir.display())),
-        MountOption::Subtype("ebsfs".into()),
+        // The kernel option (not fuser's Subtype) is what makes mounts show fuse.ebsfs.
+        MountOption::CUSTOM("subtype=ebsfs".into()),
         MountOption::DefaultPermissions,
     ];
     config.mount_options.extend(plan.options);
