@@ -1,0 +1,295 @@
+//! Helpers shared by the snapshot integration tests (`tests/snapshot*.rs`): errno
+//! checks, extended attributes, random data and snapshot shortcuts on top of the
+//! common harness.
+#![allow(dead_code)]
+
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::common::*;
+
+/// A small, seedable PRNG (splitmix64); tests print the seed so a failure can be replayed.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    /// Seeded from the clock unless `EBSFS_TEST_SEED` is set; prints the seed.
+    pub fn from_env(test: &str) -> Rng {
+        let seed = std::env::var("EBSFS_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("{test}: EBSFS_TEST_SEED={seed}");
+        Rng(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// `count` distinct values below `n`, sorted.
+    pub fn distinct(&mut self, count: usize, n: u64) -> Vec<u64> {
+        let mut picked = std::collections::BTreeSet::new();
+        while picked.len() < count {
+            picked.insert(self.below(n));
+        }
+        picked.into_iter().collect()
+    }
+}
+
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * 1024;
+pub const GIB: u64 = 1024 * MIB;
+
+pub fn errno_name(errno: i32) -> &'static str {
+    match errno {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::EIO => "EIO",
+        libc::EAGAIN => "EAGAIN",
+        libc::EACCES => "EACCES",
+        libc::EBUSY => "EBUSY",
+        libc::EEXIST => "EEXIST",
+        libc::ENOTDIR => "ENOTDIR",
+        libc::EISDIR => "EISDIR",
+        libc::EINVAL => "EINVAL",
+        libc::EFBIG => "EFBIG",
+        libc::EROFS => "EROFS",
+        libc::ENAMETOOLONG => "ENAMETOOLONG",
+        libc::ENODATA => "ENODATA",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::ECANCELED => "ECANCELED",
+        libc::ENOTEMPTY => "ENOTEMPTY",
+        _ => "E?",
+    }
+}
+
+/// Asserts that `result` failed with exactly `expected`.
+#[track_caller]
+pub fn assert_errno<T: std::fmt::Debug>(what: &str, result: io::Result<T>, expected: i32) {
+    match result {
+        Ok(v) => panic!(
+            "{what}: succeeded ({v:?}), expected {}",
+            errno_name(expected)
+        ),
+        Err(e) => {
+            let got = e.raw_os_error().unwrap_or(-1);
+            assert_eq!(
+                got,
+                expected,
+                "{what}: failed with {} ({e}), expected {}",
+                errno_name(got),
+                errno_name(expected)
+            );
+        }
+    }
+}
+
+fn c_path(path: &Path) -> CString {
+    CString::new(path.as_os_str().as_bytes()).expect("path without NUL")
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `truncate(2)` on a path.
+pub fn truncate_path(path: &Path, len: u64) -> io::Result<()> {
+    let p = c_path(path);
+    // SAFETY: p is a valid NUL-terminated string.
+    check(unsafe { libc::truncate(p.as_ptr(), len as libc::off_t) })
+}
+
+/// `chmod(2)` on a path.
+pub fn chmod_path(path: &Path, mode: u32) -> io::Result<()> {
+    let p = c_path(path);
+    // SAFETY: p is a valid NUL-terminated string.
+    check(unsafe { libc::chmod(p.as_ptr(), mode as libc::mode_t) })
+}
+
+pub fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
+    let (p, n) = (c_path(path), CString::new(name).unwrap());
+    // SAFETY: valid strings; value is valid for its length.
+    check(unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    })
+}
+
+pub fn get_xattr(path: &Path, name: &str) -> io::Result<Vec<u8>> {
+    let (p, n) = (c_path(path), CString::new(name).unwrap());
+    let mut buf = vec![0u8; 64 * 1024];
+    // SAFETY: valid strings; buf is valid for its length.
+    let rc = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(rc as usize);
+    Ok(buf)
+}
+
+pub fn list_xattr(path: &Path) -> io::Result<Vec<String>> {
+    let p = c_path(path);
+    let mut buf = vec![0u8; 64 * 1024];
+    // SAFETY: valid string; buf is valid for its length.
+    let rc = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(rc as usize);
+    Ok(buf
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect())
+}
+
+/// Writes `mib` MiB of /dev/urandom into `file` at `offset_mib` MiB, in place.
+pub fn write_urandom(file: &Path, offset_mib: u64, mib: u64) {
+    run(
+        "dd",
+        &[
+            "if=/dev/urandom".to_string(),
+            format!("of={}", file.display()),
+            "bs=1M".into(),
+            format!("count={mib}"),
+            format!("seek={offset_mib}"),
+            "conv=notrunc".into(),
+            "status=none".into(),
+        ],
+    );
+}
+
+/// `mkdir snapshots/<id>`.
+pub fn mkdir_snapshot(fs: &Ebsfs, id: &str) -> io::Result<()> {
+    fs::create_dir(fs.snapshot(id))
+}
+
+/// Creates a snapshot and waits until it is completed (panics otherwise).
+#[track_caller]
+pub fn take_snapshot(fs: &Ebsfs, id: &str) {
+    mkdir_snapshot(fs, id).unwrap_or_else(|e| panic!("mkdir snapshots/{id}: {e}\n{}", fs.log()));
+    let status = fs.wait_snapshot(id);
+    assert_eq!(
+        status,
+        "completed",
+        "snapshot {id} ended {status:?}\ninfo: {:?}\n{}",
+        fs.info(id),
+        fs.log()
+    );
+}
+
+/// `snapshots/<id>/volume.img`.
+pub fn image(fs: &Ebsfs, id: &str) -> PathBuf {
+    fs.snapshot(id).join("volume.img")
+}
+
+/// Names listed in `snapshots/`, sorted.
+pub fn listed_snapshots(fs: &Ebsfs) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(fs.mnt.join("snapshots"))
+        .expect("readdir snapshots/")
+        .map(|e| {
+            e.expect("dirent")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// A string value of a snapshot's `info`.
+pub fn info_str(fs: &Ebsfs, id: &str, key: &str) -> Option<String> {
+    fs.info(id)
+        .get(key)
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+}
+
+/// Bytes allocated under the data directory's `chunks/` (snapshot storage).
+pub fn chunks_bytes(fs: &Ebsfs) -> u64 {
+    du_bytes(&fs.data.join("chunks"))
+}
+
+/// Polls until `status` of `id` is pending and `progress` has reached `min_percent`;
+/// panics if the capture finishes first (the test's precondition failed).
+pub fn wait_for_progress(fs: &Ebsfs, id: &str, min_percent: u64) -> u64 {
+    let start = Instant::now();
+    loop {
+        let status = fs.status(id);
+        let progress = fs::read_to_string(fs.snapshot(id).join("progress")).unwrap_or_default();
+        let percent: u64 = progress.trim().trim_end_matches('%').parse().unwrap_or(0);
+        if status != "pending" {
+            panic!(
+                "precondition: snapshot {id} became {status:?} before its progress reached \
+                 {min_percent}% (capture too fast for this test; give it more data)"
+            );
+        }
+        if percent >= min_percent {
+            return percent;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "snapshot {id} stuck at {percent}%"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Unix seconds of an RFC 3339 time as `info` writes it (via `date`).
+pub fn unix_seconds(rfc3339: &str) -> i64 {
+    let out = run("date", &["-u", "-d", rfc3339, "+%s"]);
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("date gave no number for {rfc3339}: {e}"))
+}
+
+/// `fsfreeze -f` a mount point; thawed when dropped (even if the test panics).
+pub struct Frozen(PathBuf);
+
+impl Frozen {
+    pub fn new(dir: &Path) -> Frozen {
+        run("fsfreeze", &[std::ffi::OsStr::new("-f"), dir.as_os_str()]);
+        Frozen(dir.to_path_buf())
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("fsfreeze")
+            .arg("-u")
+            .arg(&self.0)
+            .status();
+    }
+}
