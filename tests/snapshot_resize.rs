@@ -31,9 +31,16 @@ fn resize_round_trip(cut_to: u64) {
     file.set_len(8 << 20).unwrap();
     let mut expected = original[..cut_to as usize].to_vec();
     expected.resize(8 << 20, 0);
-    assert_eq!(fs::read(&img).unwrap(), expected, "the live volume reads zeros past the cut");
+    assert_eq!(
+        fs::read(&img).unwrap(),
+        expected,
+        "the live volume reads zeros past the cut"
+    );
     let c = snapshot(&fs, "r@c");
-    assert!(c == expected, "snapshot after regrowth shows bytes from before the shrink");
+    assert!(
+        c == expected,
+        "snapshot after regrowth shows bytes from before the shrink"
+    );
 
     // A write into the regrown area and another snapshot: still exact.
     file.write_all_at(b"back again", 5 << 20).unwrap();
@@ -41,7 +48,10 @@ fn resize_round_trip(cut_to: u64) {
     let d = snapshot(&fs, "r@d");
     assert!(d == expected);
     // The oldest snapshot is untouched by all of this.
-    assert_eq!(fs::read(fs.snapshot("r@a").join("volume.img")).unwrap(), original);
+    assert_eq!(
+        fs::read(fs.snapshot("r@a").join("volume.img")).unwrap(),
+        original
+    );
 }
 
 #[test]
@@ -71,9 +81,17 @@ fn shrink_to_zero_while_capturing_keeps_the_snapshot_whole() {
     fs::write(&img, &original).unwrap();
     fs::create_dir(fs.snapshot("s@pit")).unwrap();
     // Cut the volume at once, while the capture is (most likely) still running.
-    fs::OpenOptions::new().write(true).open(&img).unwrap().set_len(0).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
     assert_eq!(fs.wait_snapshot("s@pit"), "completed");
     let image = fs::read(fs.snapshot("s@pit").join("volume.img")).unwrap();
-    assert!(image == original, "snapshot lost data cut off after its mkdir");
+    assert!(
+        image == original,
+        "snapshot lost data cut off after its mkdir"
+    );
     assert_eq!(fs::metadata(&img).unwrap().len(), 0);
 }

@@ -315,6 +315,11 @@ impl Ebsfs {
         self.spawn();
     }
 
+    /// Writes [`pattern`]`(len, seed)` to a file outside the mount; returns its path.
+    pub fn scratch_pattern(&self, len: usize, seed: u64) -> PathBuf {
+        self.write_scratch(&format!("pattern-{len}-{seed}"), &pattern(len, seed))
+    }
+
     /// Writes `bytes` to a file outside the mount and returns its path.
     pub fn write_scratch(&self, name: &str, bytes: &[u8]) -> PathBuf {
         let path = self.scratch(name);
