@@ -95,3 +95,36 @@ fn shrink_to_zero_while_capturing_keeps_the_snapshot_whole() {
     );
     assert_eq!(fs::metadata(&img).unwrap().len(), 0);
 }
+
+/// `rmdir` the moment a snapshot reads `completed` deletes it (the capture's
+/// bookkeeping may still be finishing: that must not look like a pending capture).
+#[test]
+fn rmdir_right_after_completion_deletes_the_snapshot() {
+    if !require_fuse() {
+        return;
+    }
+    let fs = Ebsfs::start();
+    let img = fs.volume("q");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    for round in 0..200u64 {
+        file.write_all_at(&pattern(64 << 10, round), (round % 64) * (256 << 10))
+            .unwrap();
+        let id = format!("q@r{round}");
+        fs::create_dir(fs.snapshot(&id)).unwrap();
+        // Poll without sleeping, to rmdir as close to the completion as possible.
+        let start = std::time::Instant::now();
+        while fs.status(&id) != "completed" {
+            assert!(start.elapsed().as_secs() < 60, "{id} did not complete");
+        }
+        fs::remove_dir(fs.snapshot(&id)).unwrap();
+        assert!(
+            !fs.snapshot(&id).exists(),
+            "round {round}: {id} still listed after rmdir"
+        );
+    }
+}

@@ -365,20 +365,35 @@ impl SnapshotEngine {
 
     /// `rmdir snapshots/<name>`. A pending snapshot is cancelled first.
     pub fn delete(&self, name: &str) -> SnapshotResult<()> {
-        let ns = self.namespace_lock();
-        let Some(id) = self.catalog.read().snapshot_id(name) else {
-            return Err(SnapshotError::NotFound(name.to_string()));
+        let mut cancelled = false;
+        let (_ns, id, record) = loop {
+            let ns = self.namespace_lock();
+            let found = {
+                let records = self.catalog.read();
+                records
+                    .snapshot_id(name)
+                    .and_then(|id| Some((id, records.snapshots.get(&id)?.clone())))
+            };
+            let Some((id, record)) = found else {
+                // A cancelled capture removes its own record.
+                return if cancelled {
+                    Ok(())
+                } else {
+                    Err(SnapshotError::NotFound(name.to_string()))
+                };
+            };
+            match self.progress(id) {
+                Some(progress) if record.status == SnapshotStatus::Pending => {
+                    progress.cancelled.store(true, Ordering::Relaxed);
+                    drop(ns);
+                    progress.wait();
+                    // It may have completed before the cancel took effect: look again.
+                    cancelled = true;
+                }
+                _ => break (ns, id, record),
+            }
         };
-        if let Some(progress) = self.progress(id) {
-            progress.cancelled.store(true, Ordering::Relaxed);
-            drop(ns);
-            progress.wait();
-            return Ok(());
-        }
         let mut records = self.catalog.write();
-        let Some(record) = records.snapshots.get(&id).cloned() else {
-            return Err(SnapshotError::NotFound(name.to_string()));
-        };
         let txn = self.meta.begin_write()?;
         let mut staged = records.clone();
         let freed = if record.status == SnapshotStatus::Completed {
