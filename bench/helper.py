@@ -1,0 +1,860 @@
+#!/usr/bin/env python3
+"""Helpers for bench/run.sh: fio JSON parsing, snapshot timing, block writers,
+daemon statistics and the final report. Standard library only (Python >= 3.11).
+
+Every subcommand that measures something prints one JSON record on stdout (run.sh
+appends it to the run's records file) and a short human line on stderr.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import mmap
+import os
+import random
+import re
+import statistics
+import sys
+import time
+
+try:
+    import tomllib
+except ImportError:  # pragma: no cover - Debian 12 has Python 3.11
+    tomllib = None
+
+UNITS = {
+    "": 1, "b": 1,
+    "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
+    "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+    "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
+    "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40,
+}
+
+
+def parse_size(value):
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in UNITS:
+        raise ValueError(f"not a size: {value!r}")
+    return int(m.group(1)) * UNITS[m.group(2).lower()]
+
+
+def emit(record):
+    print(json.dumps(record, sort_keys=True))
+    sys.stdout.flush()
+
+
+def say(text):
+    print(f"         {text}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+# ---------------------------------------------------------------- fio results
+
+VERIFY_PATTERNS = (
+    "verify:", "bad magic header", "bad header", "crc32c: verify failed",
+    "verify failed", "got pattern", "bad pattern",
+)
+
+
+def load_fio_json(path):
+    """fio may print 'fio: pid=..., err=...' lines before the JSON document."""
+    try:
+        text = open(path, encoding="utf-8", errors="replace").read()
+    except OSError:
+        return None
+    start = text.find("{\n")
+    if start < 0:
+        start = text.find("{")
+    if start < 0:
+        return None
+    try:
+        return json.loads(text[start:])
+    except json.JSONDecodeError:
+        return None
+
+
+def percentiles(side):
+    for key in ("lat_ns", "clat_ns"):
+        pct = side.get(key, {}).get("percentile")
+        if pct:
+            def pick(p):
+                for k, v in pct.items():
+                    if abs(float(k) - p) < 1e-6:
+                        return v / 1000.0
+                return None
+            return pick(50.0), pick(99.0)
+    return None, None
+
+
+def cmd_fio_record(a):
+    doc = load_fio_json(a.json)
+    try:
+        stderr = open(a.stderr, encoding="utf-8", errors="replace").read()
+    except OSError:
+        stderr = ""
+    try:
+        raw = open(a.json, encoding="utf-8", errors="replace").read()
+    except OSError:
+        raw = ""
+    rec = {
+        "type": "fio", "stack": a.stack, "job": a.job, "phase": a.phase,
+        "target": a.target, "rc": a.rc, "desc": a.desc,
+    }
+    text = stderr + "\n" + (raw[: raw.find("{")] if "{" in raw else raw)
+    msgs = [l.strip() for l in text.splitlines() if any(p in l for p in VERIFY_PATTERNS)]
+    job = (doc or {}).get("jobs", [{}])[0] if doc else {}
+    err = job.get("error", 0) if job else None
+    rec["error"] = err
+    rec["verify_failed"] = bool(msgs) or err == 84
+    rec["verify_msgs"] = msgs[:5]
+    rec["timed_out"] = a.rc in (124, 137)
+    other = [l.strip() for l in stderr.splitlines() if l.strip() and l.strip() not in msgs]
+    rec["stderr"] = other[-5:]
+    if job:
+        for side in ("read", "write"):
+            s = job.get(side, {})
+            rec[f"{side}_bytes"] = s.get("io_bytes", 0)
+            rec[f"{side}_MBps"] = s.get("bw_bytes", 0) / 1e6
+            rec[f"{side}_iops"] = s.get("iops", 0.0)
+            rec[f"{side}_runtime_ms"] = s.get("runtime", 0)
+            p50, p99 = percentiles(s)
+            rec[f"{side}_p50_us"] = p50
+            rec[f"{side}_p99_us"] = p99
+            lat = s.get("lat_ns", {}).get("mean")
+            rec[f"{side}_mean_us"] = lat / 1000.0 if lat else None
+    rec["ok"] = bool(job) and a.rc == 0 and not err and not rec["verify_failed"]
+    emit(rec)
+    # Human line.
+    if rec["verify_failed"]:
+        state = "VERIFY FAILED"
+    elif rec["timed_out"]:
+        state = "TIMED OUT"
+    elif not rec["ok"]:
+        state = f"FAILED (rc={a.rc}, fio error={err})"
+    else:
+        state = "ok"
+    parts = []
+    if job:
+        if a.phase in ("write", "prefill", "fg"):
+            parts.append(f"write {rec['write_MBps']:.1f} MB/s {rec['write_iops']:.0f} IOPS")
+            if rec["read_bytes"]:
+                parts.append(f"verified {rec['read_bytes'] / 2**20:.0f} MiB")
+        else:
+            parts.append(f"read {rec['read_MBps']:.1f} MB/s {rec['read_iops']:.0f} IOPS")
+            if rec["read_p50_us"] is not None and a.job.endswith("qd1"):
+                parts.append(f"p50 {rec['read_p50_us']:.1f} us p99 {rec['read_p99_us']:.1f} us")
+    if job:
+        parts.append(f"{job.get('elapsed', 0)} s")
+    say(f"{a.stack}/{a.job} [{a.phase}]: {state}; " + ", ".join(parts))
+    for m in msgs[:3]:
+        say(f"  !! {m}")
+    if not rec["ok"] and not msgs:
+        for m in other[-3:]:
+            say(f"  !! {m}")
+
+
+# ------------------------------------------------------------------ snapshots
+
+def read_small(path):
+    """Reads a small file with os.read (no isatty ioctl, unlike open())."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while True:
+            b = os.read(fd, 65536)
+            if not b:
+                break
+            chunks.append(b)
+        return b"".join(chunks).decode("utf-8", "replace")
+    finally:
+        os.close(fd)
+
+
+def snap_status(mnt, name):
+    return read_small(os.path.join(mnt, "snapshots", name, "status")).strip()
+
+
+def snap_info(mnt, name):
+    text = read_small(os.path.join(mnt, "snapshots", name, "info"))
+    if tomllib is None:
+        out = {}
+        for line in text.splitlines():
+            if "=" in line:
+                k, v = line.split("=", 1)
+                v = v.strip().strip('"')
+                out[k.strip()] = int(v) if v.isdigit() else v
+        return out
+    return tomllib.loads(text)
+
+
+def wait_done(mnt, name, t0_ns, timeout, poll=0.002):
+    """Polls status until it leaves pending; returns (status, seconds since t0)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = snap_status(mnt, name)
+        now = time.perf_counter_ns()
+        if st != "pending":
+            return st, (now - t0_ns) / 1e9
+        if time.monotonic() > deadline:
+            return "TIMEOUT", (now - t0_ns) / 1e9
+        time.sleep(poll)
+
+
+def timed_mkdir(mnt, name):
+    path = os.path.join(mnt, "snapshots", name)
+    t0 = time.perf_counter_ns()
+    os.mkdir(path)
+    t1 = time.perf_counter_ns()
+    return t0, (t1 - t0) / 1e6
+
+
+def snapshot_record(mnt, name, status, mkdir_ms, capture_s, block_size):
+    rec = {"type": "snapshot", "name": name, "status": status,
+           "mkdir_ms": mkdir_ms, "capture_s": capture_s, "end_epoch": time.time()}
+    try:
+        info = snap_info(mnt, name)
+        rec["info"] = {k: v for k, v in info.items() if isinstance(v, (int, float, str))}
+        cb = int(info.get("changed_blocks", 0))
+        bs = int(info.get("block_size", block_size))
+        rec["changed_blocks"] = cb
+        rec["block_size"] = bs
+        rec["stored_bytes"] = int(info.get("stored_bytes", 0))
+        rec["changed_bytes"] = cb * bs
+        if capture_s and capture_s > 0:
+            rec["capture_MBps"] = cb * bs / capture_s / 1e6
+    except (OSError, ValueError) as e:
+        rec["info_error"] = str(e)
+    return rec
+
+
+def cmd_snap_mkdir(a):
+    """mkdir a snapshot (timed); with --wait also wait for completion."""
+    try:
+        t0, ms = timed_mkdir(a.mnt, a.name)
+    except OSError as e:
+        emit({"type": "snapshot", "name": a.name, "status": "MKDIR FAILED", "error": str(e),
+              "label": a.label})
+        say(f"mkdir snapshots/{a.name}: FAILED: {e}")
+        return 1
+    if not a.wait:
+        print(json.dumps({"t0_ns": t0, "mkdir_ms": ms}))
+        say(f"mkdir snapshots/{a.name}: {ms:.2f} ms (capture running)")
+        return 0
+    st, secs = wait_done(a.mnt, a.name, t0, a.timeout)
+    rec = snapshot_record(a.mnt, a.name, st, ms, secs, a.block_size)
+    rec["label"] = a.label
+    emit(rec)
+    say(f"snapshot {a.name}: mkdir {ms:.2f} ms, {st} after {secs:.2f} s, "
+        f"changed {rec.get('changed_bytes', 0) / 2**20:.1f} MiB, stored {rec.get('stored_bytes', 0) / 2**20:.1f} MiB"
+        + (f", {rec['capture_MBps']:.0f} MB/s" if "capture_MBps" in rec else ""))
+    return 0 if st == "completed" else 1
+
+
+def cmd_snap_wait(a):
+    st, secs = wait_done(a.mnt, a.name, a.t0_ns, a.timeout)
+    rec = snapshot_record(a.mnt, a.name, st, a.mkdir_ms, secs, a.block_size)
+    rec["label"] = a.label
+    emit(rec)
+    say(f"snapshot {a.name}: {st} after {secs:.2f} s, changed {rec.get('changed_bytes', 0) / 2**20:.1f} MiB"
+        + (f", {rec['capture_MBps']:.0f} MB/s" if "capture_MBps" in rec else ""))
+    return 0 if st == "completed" else 1
+
+
+def cmd_snap_status(a):
+    print(snap_status(a.mnt, a.name))
+
+
+class DirectWriter:
+    """O_DIRECT writes of fresh random data from a page-aligned buffer."""
+
+    def __init__(self, path, length, seed):
+        self.fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+        self.buf = mmap.mmap(-1, length)
+        self.rng = random.Random(seed)
+        self.written = 0
+
+    def write(self, offset, length):
+        self.buf[:length] = self.rng.randbytes(length)
+        view = memoryview(self.buf)[:length]
+        n = os.pwrite(self.fd, view, offset)
+        view.release()
+        if n != length:
+            raise OSError(f"short write at {offset}: {n} of {length}")
+        self.written += length
+
+    def close(self):
+        os.close(self.fd)
+        self.buf.close()
+
+
+def cmd_write_blocks(a):
+    """Changes a fraction of the volume's blocks: aligned whole blocks, or one 4 KiB
+    write at a random 4 KiB-aligned place inside each chosen block."""
+    size = os.stat(a.file).st_size
+    nblocks = size // a.block_size
+    count = max(1, round(nblocks * a.fraction)) if a.count is None else a.count
+    rng = random.Random(a.seed)
+    chosen = sorted(rng.sample(range(nblocks), count))
+    io = a.block_size if a.mode == "aligned" else 4096
+    w = DirectWriter(a.file, io, a.seed + 1)
+    try:
+        for b in chosen:
+            off = b * a.block_size
+            if a.mode == "scattered":
+                off += rng.randrange(a.block_size // 4096) * 4096
+            w.write(off, io)
+        os.fsync(w.fd)
+    finally:
+        w.close()
+    emit({"type": "io", "label": a.label, "target": "ebsfs", "blocks": count,
+          "bytes": count * io, "mode": a.mode, "block_size": a.block_size})
+    say(f"{a.label}: wrote {count} x {io // 1024} KiB ({a.mode}) to {os.path.basename(a.file)}")
+
+
+def cmd_mkdir_series(a):
+    """N timed mkdirs of one volume, each after `--between` scattered 4 KiB writes
+    (none before the first), waiting for `completed` in between."""
+    vol_file = os.path.join(a.mnt, "volumes", a.volume + ".img")
+    size = os.stat(vol_file).st_size
+    rng = random.Random(a.seed)
+    lat, caps, ok = [], [], True
+    moved = 0
+    for i in range(a.count):
+        if i > 0 and a.between > 0:
+            w = DirectWriter(vol_file, 4096, a.seed + i)
+            try:
+                for _ in range(a.between):
+                    w.write(rng.randrange(size // 4096) * 4096, 4096)
+                os.fsync(w.fd)
+            finally:
+                moved += w.written
+                w.close()
+        name = f"{a.volume}@{a.prefix}{i + 1}"
+        try:
+            t0, ms = timed_mkdir(a.mnt, name)
+        except OSError as e:
+            say(f"mkdir snapshots/{name}: FAILED: {e}")
+            ok = False
+            emit({"type": "snapshot", "name": name, "status": "MKDIR FAILED", "error": str(e),
+                  "label": a.label})
+            break
+        st, secs = wait_done(a.mnt, name, t0, a.timeout)
+        lat.append(ms)
+        caps.append(secs)
+        say(f"snapshot {name}: mkdir {ms:.2f} ms, {st} after {secs:.2f} s")
+        if st != "completed":
+            ok = False
+            emit(snapshot_record(a.mnt, name, st, ms, secs, 0) | {"label": a.label})
+            break
+    emit({"type": "mkdir_series", "label": a.label, "volume": a.volume, "volume_size": size,
+          "latencies_ms": lat, "capture_s": caps, "ok": ok,
+          "median_ms": statistics.median(lat) if lat else None})
+    emit({"type": "io", "label": a.label + "-changes", "target": "ebsfs", "bytes": moved})
+    return 0 if ok else 1
+
+
+# ---------------------------------------------------------------- misc helpers
+
+def cmd_config(a):
+    cfg = {}
+    if a.file and os.path.exists(a.file):
+        with open(a.file, "rb") as f:
+            cfg = tomllib.load(f) if tomllib else {}
+    bs = parse_size(cfg.get("block_size", "64KiB"))
+    cache = parse_size(cfg.get("cache_size", "128MiB"))
+    print(f"CFG_BLOCK_SIZE={bs}")
+    print(f"CFG_CACHE_SIZE={cache}")
+
+
+def cmd_size(a):
+    print(parse_size(a.value))
+
+
+def cmd_daemon_stats(a):
+    pid = a.pid
+    rec = {"type": "daemon", "label": a.label, "pid": pid}
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            k, _, v = line.partition(":")
+            if k in ("VmHWM", "VmRSS"):
+                rec[k] = int(v.split()[0]) * 1024
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        tck = os.sysconf("SC_CLK_TCK")
+        rec["utime_s"] = int(fields[11]) / tck
+        rec["stime_s"] = int(fields[12]) / tck
+        rec["cpu_s"] = rec["utime_s"] + rec["stime_s"]
+        for line in open(f"/proc/{pid}/io"):
+            k, _, v = line.partition(":")
+            if k in ("rchar", "wchar", "read_bytes", "write_bytes"):
+                rec["io_" + k] = int(v)
+    except OSError as e:
+        rec["error"] = str(e)
+    emit(rec)
+    if "VmHWM" in rec:
+        say(f"daemon {pid}: peak RSS {rec['VmHWM'] / 2**20:.1f} MiB, CPU {rec['cpu_s']:.1f} s")
+
+
+def cmd_kv(a):
+    rec = {"type": a.type}
+    for item in a.pairs:
+        k, _, v = item.partition("=")
+        try:
+            rec[k] = int(v)
+        except ValueError:
+            try:
+                rec[k] = float(v)
+            except ValueError:
+                rec[k] = v
+    emit(rec)
+
+
+# --------------------------------------------------------------------- report
+
+JOBS = [
+    # key, label, phase, metric, unit
+    ("seqwrite", "seq write 1 MiB QD8", "write", "MBps", "MB/s"),
+    ("seqread", "seq read 1 MiB QD8", "read", "MBps", "MB/s"),
+    ("randwrite", "rand write 4 KiB QD32", "write", "iops", "IOPS"),
+    ("randread", "rand read 4 KiB QD32", "read", "iops", "IOPS"),
+    ("randreadqd1", "rand read 4 KiB QD1", "read", "iops", "IOPS"),
+    ("fsyncwrite", "rand write 4 KiB QD1 fsync=1", "write", "iops", "IOPS"),
+]
+PLAIN_TARGETS = {"seqwrite": 0.9, "seqread": 0.9, "randwrite": 0.7, "randread": 0.7}
+QCOW_TARGET = 3.0
+STACK_LABELS = {"plain": "plain (loop dio)", "ebsfs-dio": "ebsfs (loop dio)",
+                "ebsfs-buf": "ebsfs (loop buffered)", "qcow2": "qcow2 peer"}
+
+
+def fmt(v, digits=None):
+    if v is None:
+        return "—"
+    if isinstance(v, str):
+        return v
+    if digits is None:
+        digits = 0 if abs(v) >= 100 else (1 if abs(v) >= 10 else 2)
+    return f"{v:,.{digits}f}"
+
+
+def verdict(ok):
+    if ok is None:
+        return "n/a"
+    return "PASS" if ok else "**MISS**"
+
+
+def geomean(xs):
+    xs = [x for x in xs if x and x > 0]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else 0.0
+
+
+def cmd_report(a):
+    recs = []
+    for line in open(a.records):
+        line = line.strip()
+        if line:
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    meta = {}
+    for r in recs:
+        if r["type"] == "meta":
+            meta.update({k: v for k, v in r.items() if k != "type"})
+    fio = [r for r in recs if r["type"] == "fio"]
+    md, fatal, misses, failures, notes = [], [], [], [], []
+    summary = {"meta": meta, "stacks": {}, "ratios": {}, "snapshots": {}, "daemon": {},
+               "targets": [], "failures": [], "incomplete": bool(a.incomplete)}
+
+    mode = meta.get("mode", "?")
+    md.append(f"# ebsfs benchmark — {mode} mode — {meta.get('date', '?')}")
+    md.append("")
+    if a.incomplete:
+        md.append(f"**INCOMPLETE RUN: {a.incomplete}** — figures below are only those measured before it stopped.")
+        md.append("")
+    md.append(f"- ebsfs commit `{meta.get('commit', '?')}`; host {meta.get('host', '?')}, kernel {meta.get('kernel', '?')}, "
+              f"{meta.get('cpus', '?')} CPUs, {meta.get('mem', '?')} RAM; {meta.get('fio', '?')}")
+    md.append(f"- work dir {meta.get('workdir', '?')} ({meta.get('workfs', '?')}); config {meta.get('config', '?')} "
+              f"(block_size {fmt_bytes(meta.get('block_size'))}, cache_size {fmt_bytes(meta.get('cache_size'))})")
+    md.append(f"- stack fio files: {fmt_bytes(meta.get('file_size'))} seq/rand files, rand write io {fmt_bytes(meta.get('rw_io'))}, "
+              f"rand read io {fmt_bytes(meta.get('rr_io'))}, QD1 read io {fmt_bytes(meta.get('r1_io'))}, "
+              f"fsync file {fmt_bytes(meta.get('fs_file'))} / io {fmt_bytes(meta.get('fs_io'))}, random-job cap {meta.get('rand_cap', '?')} s")
+    if mode == "smoke":
+        md.append("- **smoke mode: tiny sizes, the figures only show that the harness works; PASS/MISS is not meaningful.**")
+    md.append("")
+
+    # ---- verification summary
+    def is_fatal_stack(stack):
+        return stack == "plain" or stack.startswith("ebsfs") or stack == "snap"
+
+    bad = [r for r in fio if not r.get("ok")]
+    for r in bad:
+        what = ("VERIFY FAILED" if r.get("verify_failed") else "TIMED OUT" if r.get("timed_out")
+                else f"FAILED rc={r.get('rc')} fio error={r.get('error')}")
+        detail = "; ".join((r.get("verify_msgs") or r.get("stderr") or [])[:2])
+        line = f"{r['stack']}/{r['job']} ({r['phase']}, {r.get('desc', '')}): {what}" + (f" — {detail}" if detail else "")
+        (fatal if is_fatal_stack(r["stack"]) else failures).append(line)
+    for r in recs:
+        if r["type"] == "failure":
+            (fatal if r.get("fatal", 1) else failures).append(f"{r.get('what')}: {r.get('detail', '')}")
+        if r["type"] == "snapshot" and r.get("status") not in ("completed", None):
+            fatal.append(f"snapshot {r['name']}: status {r.get('status')} {r.get('error', '')}".strip())
+        if r["type"] == "mkdir_series" and not r.get("ok"):
+            fatal.append(f"mkdir series on volume {r.get('volume')}: did not complete")
+        if r["type"] == "check" and not r.get("ok"):
+            fatal.append(f"{r.get('what')}: {r.get('detail', '')}")
+        if r["type"] == "note":
+            notes.append(r.get("text", ""))
+    n_verified = sum(1 for r in fio if r["phase"] in ("write", "prefill", "fg", "readback"))
+    md.append("## Verification")
+    md.append("")
+    if not fatal and not failures:
+        md.append(f"All {n_verified} verified fio write/read-back jobs and all checks passed "
+                  f"(verify=crc32c, verify_fatal=1; read-back with verify_only through a fresh loop device).")
+    for line in fatal:
+        md.append(f"- **!!! FAILED (ebsfs/plain — fatal): {line}**")
+    for line in failures:
+        md.append(f"- **!!! FAILED (peer — reported, not fatal): {line}**")
+    md.append("")
+    summary["failures"] = {"fatal": fatal, "peer": failures}
+
+    # ---- stacks
+    def job_rec(stack, job, phase):
+        got = [r for r in fio if r["stack"] == stack and r["job"] == job and r["phase"] == phase]
+        return got[-1] if got else None
+
+    def value(stack, key, phase, metric):
+        r = job_rec(stack, key, phase)
+        if not r or not r.get("ok"):
+            return None
+        return r.get(f"{phase if phase in ('read', 'write') else 'write'}_{metric}")
+
+    stacks = [s for s in ("plain", "ebsfs-dio", "ebsfs-buf", "qcow2") if any(r["stack"] == s for r in fio)]
+    if stacks:
+        table = {}
+        for s in stacks:
+            table[s] = {}
+            for key, _label, phase, metric, _u in JOBS:
+                table[s][key] = value(s, key, phase, metric)
+            r = job_rec(s, "randreadqd1", "read")
+            table[s]["p50"] = r.get("read_p50_us") if r and r.get("ok") else None
+            table[s]["p99"] = r.get("read_p99_us") if r and r.get("ok") else None
+        summary["stacks"] = table
+        eb = [s for s in ("ebsfs-dio", "ebsfs-buf") if s in stacks]
+        chosen = None
+        if eb:
+            scores = {s: geomean([table[s][k] for k, *_ in JOBS]) for s in eb}
+            chosen = max(eb, key=lambda s: scores[s])
+            if len(eb) == 2 and scores["ebsfs-buf"] > 0 and scores["ebsfs-dio"] > 0:
+                other = [s for s in eb if s != chosen][0]
+                notes.insert(0, f"ebsfs loop mode used for the ratios: **{STACK_LABELS[chosen]}** — geometric mean of the "
+                                f"six job figures is {scores[chosen] / scores[other]:.2f}x that of {STACK_LABELS[other]}.")
+            else:
+                notes.insert(0, f"ebsfs loop mode used for the ratios: {STACK_LABELS[chosen]} (only mode run).")
+        summary["ebsfs_loop_mode"] = chosen
+        md.append("## Stacks: ext4 on a loop device, fio direct=1 libaio")
+        md.append("")
+        heads = [STACK_LABELS[s] for s in stacks]
+        md.append("| job | " + " | ".join(heads) + " | ebsfs/plain | target | | ebsfs/qcow2 | target | |")
+        md.append("|---|" + "---:|" * len(stacks) + "---:|---|---|---:|---|---|")
+        ratios = {}
+        for key, label, _phase, _metric, unit in JOBS:
+            row = [f"{label} ({unit})"] + [fmt(table[s][key]) for s in stacks]
+            e = table[chosen][key] if chosen else None
+            p = table.get("plain", {}).get(key)
+            q = table.get("qcow2", {}).get(key)
+            rp = e / p if e and p else None
+            rq = e / q if e and q else None
+            ratios[key] = {"ebsfs/plain": rp, "ebsfs/qcow2": rq}
+            tp = PLAIN_TARGETS.get(key)
+            okp = (rp >= tp if rp is not None else False) if tp else None
+            okq = rq >= QCOW_TARGET if rq is not None else (False if chosen else None)
+            row += [fmt(rp, 2), f"≥ {tp}" if tp else "—", verdict(okp) if tp else "",
+                    fmt(rq, 2), f"≥ {QCOW_TARGET:g}", verdict(okq)]
+            md.append("| " + " | ".join(row) + " |")
+            if tp:
+                summary["targets"].append({"figure": f"ebsfs/plain {label}", "value": rp, "target": f">= {tp}", "pass": okp})
+                if not okp:
+                    misses.append(f"ebsfs/plain {label}: {fmt(rp, 2)} (target ≥ {tp}; ebsfs {fmt(e)} vs plain {fmt(p)} {unit})")
+            summary["targets"].append({"figure": f"ebsfs/qcow2 {label}", "value": rq, "target": f">= {QCOW_TARGET}", "pass": okq})
+            if okq is False:
+                misses.append(f"ebsfs/qcow2 {label}: {fmt(rq, 2)} (target ≥ 3; ebsfs {fmt(e)} vs qcow2 {fmt(q)} {unit})")
+        for pk, plabel in (("p50", "p50"), ("p99", "p99")):
+            row = [f"  rand read 4 KiB QD1 {plabel} latency (µs)"] + [fmt(table[s][pk], 1) for s in stacks]
+            e = table[chosen][pk] if chosen else None
+            p = table.get("plain", {}).get(pk)
+            if pk == "p50":
+                diff = e - p if e is not None and p is not None else None
+                ok = diff <= 30 if diff is not None else False
+                row += [f"{'+' if diff is not None and diff >= 0 else ''}{fmt(diff, 1)} µs", "≤ plain + 30 µs", verdict(ok), "", "", ""]
+                summary["targets"].append({"figure": "QD1 4 KiB read p50 - plain", "value": diff, "target": "<= 30 us", "pass": ok})
+                ratios["p50_diff_us"] = diff
+                if not ok:
+                    misses.append(f"QD1 4 KiB read p50: ebsfs {fmt(e, 1)} µs vs plain {fmt(p, 1)} µs (+{fmt(diff, 1)} µs; target ≤ +30 µs)")
+            else:
+                row += ["", "", "", "", "", ""]
+            md.append("| " + " | ".join(row) + " |")
+        # verify row
+        row = ["verification (inline + read-back)"]
+        for s in stacks:
+            bad_s = [f"{r['job']}/{r['phase']}" for r in fio if r["stack"] == s and not r.get("ok")]
+            bad_s += [r.get("detail", "")[:60] for r in recs
+                      if r["type"] == "failure" and r.get("what") == f"{s} stack"]
+            n = sum(1 for r in fio if r["stack"] == s and r["phase"] in ("write", "prefill", "readback"))
+            row.append("**FAILED: " + ", ".join(bad_s) + "**" if bad_s else f"ok ({n} jobs)")
+        md.append("| " + " | ".join(row + [""] * 6) + " |")
+        summary["ratios"] = ratios
+        md.append("")
+        loops = [r for r in recs if r["type"] == "loop"]
+        if loops:
+            md.append("Loop devices: " + "; ".join(
+                f"{r['stack']} {r.get('purpose', '')}: requested dio={r['requested']}, actual dio={r['actual']}" for r in loops
+                if r.get("purpose") == "bench") + ".")
+            md.append("")
+
+    # ---- snapshots
+    snaps = [r for r in recs if r["type"] == "snapshot"]
+    series = {r["label"]: r for r in recs if r["type"] == "mkdir_series"}
+    srows = []
+
+    def add(figure, val, target, ok, key=None, raw=None):
+        srows.append((figure, val, target or "—", verdict(ok) if target else "info"))
+        if key:
+            summary["snapshots"][key] = raw
+        if target:
+            summary["targets"].append({"figure": figure, "value": raw, "target": target, "pass": ok})
+            if ok is False:
+                misses.append(f"{figure}: {val} (target {target})")
+
+    small, big = series.get("mkdir-small"), series.get("mkdir-large")
+    for s, key in ((small, "mkdir_small_ms"), (big, "mkdir_large_ms")):
+        if s and s.get("latencies_ms"):
+            lat = s["latencies_ms"]
+            med = statistics.median(lat)
+            add(f"mkdir latency, {fmt_bytes(s['volume_size'])} volume fully written (median of {len(lat)})",
+                f"{med:.2f} ms (min {min(lat):.2f}, max {max(lat):.2f}, first {lat[0]:.2f})",
+                "≤ 10 ms", med <= 10, key, med)
+    if small and big and small.get("latencies_ms") and big.get("latencies_ms"):
+        r = statistics.median(big["latencies_ms"]) / statistics.median(small["latencies_ms"])
+        add(f"mkdir latency {fmt_bytes(big['volume_size'])} / {fmt_bytes(small['volume_size'])}",
+            f"{r:.2f}", "≤ 1.5", r <= 1.5, "mkdir_ratio", r)
+    cap = next((r for r in snaps if r.get("label") == "capture"), None)
+    if cap and cap.get("capture_MBps"):
+        add(f"capture throughput ({fmt_bytes(cap['changed_bytes'])} changed, random data, cold cache)",
+            f"{cap['capture_MBps']:.0f} MB/s ({cap['capture_s']:.2f} s)", "≥ 300 MB/s",
+            cap["capture_MBps"] >= 300, "capture_MBps", cap["capture_MBps"])
+    first = next((r for r in snaps if r.get("label") == "first-capture"), None)
+    if first and first.get("capture_MBps"):
+        add("  first (full) capture of the same volume", f"{first['capture_MBps']:.0f} MB/s", None, None,
+            "first_capture_MBps", first["capture_MBps"])
+    busy = next((r for r in snaps if r.get("label") == "busy-capture"), None)
+    if busy and busy.get("capture_MBps"):
+        add("  capture under foreground random writes", f"{busy['capture_MBps']:.0f} MB/s ({busy['capture_s']:.2f} s)",
+            None, None, "busy_capture_MBps", busy["capture_MBps"])
+    io = {r["label"]: r for r in recs if r["type"] == "io"}
+    for lab, title, target in (("aligned", "1% of blocks, aligned 64 KiB writes", "≤ 1.05"),
+                               ("scattered", "1% of blocks, one scattered 4 KiB write each", None)):
+        s = next((r for r in snaps if r.get("label") == lab), None)
+        w = io.get(lab)
+        if s and w and w.get("bytes"):
+            ratio = s.get("stored_bytes", 0) / w["bytes"]
+            title2 = title.replace("64 KiB", fmt_bytes(w.get("block_size")))
+            add(f"stored / changed bytes, {title2}",
+                f"{ratio:.3f} ({fmt_bytes(s.get('stored_bytes'))} stored / {fmt_bytes(w['bytes'])} written; "
+                f"{s.get('changed_blocks')} blocks marked vs {w['blocks']} touched)",
+                target, (ratio <= 1.05) if target else None, f"stored_per_changed_{lab}", ratio)
+    fg_idle = job_rec("snap", "fgidle", "fg")
+    fg_busy = job_rec("snap", "fgbusy", "fg")
+    if fg_idle and fg_busy and fg_idle.get("ok") and fg_busy.get("ok") and fg_idle.get("write_iops"):
+        r = fg_busy["write_iops"] / fg_idle["write_iops"]
+        ov = next((x for x in recs if x["type"] == "overlap"), {})
+        extra = ""
+        if ov and busy and busy.get("end_epoch") and fg_busy.get("write_runtime_ms"):
+            frac = (busy["end_epoch"] - float(ov["fio_start"])) / (fg_busy["write_runtime_ms"] / 1000.0)
+            frac = max(0.0, min(1.0, frac))
+            extra = f"; capture ran during {frac * 100:.0f}% of the job"
+            summary["snapshots"]["fg_overlap"] = frac
+            if frac < 0.9:
+                notes.append(f"The capture ended after {frac * 100:.0f}% of the foreground job's write phase: "
+                             "the during-capture figure is partly idle.")
+        add("foreground rand write 4 KiB QD32 IOPS during capture / idle",
+            f"{r:.2f} ({fg_busy['write_iops']:,.0f} / {fg_idle['write_iops']:,.0f} IOPS{extra})",
+            "≥ 0.5", r >= 0.5, "fg_ratio", r)
+    sr = job_rec("snap", "snapread", "read")
+    lr = job_rec("snap", "liveread", "read")
+    if sr and lr and sr.get("ok") and lr.get("ok") and lr.get("read_MBps"):
+        r = sr["read_MBps"] / lr["read_MBps"]
+        add("snapshot volume.img cold seq read 1 MiB / live volume (cold)",
+            f"{r:.2f} ({sr['read_MBps']:.0f} / {lr['read_MBps']:.0f} MB/s)", "≥ 0.7", r >= 0.7, "image_read_ratio", r)
+    for t in (r for r in recs if r["type"] == "timing"):
+        add(t["what"], f"{t['seconds']} s", None, None)
+    for c in (r for r in recs if r["type"] == "check"):
+        add(c["what"], "ok" if c.get("ok") else f"**FAILED** {c.get('detail', '')}", "must hold", bool(c.get("ok")))
+    if srows:
+        md.append("## Snapshots (raw ebsfs volume, no filesystem)")
+        md.append("")
+        md.append("| figure | value | target | |")
+        md.append("|---|---|---|---|")
+        for row in srows:
+            md.append("| " + " | ".join(str(x) for x in row) + " |")
+        md.append("")
+        if meta.get("snap_sizes"):
+            md.append(f"Sizes: {meta['snap_sizes']}.")
+            md.append("")
+
+    # ---- daemon
+    d = [r for r in recs if r["type"] == "daemon" and "VmHWM" in r]
+    if d:
+        last = d[-1]
+        hwm = max(r["VmHWM"] for r in d)
+        cpu = last["cpu_s"]
+        moved = sum(r.get("read_bytes", 0) + r.get("write_bytes", 0) for r in fio if r.get("target") == "ebsfs")
+        moved += sum(r.get("bytes", 0) for r in recs if r["type"] == "io" and r.get("target") == "ebsfs")
+        limit = (256 << 20) + int(meta.get("cache_size", 128 << 20))
+        md.append("## ebsfs daemon")
+        md.append("")
+        md.append("| figure | value | target | |")
+        md.append("|---|---|---|---|")
+        ok = hwm <= limit
+        md.append(f"| peak RSS (VmHWM) over the whole run | {hwm / 2**20:.1f} MiB | ≤ {limit / 2**20:.0f} MiB "
+                  f"(256 MiB + cache_size) | {verdict(ok)} |")
+        summary["targets"].append({"figure": "peak RSS", "value": hwm, "target": f"<= {limit}", "pass": ok})
+        if not ok:
+            misses.append(f"peak RSS: {hwm / 2**20:.1f} MiB (target ≤ {limit / 2**20:.0f} MiB)")
+        gib = moved / 2**30
+        per = cpu / gib if gib else None
+        md.append(f"| CPU seconds (utime+stime) per GiB moved through the mount | {fmt(per, 2)} s/GiB "
+                  f"({cpu:.1f} s for {gib:.1f} GiB) | — | info |")
+        rw = (last.get("io_rchar", 0) + last.get("io_wchar", 0)) / 2 / 2**30
+        md.append(f"| daemon syscall I/O (rchar+wchar)/2, incl. capture work | {rw:.1f} GiB | — | info |")
+        md.append("")
+        if len(d) > 1:
+            md.append("Peak RSS so far: " + "; ".join(f"{r['label']}: {r['VmHWM'] / 2**20:.0f} MiB" for r in d) + ".")
+            md.append("")
+        summary["daemon"] = {"peak_rss": hwm, "cpu_s": cpu, "moved_bytes": moved, "cpu_s_per_gib": per}
+
+    if notes:
+        md.append("## Notes")
+        md.append("")
+        for n in notes:
+            md.append(f"- {n}")
+        md.append("")
+    md.append("## Targets missed")
+    md.append("")
+    if misses:
+        for m in misses:
+            md.append(f"- {m}")
+    else:
+        md.append("None." if not a.incomplete else "None among the figures measured.")
+    md.append("")
+    summary["misses"] = misses
+    summary["records"] = recs
+
+    text = "\n".join(md)
+    with open(a.out_md, "w") as f:
+        f.write(text)
+    with open(a.out_json, "w") as f:
+        json.dump(summary, f, indent=1, sort_keys=True, default=str)
+    print(text)
+    return 1 if fatal else 0
+
+
+def fmt_bytes(n):
+    if n is None or n == "?":
+        return "?"
+    n = int(n)
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % (size // 16 or 1) == 0:
+            v = n / size
+            return f"{v:g} {unit}"
+    return f"{n} B"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("fio-record")
+    s.add_argument("--json", required=True)
+    s.add_argument("--stderr", required=True)
+    s.add_argument("--rc", type=int, required=True)
+    s.add_argument("--stack", required=True)
+    s.add_argument("--job", required=True)
+    s.add_argument("--phase", required=True)
+    s.add_argument("--target", default="none")
+    s.add_argument("--desc", default="")
+    s.set_defaults(fn=cmd_fio_record)
+
+    for name, fn in (("snap-mkdir", cmd_snap_mkdir), ("snap-wait", cmd_snap_wait)):
+        s = sub.add_parser(name)
+        s.add_argument("--mnt", required=True)
+        s.add_argument("--name", required=True)
+        s.add_argument("--label", default="")
+        s.add_argument("--timeout", type=float, default=3600)
+        s.add_argument("--block-size", type=int, default=65536)
+        if name == "snap-mkdir":
+            s.add_argument("--wait", action="store_true")
+        else:
+            s.add_argument("--t0-ns", type=int, required=True)
+            s.add_argument("--mkdir-ms", type=float, default=None)
+        s.set_defaults(fn=fn)
+
+    s = sub.add_parser("snap-status")
+    s.add_argument("--mnt", required=True)
+    s.add_argument("--name", required=True)
+    s.set_defaults(fn=cmd_snap_status)
+
+    s = sub.add_parser("write-blocks")
+    s.add_argument("--file", required=True)
+    s.add_argument("--block-size", type=int, required=True)
+    s.add_argument("--fraction", type=float, default=0.01)
+    s.add_argument("--count", type=int, default=None)
+    s.add_argument("--mode", choices=("aligned", "scattered"), required=True)
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--label", required=True)
+    s.set_defaults(fn=cmd_write_blocks)
+
+    s = sub.add_parser("mkdir-series")
+    s.add_argument("--mnt", required=True)
+    s.add_argument("--volume", required=True)
+    s.add_argument("--count", type=int, default=5)
+    s.add_argument("--between", type=int, default=256)
+    s.add_argument("--prefix", default="m")
+    s.add_argument("--seed", type=int, default=7)
+    s.add_argument("--timeout", type=float, default=3600)
+    s.add_argument("--label", required=True)
+    s.set_defaults(fn=cmd_mkdir_series)
+
+    s = sub.add_parser("config")
+    s.add_argument("--file")
+    s.set_defaults(fn=cmd_config)
+
+    s = sub.add_parser("size")
+    s.add_argument("value")
+    s.set_defaults(fn=cmd_size)
+
+    s = sub.add_parser("daemon-stats")
+    s.add_argument("--pid", type=int, required=True)
+    s.add_argument("--label", default="")
+    s.set_defaults(fn=cmd_daemon_stats)
+
+    s = sub.add_parser("kv")
+    s.add_argument("type")
+    s.add_argument("pairs", nargs="*")
+    s.set_defaults(fn=cmd_kv)
+
+    s = sub.add_parser("report")
+    s.add_argument("--records", required=True)
+    s.add_argument("--out-md", required=True)
+    s.add_argument("--out-json", required=True)
+    s.add_argument("--incomplete", default="")
+    s.set_defaults(fn=cmd_report)
+
+    a = p.parse_args()
+    rc = a.fn(a)
+    sys.exit(rc or 0)
+
+
+if __name__ == "__main__":
+    main()
