@@ -361,7 +361,9 @@ impl FsCore {
     }
 
     pub(super) fn volume_xattr_get(&self, id: u64, name: &OsStr) -> FsResult<Vec<u8>> {
-        let name = check_xattr_name(name)?;
+        // Only user.* attributes exist; the kernel's security.* probes just miss.
+        let name = check_xattr_name(name)
+            .map_err(|_| FsError::NoAttribute(name.to_string_lossy().into_owned()))?;
         self.volume_record(id)?
             .xattrs
             .get(name)
