@@ -178,6 +178,7 @@ impl FsCore {
             live.insert(record.id, Arc::new(volume));
         }
         volumes::remove_orphan_files(&volumes_dir, &live)?;
+        engine.start_settler();
         engine.recover(&live)?;
         recovery::after_crash(&session, &meta, &catalog, &store)?;
         // SAFETY: geteuid/getegid only read process credentials.

@@ -12,6 +12,7 @@ use super::inode::Node;
 use super::{Attr, Caller, FileKind, FsCore, FsError, FsResult, SetAttr, io_error, permits};
 use crate::meta::{self, MetaError, Owner, Timestamp, VolumeRecord, Xattrs};
 use crate::names::VolumeName;
+use crate::snapshot::Settle;
 use crate::volume::{self, Volume};
 
 /// Extended attributes users may set: the `user.` namespace (tags, product codes).
@@ -277,29 +278,24 @@ impl FsCore {
             }
         }
         let name = VolumeName::from_file_name(file_name)?;
-        let _ns = self.engine.namespace_lock();
-        let id = self
-            .catalog
-            .read()
-            .volume_id(name.as_str())
-            .ok_or_else(|| FsError::NotFound(name.file_name()))?;
-        self.delete_volume_locked(id)?;
+        let settle = {
+            let _ns = self.engine.namespace_lock();
+            let id = self
+                .catalog
+                .read()
+                .volume_id(name.as_str())
+                .ok_or_else(|| FsError::NotFound(name.file_name()))?;
+            self.delete_volume_locked(id)?
+        };
+        self.engine.settled(settle);
         info!("volume {name} deleted");
         Ok(())
     }
 
-    /// Deletes volume `id`; the caller holds the namespace lock.
-    fn delete_volume_locked(&self, id: u64) -> FsResult<()> {
-        let mut records = self.catalog.write();
-        let mut staged = records.clone();
-        staged.remove_volume(id);
-        let txn = self.meta.begin_write()?;
-        meta::delete_volume(&txn, id)?;
-        let freed = self.engine.on_volume_deleted(&txn, &mut staged, id)?;
-        txn.commit().map_err(MetaError::from)?;
-        *records = staged;
-        drop(records);
-        self.engine.release(freed);
+    /// Deletes volume `id`; the caller holds the namespace lock and passes the
+    /// returned [`Settle`] to the engine once it has let go of it.
+    fn delete_volume_locked(&self, id: u64) -> FsResult<Settle> {
+        let settle = self.engine.delete_volume_record(id)?;
         self.live.remove(&id);
         for path in [
             volume::data_path(&self.volumes_dir, id),
@@ -311,7 +307,7 @@ impl FsCore {
                 log::warn!("cannot remove {}: {e}", path.display());
             }
         }
-        Ok(())
+        Ok(settle)
     }
 
     /// `mv volumes/a.img volumes/b.img`. Replaces `b` (as rename(2) does) unless
@@ -333,7 +329,7 @@ impl FsCore {
         }
         let from = VolumeName::from_file_name(name)?;
         let to = VolumeName::from_file_name(new_name)?;
-        let _ns = self.engine.namespace_lock();
+        let ns = self.engine.namespace_lock();
         let (id, target) = {
             let records = self.catalog.read();
             let id = records
@@ -344,18 +340,20 @@ impl FsCore {
         if target == Some(id) {
             return Ok(());
         }
-        if let Some(target) = target {
-            if no_replace {
-                return Err(FsError::Exists(to.file_name()));
-            }
-            self.delete_volume_locked(target)?;
+        if target.is_some() && no_replace {
+            return Err(FsError::Exists(to.file_name()));
         }
+        let replaced = target.map(|t| self.delete_volume_locked(t)).transpose()?;
         let mut record = self.volume_record(id)?;
         record.name = to.as_str().to_string();
         let txn = self.meta.begin_write()?;
         meta::put_volume(&txn, &record)?;
         txn.commit().map_err(MetaError::from)?;
         self.catalog.write().upsert_volume(record);
+        drop(ns);
+        if let Some(settle) = replaced {
+            self.engine.settled(settle);
+        }
         info!("volume {from} renamed to {to}");
         Ok(())
     }

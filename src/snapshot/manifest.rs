@@ -83,11 +83,14 @@ pub fn insert(
     Ok(())
 }
 
-/// The blocks snapshot `snapshot` has its own entries for.
-fn own_blocks(txn: &WriteTransaction, snapshot: u64) -> MetaResult<Vec<u64>> {
+/// Up to `limit` of the blocks snapshot `snapshot` has its own entries for.
+fn own_blocks(txn: &WriteTransaction, snapshot: u64, limit: usize) -> MetaResult<Vec<u64>> {
     let table = txn.open_table(SNAPSHOT_BLOCKS)?;
     let mut blocks = Vec::new();
-    for row in table.range((snapshot, 0)..=(snapshot, u64::MAX))? {
+    for row in table
+        .range((snapshot, 0)..=(snapshot, u64::MAX))?
+        .take(limit)
+    {
         blocks.push(row?.0.value().1);
     }
     Ok(blocks)
@@ -106,20 +109,37 @@ fn release(
     Ok(())
 }
 
-/// Removes snapshot `snapshot`'s entries. With a `successor`, entries it still needs
-/// move to it; the rest are dropped. Returns the chunks no entry references any more
-/// (their space is freed after the transaction commits).
+/// What one step of removing a snapshot's entries did.
+pub struct Removal {
+    /// Chunks no entry references any more (freed after the transaction commits).
+    pub freed: Vec<(ChunkHash, ChunkLocation)>,
+    /// Entries moved or dropped.
+    pub processed: usize,
+    /// Whether the snapshot has no entries left.
+    pub done: bool,
+}
+
+/// Removes up to `max_entries` of snapshot `snapshot`'s entries. With a `successor`,
+/// entries it still needs move to it; the rest are dropped.
+///
+/// Large snapshots are removed over several transactions. Every intermediate state
+/// reads the same: an entry not yet moved is still the newest one at or before the
+/// successor, exactly as the moved one will be.
 pub fn remove_snapshot(
     txn: &WriteTransaction,
     lineage: u64,
     snapshot: u64,
     successor: Option<u64>,
-) -> MetaResult<Vec<(ChunkHash, ChunkLocation)>> {
-    let blocks = own_blocks(txn, snapshot)?;
+    max_entries: usize,
+) -> MetaResult<Removal> {
+    let mut blocks = own_blocks(txn, snapshot, max_entries.saturating_add(1))?;
+    let done = blocks.len() <= max_entries;
+    blocks.truncate(max_entries);
     let mut manifest: ManifestTable<'_> = txn.open_table(MANIFEST)?;
     let mut reverse = txn.open_table(SNAPSHOT_BLOCKS)?;
     let mut chunks = txn.open_table(CHUNKS)?;
     let mut freed = Vec::new();
+    let processed = blocks.len();
     for block in blocks {
         reverse.remove((snapshot, block))?;
         let Some(raw) = manifest.remove((lineage, block, snapshot))? else {
@@ -145,7 +165,11 @@ pub fn remove_snapshot(
             None => release(&mut chunks, content, &mut freed)?,
         }
     }
-    Ok(freed)
+    Ok(Removal {
+        freed,
+        processed,
+        done,
+    })
 }
 
 #[cfg(test)]
@@ -221,6 +245,7 @@ mod tests {
             deltas in prop::collection::vec(
                 prop::collection::btree_map(0..BLOCKS, prop::option::of(0u8..5), 0..4), 1..7),
             deletions in prop::collection::vec(any::<prop::sample::Index>(), 0..7),
+            batch in 1usize..4,
         ) {
             let dir = tempfile::tempdir().unwrap();
             let meta = Meta::open(&dir.path().join("m.redb")).unwrap();
@@ -242,12 +267,18 @@ mod tests {
                 let ids: Vec<u64> = model.keys().copied().collect();
                 let victim = ids[pick.index(ids.len())];
                 let successor = ids.iter().copied().find(|&id| id > victim);
-                let txn = meta.begin_write().unwrap();
-                remove_snapshot(&txn, lineage, victim, successor).unwrap();
-                txn.commit().unwrap();
                 model.remove(&victim);
-                for (&id, expected) in &model {
-                    prop_assert_eq!(&read_all(&meta, lineage, id, BLOCKS), expected, "snapshot {} after deleting {}", id, victim);
+                // Removal in small steps: every intermediate state reads correctly.
+                loop {
+                    let txn = meta.begin_write().unwrap();
+                    let step = remove_snapshot(&txn, lineage, victim, successor, batch).unwrap();
+                    txn.commit().unwrap();
+                    for (&id, expected) in &model {
+                        prop_assert_eq!(&read_all(&meta, lineage, id, BLOCKS), expected, "snapshot {} while deleting {}", id, victim);
+                    }
+                    if step.done {
+                        break;
+                    }
                 }
             }
             // Every remaining entry holds one reference; nothing else does.
@@ -275,13 +306,15 @@ mod tests {
         );
         commit_delta(&meta, 1, 2, &BTreeMap::from([(0, Some(2))]));
         let txn = meta.begin_write().unwrap();
-        let freed = remove_snapshot(&txn, 1, 1, Some(2)).unwrap();
+        let freed = remove_snapshot(&txn, 1, 1, Some(2), usize::MAX)
+            .unwrap()
+            .freed;
         txn.commit().unwrap();
         // Block 0 was overridden by snapshot 2, block 1 moved: chunk 1 keeps one ref.
         assert!(freed.is_empty());
         assert_eq!(chunk_refs(&meta).get(&hash(1)), Some(&1));
         let txn = meta.begin_write().unwrap();
-        let freed = remove_snapshot(&txn, 1, 2, None).unwrap();
+        let freed = remove_snapshot(&txn, 1, 2, None, usize::MAX).unwrap().freed;
         txn.commit().unwrap();
         let mut freed: Vec<_> = freed.into_iter().map(|(h, _)| h).collect();
         freed.sort();

@@ -14,11 +14,11 @@
 pub mod capture;
 pub mod manifest;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
@@ -91,6 +91,8 @@ pub struct SnapshotEngine {
     ns_lock: Mutex<()>,
     running: Mutex<HashMap<u64, Arc<CaptureProgress>>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Set (and signalled) when hidden snapshots are left for the settler.
+    settle_signal: (Mutex<bool>, Condvar),
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -114,6 +116,7 @@ impl SnapshotEngine {
             ns_lock: Mutex::new(()),
             running: Mutex::new(HashMap::new()),
             threads: Mutex::new(Vec::new()),
+            settle_signal: (Mutex::new(false), Condvar::new()),
         }
     }
 
@@ -266,46 +269,44 @@ impl SnapshotEngine {
         })?;
         let sync_time = sync_started.elapsed();
         let commit_started = Instant::now();
-        let _ns = self.namespace_lock();
-        // An rmdir may have cancelled the capture while it waited for the lock.
-        if job.progress.cancelled.load(Ordering::Relaxed) {
-            return Err(SnapshotError::Cancelled);
-        }
-        let txn = self.meta.begin_write()?;
-        let mut freed = capture::commit_entries(&txn, job, &captured)?;
-        txn.open_table(PACKS)
-            .map_err(MetaError::from)?
-            .insert(writer.pack.id, writer.end())
-            .map_err(MetaError::from)?;
-        let mut records = self.catalog.write();
-        let Some(mut record) = records.snapshots.get(&job.snapshot).cloned() else {
-            return Err(SnapshotError::Cancelled);
+        let (record, settle) = {
+            let _ns = self.namespace_lock();
+            // An rmdir may have cancelled the capture while it waited for the lock.
+            if job.progress.cancelled.load(Ordering::Relaxed) {
+                return Err(SnapshotError::Cancelled);
+            }
+            let committed = self.transact(|txn, staged, settle| {
+                settle
+                    .freed
+                    .extend(capture::commit_entries(txn, job, &captured)?);
+                txn.open_table(PACKS)
+                    .map_err(MetaError::from)?
+                    .insert(writer.pack.id, writer.end())
+                    .map_err(MetaError::from)?;
+                let Some(mut record) = staged.snapshots.get(&job.snapshot).cloned() else {
+                    return Err(SnapshotError::Cancelled);
+                };
+                record.status = SnapshotStatus::Completed;
+                record.completed = Some(Timestamp::now());
+                record.parent = staged.visible_parent(job.lineage, job.snapshot);
+                record.changed_blocks = captured.entries.len() as u64;
+                record.stored_bytes = captured.stored_bytes;
+                meta::put_snapshot(txn, &record)?;
+                staged.upsert_snapshot(record.clone());
+                if let Some(mut volume) = staged.volumes.get(&job.lineage).cloned() {
+                    volume.base_snapshot = Some(job.snapshot);
+                    volume.full_compare = false;
+                    meta::put_volume(txn, &volume)?;
+                    staged.upsert_volume(volume);
+                }
+                collect_hidden(txn, staged, job.lineage, settle)?;
+                Ok(record)
+            })?;
+            // Still under the namespace lock: the next mkdir must find the volume thawed.
+            job.volume.thaw(false)?;
+            committed
         };
-        record.status = SnapshotStatus::Completed;
-        record.completed = Some(Timestamp::now());
-        record.parent = records.visible_parent(job.lineage, job.snapshot);
-        record.changed_blocks = captured.entries.len() as u64;
-        record.stored_bytes = captured.stored_bytes;
-        meta::put_snapshot(&txn, &record)?;
-        let volume = records.volumes.get(&job.lineage).cloned().map(|mut v| {
-            v.base_snapshot = Some(job.snapshot);
-            v.full_compare = false;
-            v
-        });
-        if let Some(v) = &volume {
-            meta::put_volume(&txn, v)?;
-        }
-        let mut staged = records.clone();
-        staged.upsert_snapshot(record.clone());
-        if let Some(v) = &volume {
-            staged.upsert_volume(v.clone());
-        }
-        freed.extend(collect_hidden(&txn, &mut staged, job.lineage)?);
-        txn.commit().map_err(MetaError::from)?;
-        *records = staged;
-        drop(records);
-        job.volume.thaw(false)?;
-        self.store.release(&self.meta, freed);
+        self.settled(settle);
         info!(
             "snapshot {} completed: {} blocks changed, {} bytes stored \
              (capture {:.2}s, fsync {:.2}s, commit {:.2}s)",
@@ -329,30 +330,25 @@ impl SnapshotEngine {
             );
         }
         let cancelled = matches!(reason, SnapshotError::Cancelled);
-        let _ns = self.namespace_lock();
-        let result = (|| -> SnapshotResult<()> {
-            let mut records = self.catalog.write();
-            let Some(mut record) = records.snapshots.get(&job.snapshot).cloned() else {
-                return Ok(());
-            };
-            let txn = self.meta.begin_write()?;
-            let mut staged = records.clone();
-            if cancelled {
-                meta::delete_snapshot(&txn, record.id)?;
-                staged.remove_snapshot(record.id);
-            } else {
-                record.status = SnapshotStatus::Error;
-                record.error = Some(reason.to_string());
-                meta::put_snapshot(&txn, &record)?;
-                staged.upsert_snapshot(record.clone());
-            }
-            let freed = collect_hidden(&txn, &mut staged, job.lineage)?;
-            txn.commit().map_err(MetaError::from)?;
-            *records = staged;
-            drop(records);
-            self.store.release(&self.meta, freed);
-            Ok(())
-        })();
+        let result = {
+            let _ns = self.namespace_lock();
+            self.transact(|txn, staged, settle| {
+                let Some(mut record) = staged.snapshots.get(&job.snapshot).cloned() else {
+                    return Ok(());
+                };
+                if cancelled {
+                    meta::delete_snapshot(txn, record.id)?;
+                    staged.remove_snapshot(record.id);
+                } else {
+                    record.status = SnapshotStatus::Error;
+                    record.error = Some(reason.to_string());
+                    meta::put_snapshot(txn, &record)?;
+                    staged.upsert_snapshot(record);
+                }
+                collect_hidden(txn, staged, job.lineage, settle)
+            })
+        };
+        let result = result.map(|((), settle)| self.settled(settle));
         match (result, cancelled) {
             (Err(e), _) => error!(
                 "snapshot {}: cannot record failure ({reason}): {e}",
@@ -366,7 +362,7 @@ impl SnapshotEngine {
     /// `rmdir snapshots/<name>`. A pending snapshot is cancelled first.
     pub fn delete(&self, name: &str) -> SnapshotResult<()> {
         let mut cancelled = false;
-        let (_ns, id, record) = loop {
+        let (ns, id, record) = loop {
             let ns = self.namespace_lock();
             let found = {
                 let records = self.catalog.read();
@@ -393,13 +389,15 @@ impl SnapshotEngine {
                 _ => break (ns, id, record),
             }
         };
-        let mut records = self.catalog.write();
-        let txn = self.meta.begin_write()?;
-        let mut staged = records.clone();
-        let freed = if record.status == SnapshotStatus::Completed {
+        let ((), settle) = self.transact(|txn, staged, settle| {
+            if record.status != SnapshotStatus::Completed {
+                meta::delete_snapshot(txn, id)?;
+                staged.remove_snapshot(id);
+                return Ok(());
+            }
             let mut hidden = record.clone();
             hidden.hidden = true;
-            meta::put_snapshot(&txn, &hidden)?;
+            meta::put_snapshot(txn, &hidden)?;
             staged.upsert_snapshot(hidden);
             let successor = staged
                 .lineage(record.lineage)
@@ -407,36 +405,112 @@ impl SnapshotEngine {
                 .cloned();
             if let Some(mut successor) = successor {
                 successor.parent = record.parent.clone();
-                meta::put_snapshot(&txn, &successor)?;
+                meta::put_snapshot(txn, &successor)?;
                 staged.upsert_snapshot(successor);
             }
-            collect_hidden(&txn, &mut staged, record.lineage)?
-        } else {
-            meta::delete_snapshot(&txn, id)?;
-            staged.remove_snapshot(id);
-            Vec::new()
-        };
-        txn.commit().map_err(MetaError::from)?;
-        *records = staged;
-        drop(records);
-        self.store.release(&self.meta, freed);
+            collect_hidden(txn, staged, record.lineage, settle)
+        })?;
+        drop(ns);
+        self.settled(settle);
         info!("snapshot {name} deleted");
         Ok(())
     }
 
-    /// Called when a volume is deleted (inside its deletion transaction): hidden
-    /// snapshots kept only as its base can go.
-    pub fn on_volume_deleted(
-        &self,
-        txn: &WriteTransaction,
-        staged: &mut Records,
-        lineage: u64,
-    ) -> SnapshotResult<Vec<(ChunkHash, ChunkLocation)>> {
-        collect_hidden(txn, staged, lineage)
+    /// Deletes a volume's record (the caller holds the namespace lock and deals with
+    /// its files). Hidden snapshots kept only as its base can go.
+    pub fn delete_volume_record(&self, id: u64) -> SnapshotResult<Settle> {
+        let ((), settle) = self.transact(|txn, staged, settle| {
+            meta::delete_volume(txn, id)?;
+            staged.remove_volume(id);
+            collect_hidden(txn, staged, id, settle)
+        })?;
+        Ok(settle)
     }
 
-    pub fn release(&self, freed: Vec<(ChunkHash, ChunkLocation)>) {
-        self.store.release(&self.meta, freed);
+    /// Runs `change` in one write transaction on a staged copy of the catalog, which
+    /// replaces the catalog once the transaction has committed. The caller holds the
+    /// namespace lock, and passes the returned [`Settle`] to [`SnapshotEngine::settled`]
+    /// after dropping it.
+    fn transact<T>(
+        &self,
+        change: impl FnOnce(&WriteTransaction, &mut Records, &mut Settle) -> SnapshotResult<T>,
+    ) -> SnapshotResult<(T, Settle)> {
+        let mut records = self.catalog.write();
+        let mut staged = records.clone();
+        let mut settle = Settle::new(SETTLE_BATCH);
+        let txn = self.meta.begin_write()?;
+        let value = change(&txn, &mut staged, &mut settle)?;
+        txn.commit().map_err(MetaError::from)?;
+        *records = staged;
+        Ok((value, settle))
+    }
+
+    /// Frees the space a committed transaction released, and hands hidden snapshots
+    /// it had no budget left for to the settler. Called without the namespace lock.
+    pub fn settled(&self, settle: Settle) {
+        self.store.release(&self.meta, settle.freed);
+        if settle.more {
+            let (pending, signal) = &self.settle_signal;
+            *lock(pending) = true;
+            signal.notify_one();
+        }
+    }
+
+    /// Starts the thread that settles large deletions in the background, one bounded
+    /// transaction at a time, so that no deletion holds up other snapshots for long.
+    pub fn start_settler(self: &Arc<Self>) {
+        let engine = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("settler".into())
+            .spawn(move || {
+                loop {
+                    let Some(engine) = engine.upgrade() else {
+                        return;
+                    };
+                    {
+                        let (pending, signal) = &engine.settle_signal;
+                        let mut pending = lock(pending);
+                        while !*pending {
+                            pending = signal.wait(pending).unwrap_or_else(|p| p.into_inner());
+                        }
+                        *pending = false;
+                    }
+                    if let Err(e) = engine.settle_all() {
+                        error!("settling deleted snapshots: {e}");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            error!(
+                "cannot start the settler thread: {e}; deleted snapshots settle at the next start"
+            );
+        }
+    }
+
+    /// Settles hidden snapshots until none can progress, a batch at a time.
+    fn settle_all(&self) -> SnapshotResult<()> {
+        loop {
+            let ((), settle) = {
+                let _ns = self.namespace_lock();
+                self.transact(|txn, staged, settle| {
+                    let lineages: BTreeSet<u64> = staged
+                        .snapshots
+                        .values()
+                        .filter(|s| s.hidden)
+                        .map(|s| s.lineage)
+                        .collect();
+                    for lineage in lineages {
+                        collect_hidden(txn, staged, lineage, settle)?;
+                    }
+                    Ok(())
+                })?
+            };
+            let more = settle.more;
+            self.store.release(&self.meta, settle.freed);
+            if !more {
+                return Ok(());
+            }
+        }
     }
 
     /// Reads `buf.len()` bytes of a completed snapshot's image at `offset`.
@@ -504,13 +578,23 @@ impl SnapshotEngine {
     /// Start-up: snapshots left pending by a crash become `error`; blocks their
     /// captures held go back to their volumes' dirty maps.
     pub fn recover(&self, volumes: &HashMap<u64, Arc<Volume>>) -> SnapshotResult<()> {
-        let mut records = self.catalog.write();
-        let interrupted: Vec<SnapshotRecord> = records
-            .snapshots
-            .values()
-            .filter(|s| s.status == SnapshotStatus::Pending)
-            .cloned()
-            .collect();
+        let (interrupted, completed): (Vec<SnapshotRecord>, HashSet<u64>) = {
+            let records = self.catalog.read();
+            (
+                records
+                    .snapshots
+                    .values()
+                    .filter(|s| s.status == SnapshotStatus::Pending)
+                    .cloned()
+                    .collect(),
+                records
+                    .snapshots
+                    .values()
+                    .filter(|s| s.status == SnapshotStatus::Completed)
+                    .map(|s| s.id)
+                    .collect(),
+            )
+        };
         fs::create_dir_all(&self.captures_dir).map_err(|e| SnapshotError::Io {
             what: format!("creating {}", self.captures_dir.display()),
             source: e,
@@ -526,14 +610,8 @@ impl SnapshotEngine {
             let name = entry.file_name().to_string_lossy().into_owned();
             // A capture set whose snapshot completed was merely not cleaned up; any
             // other (pending, or never recorded) goes back to its volume.
-            let completed = |id: u64| {
-                records
-                    .snapshots
-                    .get(&id)
-                    .is_some_and(|s| s.status == SnapshotStatus::Completed)
-            };
             if let Some((volume_id, snapshot_id, "set")) = parse_capture_file(&name)
-                && !completed(snapshot_id)
+                && !completed.contains(&snapshot_id)
                 && let Some(volume) = volumes.get(&volume_id)
             {
                 let set = DirtyMap::open(&entry.path()).map_err(|e| SnapshotError::Io {
@@ -551,28 +629,32 @@ impl SnapshotEngine {
                 source: e,
             })?;
         }
-        if interrupted.is_empty() {
-            return Ok(());
-        }
-        let txn = self.meta.begin_write()?;
-        let mut staged = records.clone();
-        let mut freed = Vec::new();
-        for mut record in interrupted {
-            warn!(
-                "snapshot {} was interrupted by a restart: marking it as error",
-                record.name()
-            );
-            record.status = SnapshotStatus::Error;
-            record.error =
-                Some("capture interrupted: the daemon stopped before it completed".into());
-            meta::put_snapshot(&txn, &record)?;
-            staged.upsert_snapshot(record.clone());
-            freed.extend(collect_hidden(&txn, &mut staged, record.lineage)?);
-        }
-        txn.commit().map_err(MetaError::from)?;
-        *records = staged;
-        drop(records);
-        self.store.release(&self.meta, freed);
+        let _ns = self.namespace_lock();
+        let ((), settle) = self.transact(|txn, staged, settle| {
+            for mut record in interrupted {
+                warn!(
+                    "snapshot {} was interrupted by a restart: marking it as error",
+                    record.name()
+                );
+                record.status = SnapshotStatus::Error;
+                record.error =
+                    Some("capture interrupted: the daemon stopped before it completed".into());
+                meta::put_snapshot(txn, &record)?;
+                staged.upsert_snapshot(record);
+            }
+            let hidden: BTreeSet<u64> = staged
+                .snapshots
+                .values()
+                .filter(|s| s.hidden)
+                .map(|s| s.lineage)
+                .collect();
+            for lineage in hidden {
+                collect_hidden(txn, staged, lineage, settle)?;
+            }
+            Ok(())
+        })?;
+        drop(_ns);
+        self.settled(settle);
         Ok(())
     }
 }
@@ -587,19 +669,43 @@ fn remove_capture_files(set: &Path, cow: &Path) {
     }
 }
 
-/// Settles the hidden snapshots of `lineage`: one with a completed successor merges
-/// into it; one whose volume is gone (and with no capture pending) is dropped.
+/// Manifest entries one transaction moves or drops while settling deletions: bounds
+/// how long a deletion holds up other namespace changes.
+const SETTLE_BATCH: usize = 16_384;
+
+/// What settling hidden snapshots left to do after a transaction.
+pub struct Settle {
+    /// Chunks no entry references any more, to free once the transaction committed.
+    pub freed: Vec<(ChunkHash, ChunkLocation)>,
+    budget: usize,
+    /// Hidden snapshots still have entries to settle.
+    pub more: bool,
+}
+
+impl Settle {
+    fn new(budget: usize) -> Settle {
+        Settle {
+            freed: Vec::new(),
+            budget,
+            more: false,
+        }
+    }
+}
+
+/// Settles the hidden snapshots of `lineage`, within `settle`'s budget: one with a
+/// completed successor merges into it; one whose volume is gone (and with no capture
+/// pending) is dropped. A hidden snapshot's record goes once it has no entries left.
 fn collect_hidden(
     txn: &WriteTransaction,
     staged: &mut Records,
     lineage: u64,
-) -> SnapshotResult<Vec<(ChunkHash, ChunkLocation)>> {
+    settle: &mut Settle,
+) -> SnapshotResult<()> {
     let volume_alive = staged.volumes.contains_key(&lineage);
     let snapshots: Vec<SnapshotRecord> = staged.lineage(lineage).cloned().collect();
     let pending = snapshots
         .iter()
         .any(|s| s.status == SnapshotStatus::Pending);
-    let mut freed = Vec::new();
     for hidden in snapshots.iter().filter(|s| s.hidden) {
         let successor = snapshots
             .iter()
@@ -608,11 +714,21 @@ fn collect_hidden(
         if successor.is_none() && (volume_alive || pending) {
             continue;
         }
-        freed.extend(manifest::remove_snapshot(
-            txn, lineage, hidden.id, successor,
-        )?);
-        meta::delete_snapshot(txn, hidden.id)?;
-        staged.remove_snapshot(hidden.id);
+        if settle.budget == 0 {
+            settle.more = true;
+            return Ok(());
+        }
+        let step = manifest::remove_snapshot(txn, lineage, hidden.id, successor, settle.budget)?;
+        settle.budget = settle.budget.saturating_sub(step.processed);
+        settle.freed.extend(step.freed);
+        if step.done {
+            meta::delete_snapshot(txn, hidden.id)?;
+            staged.remove_snapshot(hidden.id);
+        } else {
+            settle.budget = 0;
+            settle.more = true;
+            return Ok(());
+        }
     }
-    Ok(freed)
+    Ok(())
 }

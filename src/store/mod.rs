@@ -189,13 +189,32 @@ impl ChunkStore {
     ) -> StoreResult<()> {
         let txn = meta.db.begin_read().map_err(MetaError::from)?;
         let table = txn.open_table(CHUNKS).map_err(MetaError::from)?;
+        let mut extents = Vec::with_capacity(freed.len());
         for (hash, loc) in freed {
             if index::lookup(&table, hash)?.is_some_and(|(now, _)| now == *loc) {
                 continue;
             }
-            let pack = self.pack(loc.pack)?;
-            pack.punch(loc.offset, u64::from(loc.stored_len))
-                .map_err(io_at(&pack::pack_path(&self.dir, loc.pack)))?;
+            let end = pack::align_up(loc.offset + u64::from(loc.stored_len));
+            extents.push((loc.pack, loc.offset, end));
+        }
+        self.punch_extents(extents)
+    }
+
+    /// Punches `(pack, start, end)` ranges, merging neighbours so that freeing a
+    /// whole snapshot written in one go costs a handful of calls, not one per chunk.
+    fn punch_extents(&self, mut extents: Vec<(u32, u64, u64)>) -> StoreResult<()> {
+        extents.sort_unstable();
+        let mut merged: Vec<(u32, u64, u64)> = Vec::with_capacity(extents.len());
+        for (pack, start, end) in extents {
+            match merged.last_mut() {
+                Some(last) if last.0 == pack && start <= last.2 => last.2 = last.2.max(end),
+                _ => merged.push((pack, start, end)),
+            }
+        }
+        for (pack_id, start, end) in merged {
+            let pack = self.pack(pack_id)?;
+            pack.punch(start, end - start)
+                .map_err(io_at(&pack::pack_path(&self.dir, pack_id)))?;
         }
         Ok(())
     }
@@ -244,28 +263,27 @@ impl ChunkStore {
         let table = txn.open_table(CHUNKS).map_err(MetaError::from)?;
         let mut live: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
         for row in redb::ReadableTable::range::<&[u8; 32]>(&table, ..).map_err(MetaError::from)? {
-            let (hash, row) = row.map_err(MetaError::from)?;
+            let (_, row) = row.map_err(MetaError::from)?;
             let (pack, offset, stored_len, ..) = row.value();
-            let _ = hash;
             live.entry(pack)
                 .or_default()
                 .push((offset, pack::align_up(offset + u64::from(stored_len))));
         }
         let mut punched = 0;
+        let mut gaps = Vec::new();
         for (&id, &len) in &meta.load_packs()? {
-            let pack = self.pack(id)?;
             let mut extents = live.remove(&id).unwrap_or_default();
             extents.sort_unstable();
             let mut cursor = 0;
             for (start, end) in extents.into_iter().chain([(len, len)]) {
                 if start > cursor {
-                    pack.punch(cursor, start - cursor)
-                        .map_err(io_at(&pack::pack_path(&self.dir, id)))?;
+                    gaps.push((id, cursor, start));
                     punched += start - cursor;
                 }
                 cursor = cursor.max(end);
             }
         }
+        self.punch_extents(gaps)?;
         Ok(punched)
     }
 }
