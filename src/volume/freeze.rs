@@ -1,16 +1,23 @@
 //! [`Freeze`]: the point-in-time view of a volume while a snapshot is captured.
 //!
 //! At the freeze, the volume's dirty map becomes the *capture set*: the blocks this
-//! snapshot must read as they were at that instant. Each block of the set is taken
-//! exactly once, by whoever gets there first:
-//! - the capture worker, which reads the block from the live file, or
-//! - a writer about to change it, which first copies the old contents to the
-//!   preservation file (`captures/<id>.cow`); the worker later reads that copy.
+//! snapshot must read as they were at that instant. Besides the set's bits, a freeze
+//! may *re-examine* a range of blocks: those a shrink cut off since the last snapshot
+//! (they read as zeros now, whatever older snapshots hold), or every block when the
+//! dirty map cannot be trusted after a host crash.
 //!
-//! A block's `claimed` bit says someone is taking it; its `done` bit says the frozen
-//! contents are safe (read by the worker, or preserved). A writer that finds a block
-//! claimed but not done waits for `done` before touching it. Invariant: no byte of a
-//! block in the capture set changes before that block is done.
+//! Nobody waits on anybody:
+//! - a writer about to change pages of a block not yet captured first copies those
+//!   4 KiB pages (only those) to the preservation file (`captures/<id>.cow`), records
+//!   them, then writes;
+//! - the capture worker reads the block from the live file, *then* lays the recorded
+//!   pages over it, then marks the block done; writers stop preserving it.
+//!
+//! Why this is exact: a write lands after its pages were recorded. If it lands before
+//! the worker's read of the page, the record exists before the worker looks for it and
+//! the old page comes from the copy; if after, the worker read the old page itself.
+//! Each block's records are guarded by one lock (of [`SHARDS`]), held across "is this
+//! page recorded? copy it, record it", so a page is copied once, before any write.
 //!
 //! Bytes at or past the frozen size read as zeros, so a capture never sees data
 //! written after the freeze beyond the old end of the volume.
@@ -22,10 +29,19 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Mutex, MutexGuard};
 
 use super::bitmap::Bitmap;
 use super::dirty::DirtyMap;
+
+/// Unit of preservation: what one small write can change.
+pub const PAGE: u64 = 4096;
+
+/// Locks over the preservation records; a block always uses the same one.
+const SHARDS: usize = 64;
+
+/// Page index (byte offset / [`PAGE`]) → offset of its preserved copy.
+type Records = HashMap<u64, u64>;
 
 pub struct Freeze {
     /// The blocks this snapshot captures (file `captures/<id>.set`).
@@ -34,18 +50,16 @@ pub struct Freeze {
     pub reexamine: Range<u64>,
     pub size_bytes: u64,
     pub block_size: u64,
-    claimed: Bitmap,
+    /// Blocks the worker has read: writers no longer preserve them.
     done: Bitmap,
     /// Words of `blocks` with bits set, fixed at the freeze: the first work units.
     words: Vec<usize>,
     cow: File,
     cow_path: PathBuf,
     cow_next: AtomicU64,
-    /// Block index → offset of its preserved copy in the cow file.
-    preserved: Mutex<HashMap<u64, u64>>,
-    /// First failure to preserve a block; the snapshot then ends in error.
+    preserved: Vec<Mutex<Records>>,
+    /// First failure to preserve a page; the snapshot then ends in error.
     failure: Mutex<Option<String>>,
-    done_signal: (Mutex<()>, Condvar),
 }
 
 impl Freeze {
@@ -73,15 +87,13 @@ impl Freeze {
             reexamine,
             size_bytes,
             block_size,
-            claimed: Bitmap::new(),
             done: Bitmap::new(),
             words,
             cow,
             cow_path: cow_path.to_path_buf(),
             cow_next: AtomicU64::new(0),
-            preserved: Mutex::new(HashMap::new()),
+            preserved: (0..SHARDS).map(|_| Mutex::new(Records::new())).collect(),
             failure: Mutex::new(None),
-            done_signal: (Mutex::new(()), Condvar::new()),
         }
     }
 
@@ -127,116 +139,109 @@ impl Freeze {
         self.blocks.count() + (range.end - range.start) - bits_in_range
     }
 
-    fn is_done(&self, block: u64) -> bool {
-        self.done.get(block)
+    /// The captured blocks in `first..=last`, without visiting every block of a
+    /// large range.
+    fn captured_blocks_in(&self, first: u64, last: u64) -> impl Iterator<Item = u64> + '_ {
+        let from = self.words.partition_point(|&w| (w as u64) < first / 64);
+        let marked = self.words[from..]
+            .iter()
+            .take_while(move |&&w| w as u64 <= last / 64)
+            .flat_map(|&w| self.blocks.blocks_in_word(w))
+            .filter(move |b| (first..=last).contains(b));
+        let range = &self.reexamine;
+        let reexamined =
+            (first.max(range.start)..(last + 1).min(range.end)).filter(|&b| !self.blocks.is_set(b));
+        marked.chain(reexamined)
     }
 
-    fn try_claim(&self, block: u64) -> bool {
-        self.claimed.set(block)
+    fn records(&self, block: u64) -> MutexGuard<'_, Records> {
+        self.preserved[(block % SHARDS as u64) as usize]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
-    fn mark_done(&self, block: u64) {
-        self.done.set(block);
-        let _guard = self.done_signal.0.lock().unwrap_or_else(|p| p.into_inner());
-        self.done_signal.1.notify_all();
-    }
-
-    fn wait_done(&self, block: u64) {
-        let mut guard = self.done_signal.0.lock().unwrap_or_else(|p| p.into_inner());
-        while !self.is_done(block) {
-            guard = self
-                .done_signal
-                .1
-                .wait(guard)
-                .unwrap_or_else(|p| p.into_inner());
-        }
-    }
-
-    /// Reads `block` of the live file as the frozen view shows it into `buf` (one
-    /// block long): zeros past the frozen size (and past the live end of file).
-    fn read_frozen_from_live(&self, live: &File, block: u64, buf: &mut [u8]) -> io::Result<()> {
-        let start = block * self.block_size;
-        let valid = self.size_bytes.saturating_sub(start).min(self.block_size) as usize;
-        let read = read_full_at(live, &mut buf[..valid], start)?;
+    /// Reads `[offset, offset + buf.len())` of the live file as the frozen view shows
+    /// it: zeros past the frozen size (and past the live end of file).
+    fn read_frozen(&self, live: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let valid = self.size_bytes.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let read = read_full_at(live, &mut buf[..valid], offset)?;
         buf[read..].fill(0);
         Ok(())
     }
 
-    /// Called before any change to `block` of the live file. Returns once the
-    /// frozen contents of the block are safe. A failure to preserve is recorded (the
-    /// snapshot will end in error) but never fails the write: the volume comes first.
-    pub fn protect(&self, live: &File, block: u64) {
-        if !self.in_set(block) || self.is_done(block) {
+    /// Called before bytes `[start, end)` of the live file change. Returns once the
+    /// frozen contents of every page they touch in a block not yet captured are
+    /// safe. A failure to preserve is recorded (the snapshot will end in error) but
+    /// never fails the write: the volume comes first.
+    pub fn protect(&self, live: &File, start: u64, end: u64) {
+        if end <= start {
             return;
         }
-        if !self.try_claim(block) {
-            self.wait_done(block);
-            return;
+        let bs = self.block_size;
+        for block in self.captured_blocks_in(start / bs, (end - 1) / bs) {
+            if self.done.get(block) {
+                continue;
+            }
+            let block_start = block * bs;
+            let first_page = start.max(block_start) / PAGE;
+            let end_page = end.min(block_start + bs).div_ceil(PAGE);
+            if let Err(e) = self.preserve(live, block, first_page..end_page) {
+                let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+                failure.get_or_insert_with(|| {
+                    format!("cannot preserve block {block} before a write: {e}")
+                });
+            }
         }
-        if let Err(e) = self.preserve(live, block) {
-            let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
-            failure.get_or_insert_with(|| {
-                format!("cannot preserve block {block} before a write: {e}")
-            });
-        }
-        self.mark_done(block);
     }
 
-    fn preserve(&self, live: &File, block: u64) -> io::Result<()> {
-        let mut data = vec![0u8; self.block_size as usize];
-        self.read_frozen_from_live(live, block, &mut data)?;
-        let offset = self.cow_next.fetch_add(self.block_size, Ordering::Relaxed);
-        self.cow.write_all_at(&data, offset)?;
-        self.preserved
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(block, offset);
+    /// Copies the pages of `pages` (all in `block`) not yet preserved.
+    fn preserve(&self, live: &File, block: u64, pages: Range<u64>) -> io::Result<()> {
+        let mut records = self.records(block);
+        let mut page = pages.start;
+        while page < pages.end {
+            if records.contains_key(&page) {
+                page += 1;
+                continue;
+            }
+            // A run of pages not yet preserved: one read, one write.
+            let run_end = (page..pages.end)
+                .find(|p| records.contains_key(p))
+                .unwrap_or(pages.end);
+            let mut copy = vec![0u8; ((run_end - page) * PAGE) as usize];
+            self.read_frozen(live, &mut copy, page * PAGE)?;
+            let offset = self
+                .cow_next
+                .fetch_add(copy.len() as u64, Ordering::Relaxed);
+            self.cow.write_all_at(&copy, offset)?;
+            for (i, p) in (page..run_end).enumerate() {
+                records.insert(p, offset + i as u64 * PAGE);
+            }
+            page = run_end;
+        }
         Ok(())
     }
 
-    /// [`Freeze::protect`] for every captured block in `first..=last`.
-    pub fn protect_range(&self, live: &File, first: u64, last: u64) {
-        let from = self.words.partition_point(|&w| (w as u64) < first / 64);
-        for &w in self.words[from..]
-            .iter()
-            .take_while(|&&w| w as u64 <= last / 64)
-        {
-            for block in self.blocks.blocks_in_word(w) {
-                if (first..=last).contains(&block) {
-                    self.protect(live, block);
-                }
-            }
-        }
-        let range = &self.reexamine;
-        for block in first.max(range.start)..(last + 1).min(range.end) {
-            self.protect(live, block);
-        }
-    }
-
     /// The frozen contents of `block`, for the capture worker, into `buf` (resized
-    /// to one block). Each block of the set must be taken once.
+    /// to one block). Each block of the set is taken once.
     pub fn take_into(&self, live: &File, block: u64, buf: &mut Vec<u8>) -> io::Result<()> {
-        buf.resize(self.block_size as usize, 0);
-        if self.try_claim(block) {
-            let read = self.read_frozen_from_live(live, block, buf);
-            self.mark_done(block);
-            return read;
+        let bs = self.block_size;
+        buf.resize(bs as usize, 0);
+        self.read_frozen(live, buf, block * bs)?;
+        // Only now look for preserved pages: see the module documentation.
+        let first_page = block * bs / PAGE;
+        let overlay: Vec<(u64, u64)> = {
+            let records = self.records(block);
+            (first_page..first_page + bs / PAGE)
+                .filter_map(|p| records.get(&p).map(|&offset| (p, offset)))
+                .collect()
+        };
+        for (page, offset) in overlay {
+            let at = ((page - first_page) * PAGE) as usize;
+            self.cow
+                .read_exact_at(&mut buf[at..at + PAGE as usize], offset)?;
         }
-        self.wait_done(block);
-        let offset = self
-            .preserved
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&block)
-            .copied();
-        match offset {
-            Some(offset) => self.cow.read_exact_at(buf, offset),
-            None => {
-                Err(io::Error::other(self.failure().unwrap_or_else(|| {
-                    format!("block {block} was not preserved")
-                })))
-            }
-        }
+        self.done.set(block);
+        Ok(())
     }
 
     /// [`Freeze::take_into`] a new buffer.
@@ -264,8 +269,10 @@ pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usiz
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
-    const BS: u64 = 4096;
+    /// Four pages per block, to exercise partial preservation.
+    const BS: u64 = 4 * PAGE;
 
     fn setup(blocks: &[u64]) -> (tempfile::TempDir, File, Freeze) {
         let dir = tempfile::tempdir().unwrap();
@@ -291,21 +298,31 @@ mod tests {
         (dir, live, freeze)
     }
 
+    fn write(live: &File, freeze: &Freeze, offset: u64, data: &[u8]) {
+        freeze.protect(live, offset, offset + data.len() as u64);
+        live.write_all_at(data, offset).unwrap();
+    }
+
     #[test]
-    fn writer_first_preserves_old_contents() {
+    fn writes_before_the_capture_keep_the_old_pages_only() {
         let (_dir, live, freeze) = setup(&[1, 2]);
-        freeze.protect(&live, 1);
-        live.write_all_at(&vec![0xaa; BS as usize], BS).unwrap();
+        // One unaligned write over pages 1 and 2 of block 1.
+        write(&live, &freeze, BS + PAGE + 10, &[0xaa; 5000]);
+        assert_eq!(freeze.cow_next.load(Ordering::Relaxed), 2 * PAGE);
         assert_eq!(freeze.take(&live, 1).unwrap(), vec![2u8; BS as usize]);
+        // After the capture, writes are no longer preserved.
+        write(&live, &freeze, BS, &[0xbb; 100]);
+        assert_eq!(freeze.cow_next.load(Ordering::Relaxed), 2 * PAGE);
         // Untouched block is read live; a block outside the set is never preserved.
         assert_eq!(freeze.take(&live, 2).unwrap(), vec![3u8; BS as usize]);
-        freeze.protect(&live, 5);
-        assert!(freeze.preserved.lock().unwrap().get(&5).is_none());
+        write(&live, &freeze, 5 * BS, &[0xcc; 100]);
+        assert_eq!(freeze.cow_next.load(Ordering::Relaxed), 2 * PAGE);
     }
 
     #[test]
     fn bytes_past_the_frozen_size_read_as_zero() {
         let (_dir, live, freeze) = setup(&[7]);
+        write(&live, &freeze, 7 * BS + 50, &[9; 200]);
         let data = freeze.take(&live, 7).unwrap();
         assert_eq!(&data[..100], &[8u8; 100][..]);
         assert!(data[100..].iter().all(|&b| b == 0));
@@ -313,23 +330,30 @@ mod tests {
 
     #[test]
     fn racing_writers_and_worker_always_see_the_frozen_block() {
-        let (_dir, live, freeze) = setup(&[0, 1, 2, 3, 4, 5, 6]);
-        let (live, freeze) = (std::sync::Arc::new(live), std::sync::Arc::new(freeze));
-        let writer = {
-            let (live, freeze) = (live.clone(), freeze.clone());
-            std::thread::spawn(move || {
-                for b in (0..7u64).rev() {
-                    freeze.protect(&live, b);
-                    live.write_all_at(&vec![0xee; BS as usize], b * BS).unwrap();
-                }
-            })
-        };
-        for b in 0..7u64 {
-            assert_eq!(
-                freeze.take(&live, b).unwrap(),
-                vec![b as u8 + 1; BS as usize]
-            );
+        for round in 0..50u8 {
+            let (_dir, live, freeze) = setup(&[0, 1, 2, 3, 4, 5, 6]);
+            let (live, freeze) = (Arc::new(live), Arc::new(freeze));
+            let writers: Vec<_> = (0..3u64)
+                .map(|t| {
+                    let (live, freeze) = (live.clone(), freeze.clone());
+                    std::thread::spawn(move || {
+                        for i in 0..28u64 {
+                            let page = (i * 7 + t * 3 + u64::from(round)) % 28;
+                            write(&live, &freeze, page * PAGE, &[0xee; PAGE as usize]);
+                        }
+                    })
+                })
+                .collect();
+            for b in 0..7u64 {
+                assert_eq!(
+                    freeze.take(&live, b).unwrap(),
+                    vec![b as u8 + 1; BS as usize],
+                    "round {round} block {b}"
+                );
+            }
+            for w in writers {
+                w.join().unwrap();
+            }
         }
-        writer.join().unwrap();
     }
 }

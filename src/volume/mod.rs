@@ -4,8 +4,8 @@
 //! block touched. Every change goes through [`Volume::modify`], which keeps the two
 //! invariants snapshots rely on:
 //! 1. a changed block is in the dirty map before its bytes reach the data file;
-//! 2. while a snapshot is being captured, a block it still needs is taken (preserved)
-//!    before its bytes change.
+//! 2. while a snapshot is being captured, the pages it still needs are preserved
+//!    before their bytes change.
 //!
 //! The [`Epoch`] lock is the freeze barrier: changes hold it shared; a snapshot's
 //! freeze holds it exclusively for the few microseconds it takes to swap dirty maps.
@@ -174,9 +174,7 @@ impl Volume {
         if end > start {
             let (first, last) = (start / self.block_size, (end - 1) / self.block_size);
             if let Some(freeze) = &epoch.freeze {
-                for block in first..=last {
-                    freeze.protect(&self.data, block);
-                }
+                freeze.protect(&self.data, start, end);
             }
             epoch
                 .dirty
@@ -204,7 +202,7 @@ impl Volume {
         if new_size < old_size {
             let bs = self.block_size;
             if let Some(freeze) = &epoch.freeze {
-                freeze.protect_range(&self.data, new_size / bs, (old_size - 1) / bs);
+                freeze.protect(&self.data, new_size, old_size);
             }
             // The block holding the new end keeps a zeroed tail: a change like any
             // other. Blocks wholly past it are covered by the low-water size.
