@@ -317,13 +317,20 @@ impl Filesystem for EbsFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        READ_BUF.with_borrow_mut(|buf| match self.core.read(ino.0, fh.0, offset, size, buf) {
-            Ok(()) => reply.data(buf),
-            Err(e) => reply.error(errno(
-                "read",
-                format_args!("inode {} at {offset}", ino.0),
-                &e,
-            )),
+        READ_BUF.with_borrow_mut(|buf| {
+            // Grown once, never shrunk: no zeroing per request.
+            if buf.len() < size as usize {
+                buf.resize(size as usize, 0);
+            }
+            let buf = &mut buf[..size as usize];
+            match self.core.read(ino.0, fh.0, offset, buf) {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => reply.error(errno(
+                    "read",
+                    format_args!("inode {} at {offset}", ino.0),
+                    &e,
+                )),
+            }
         });
     }
 

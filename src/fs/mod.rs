@@ -388,16 +388,8 @@ impl FsCore {
         }
     }
 
-    /// Reads up to `size` bytes at `offset` into a new buffer.
-    pub fn read(
-        &self,
-        ino: u64,
-        fh: u64,
-        offset: u64,
-        size: u32,
-        buf: &mut Vec<u8>,
-    ) -> FsResult<()> {
-        buf.resize(size as usize, 0);
+    /// Reads up to `buf.len()` bytes at `offset`; returns how many were read.
+    pub fn read(&self, ino: u64, fh: u64, offset: u64, buf: &mut [u8]) -> FsResult<usize> {
         let handle = self.handles.get(&fh).map(|h| h.clone());
         let n = match handle {
             Some(Handle::Volume(volume)) => volume.read_at(buf, offset)?,
@@ -420,8 +412,7 @@ impl FsCore {
                 }
             },
         };
-        buf.truncate(n);
-        Ok(())
+        Ok(n)
     }
 }
 

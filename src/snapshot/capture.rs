@@ -15,7 +15,7 @@ use log::warn;
 
 use crate::meta::{CHUNKS, MANIFEST, Meta, MetaError};
 use crate::store::codec::{ChunkHash, Codec, Compressor};
-use crate::store::pack::PackWriter;
+use crate::store::pack::{self, PackWriter};
 use crate::store::{ChunkLocation, ChunkStore, index};
 use crate::volume::Volume;
 use crate::volume::freeze::Freeze;
@@ -92,13 +92,21 @@ pub fn run(
     job.progress
         .total_blocks
         .store(job.freeze.block_count(), Ordering::Relaxed);
-    let cursor = AtomicUsize::new(0);
-    let shared = Mutex::new(Captured::default());
+    let shared = Workers {
+        job,
+        meta,
+        store,
+        writer,
+        cursor: AtomicUsize::new(0),
+        units,
+        threads: threads.max(1),
+        captured: Mutex::new(Captured::default()),
+    };
     let first_error: Mutex<Option<SnapshotError>> = Mutex::new(None);
     std::thread::scope(|scope| {
-        for _ in 0..threads.max(1) {
+        for _ in 0..shared.threads {
             scope.spawn(|| {
-                if let Err(e) = worker(job, meta, store, writer, &cursor, units, &shared) {
+                if let Err(e) = worker(&shared) {
                     job.progress.cancelled.store(true, Ordering::Relaxed);
                     first_error
                         .lock()
@@ -117,18 +125,36 @@ pub fn run(
     if let Some(failure) = job.freeze.failure() {
         return Err(SnapshotError::CaptureFailed(failure));
     }
-    Ok(shared.into_inner().unwrap_or_else(|p| p.into_inner()))
+    Ok(shared
+        .captured
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner()))
 }
 
-fn worker(
-    job: &CaptureJob,
-    meta: &Meta,
-    store: &ChunkStore,
-    writer: &PackWriter,
-    cursor: &AtomicUsize,
+/// What the capture workers share.
+struct Workers<'a> {
+    job: &'a CaptureJob,
+    meta: &'a Meta,
+    store: &'a ChunkStore,
+    writer: &'a PackWriter,
+    /// Next unit of work to take.
+    cursor: AtomicUsize,
     units: usize,
-    shared: &Mutex<Captured>,
-) -> Result<(), SnapshotError> {
+    threads: usize,
+    captured: Mutex<Captured>,
+}
+
+fn worker(workers: &Workers<'_>) -> Result<(), SnapshotError> {
+    let Workers {
+        job,
+        meta,
+        store,
+        writer,
+        ref cursor,
+        units,
+        threads,
+        captured: ref shared,
+    } = *workers;
     let txn = meta.begin_read()?;
     let manifest_table = txn.open_table(MANIFEST).map_err(MetaError::from)?;
     let chunk_table = txn.open_table(CHUNKS).map_err(MetaError::from)?;
@@ -136,11 +162,16 @@ fn worker(
     let mut compressor = Compressor::new(store.compression_level)
         .map_err(|e| SnapshotError::CaptureFailed(format!("zstd: {e}")))?;
     let mut data = Vec::new();
+    let mut run = Run::default();
     loop {
         let unit = cursor.fetch_add(1, Ordering::Relaxed);
         if unit >= units || job.progress.cancelled.load(Ordering::Relaxed) {
             return Ok(());
         }
+        // Units are taken in order by all workers: read this one and the one this
+        // worker will likely take next ahead of need.
+        job.freeze.prefetch_unit(live, unit);
+        job.freeze.prefetch_unit(live, unit + threads);
         for block in job.freeze.unit_blocks(unit) {
             job.freeze
                 .take_into(live, block, &mut data)
@@ -158,7 +189,7 @@ fn worker(
             };
             if !unchanged {
                 if let BlockContent::Chunk(hash) = content {
-                    store_chunk(&mut compressor, writer, &chunk_table, shared, hash, &data)?;
+                    store_chunk(&mut compressor, &mut run, &chunk_table, shared, hash, &data)?;
                 }
                 shared
                     .lock()
@@ -168,12 +199,76 @@ fn worker(
             }
             job.progress.done_blocks.fetch_add(1, Ordering::Relaxed);
         }
+        run.flush(writer, shared)?;
     }
 }
 
+/// Chunks a worker encoded but has not written yet: one unit's worth, appended as a
+/// single contiguous run so that neighbouring blocks stay neighbours in the pack (a
+/// sequential read of the snapshot then reads the pack sequentially).
+#[derive(Default)]
+struct Run {
+    /// Payloads, each padded to the pack alignment.
+    bytes: Vec<u8>,
+    /// (hash, codec, offset within `bytes`, stored length, plain length)
+    chunks: Vec<(ChunkHash, Codec, u64, u32, u32)>,
+}
+
+impl Run {
+    fn contains(&self, hash: &ChunkHash) -> bool {
+        self.chunks.iter().any(|c| c.0 == *hash)
+    }
+
+    fn push(&mut self, hash: ChunkHash, codec: Codec, payload: &[u8], plain_len: usize) {
+        let at = self.bytes.len() as u64;
+        self.bytes.extend_from_slice(payload);
+        self.bytes
+            .resize(pack::align_up(self.bytes.len() as u64) as usize, 0);
+        self.chunks
+            .push((hash, codec, at, payload.len() as u32, plain_len as u32));
+    }
+
+    /// Appends the run to the pack and publishes where each chunk went.
+    fn flush(
+        &mut self,
+        writer: &PackWriter,
+        shared: &Mutex<Captured>,
+    ) -> Result<(), SnapshotError> {
+        if self.chunks.is_empty() {
+            return Ok(());
+        }
+        let base = writer.append(&self.bytes).map_err(|e| {
+            SnapshotError::CaptureFailed(format!("writing to pack {}: {e}", writer.pack.id))
+        })?;
+        let mut captured = shared.lock().unwrap_or_else(|p| p.into_inner());
+        for (hash, codec, at, stored_len, plain_len) in self.chunks.drain(..) {
+            let loc = ChunkLocation {
+                pack: writer.pack.id,
+                offset: base + at,
+                stored_len,
+                plain_len,
+                codec,
+            };
+            match captured.new_chunks.entry(hash) {
+                std::collections::hash_map::Entry::Occupied(_) => {
+                    captured.duplicates.push((hash, loc));
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(loc);
+                    captured.stored_bytes += u64::from(stored_len);
+                }
+            }
+        }
+        self.bytes.clear();
+        Ok(())
+    }
+}
+
+/// Adds a block's chunk to `run` unless it is stored already (by this capture or
+/// before it), in which case its location is remembered.
 fn store_chunk(
     compressor: &mut Compressor,
-    writer: &PackWriter,
+    run: &mut Run,
     chunk_table: &impl redb::ReadableTable<&'static [u8; 32], crate::meta::ChunkRow>,
     shared: &Mutex<Captured>,
     hash: ChunkHash,
@@ -185,6 +280,9 @@ fn store_chunk(
             return Ok(());
         }
     }
+    if run.contains(&hash) {
+        return Ok(());
+    }
     if let Some((loc, _)) = index::lookup(chunk_table, &hash)? {
         shared
             .lock()
@@ -193,28 +291,9 @@ fn store_chunk(
             .insert(hash, loc);
         return Ok(());
     }
-    let compressed = compressor.compress(data);
-    let (codec, payload) = match &compressed {
-        Some(bytes) => (Codec::Zstd, bytes.as_slice()),
-        None => (Codec::Raw, data),
-    };
-    let offset = writer.append(payload).map_err(|e| {
-        SnapshotError::CaptureFailed(format!("writing to pack {}: {e}", writer.pack.id))
-    })?;
-    let loc = ChunkLocation {
-        pack: writer.pack.id,
-        offset,
-        stored_len: payload.len() as u32,
-        plain_len: data.len() as u32,
-        codec,
-    };
-    let mut captured = shared.lock().unwrap_or_else(|p| p.into_inner());
-    match captured.new_chunks.entry(hash) {
-        std::collections::hash_map::Entry::Occupied(_) => captured.duplicates.push((hash, loc)),
-        std::collections::hash_map::Entry::Vacant(slot) => {
-            slot.insert(loc);
-            captured.stored_bytes += u64::from(loc.stored_len);
-        }
+    match compressor.compress(data) {
+        Some(compressed) => run.push(hash, Codec::Zstd, &compressed, data.len()),
+        None => run.push(hash, Codec::Raw, data, data.len()),
     }
     Ok(())
 }

@@ -531,14 +531,17 @@ impl SnapshotEngine {
         let txn = self.meta.begin_read()?;
         let manifest_table = txn.open_table(MANIFEST).map_err(MetaError::from)?;
         let chunk_table = txn.open_table(CHUNKS).map_err(MetaError::from)?;
+        // Resolve every block first, then read the chunks together.
+        let mut pieces = Vec::new();
+        let mut chunks = Vec::new();
         let mut pos = offset;
         while pos < end {
             let block = pos / bs;
             let within = (pos % bs) as usize;
             let take = ((bs - within as u64).min(end - pos)) as usize;
-            let out = &mut buf[(pos - offset) as usize..][..take];
+            let at = (pos - offset) as usize;
             match manifest::resolve(&manifest_table, record.lineage, block, record.id)? {
-                BlockContent::Zero => out.fill(0),
+                BlockContent::Zero => buf[at..at + take].fill(0),
                 BlockContent::Chunk(hash) => {
                     let Some((loc, _)) = index::lookup(&chunk_table, &hash)? else {
                         return Err(MetaError::Corrupt {
@@ -549,12 +552,19 @@ impl SnapshotEngine {
                         }
                         .into());
                     };
-                    let plain = self.store.read(&hash, loc)?;
-                    out.copy_from_slice(&plain[within..within + take]);
+                    chunks.push((hash, loc));
+                    pieces.push((at, within, take));
                 }
             }
             pos += take as u64;
         }
+        // Blocks only partly read are likely to be read again (a filesystem mounted
+        // from the image reads small pieces): keep those decoded.
+        let partial = |i: usize| pieces[i].2 < bs as usize;
+        self.store.read_chunks(&chunks, partial, |i, plain| {
+            let (at, within, take) = pieces[i];
+            buf[at..at + take].copy_from_slice(&plain[within..within + take]);
+        })?;
         Ok((end - offset) as usize)
     }
 

@@ -11,7 +11,7 @@ use super::codec::ChunkHash;
 
 struct Slot {
     hash: ChunkHash,
-    data: Arc<[u8]>,
+    data: Arc<Vec<u8>>,
     referenced: bool,
 }
 
@@ -48,7 +48,7 @@ impl BlockCache {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub fn get(&self, hash: &ChunkHash) -> Option<Arc<[u8]>> {
+    pub fn get(&self, hash: &ChunkHash) -> Option<Arc<Vec<u8>>> {
         let mut clock = self.lock();
         let idx = *clock.index.get(hash)?;
         let slot = &mut clock.slots[idx];
@@ -56,7 +56,7 @@ impl BlockCache {
         Some(slot.data.clone())
     }
 
-    pub fn insert(&self, hash: ChunkHash, data: Arc<[u8]>) {
+    pub fn insert(&self, hash: ChunkHash, data: Arc<Vec<u8>>) {
         let size = data.len() as u64;
         if size > self.capacity_bytes {
             return;
@@ -110,8 +110,8 @@ impl Clock {
 mod tests {
     use super::*;
 
-    fn entry(n: u8) -> (ChunkHash, Arc<[u8]>) {
-        let data: Arc<[u8]> = vec![n; 100].into();
+    fn entry(n: u8) -> (ChunkHash, Arc<Vec<u8>>) {
+        let data = Arc::new(vec![n; 100]);
         (ChunkHash::of(&data), data)
     }
 

@@ -4,6 +4,7 @@
 //! chunk whatever their compression. Decoding always re-hashes the plain bytes and
 //! refuses a mismatch: damaged storage yields an error, never wrong data.
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// BLAKE3 hash of a block's plain contents.
@@ -80,21 +81,22 @@ impl Compressor {
     }
 }
 
-/// Turns a stored payload back into plain bytes, verifying them against `hash`.
+/// Turns a stored payload back into plain bytes, verifying them against `hash`. Raw
+/// payloads are checked in place and returned borrowed.
 pub fn decode(
-    payload: Vec<u8>,
+    payload: &[u8],
     codec: Codec,
     plain_len: usize,
     hash: ChunkHash,
-) -> Result<Vec<u8>, CodecError> {
+) -> Result<Cow<'_, [u8]>, CodecError> {
     let plain = match codec {
-        Codec::Raw => payload,
-        Codec::Zstd => {
-            zstd::bulk::decompress(&payload, plain_len).map_err(|e| CodecError::Undecodable {
+        Codec::Raw => Cow::Borrowed(payload),
+        Codec::Zstd => Cow::Owned(zstd::bulk::decompress(payload, plain_len).map_err(|e| {
+            CodecError::Undecodable {
                 hash,
                 reason: e.to_string(),
-            })?
-        }
+            }
+        })?),
     };
     if plain.len() != plain_len {
         return Err(CodecError::Undecodable {
@@ -135,7 +137,9 @@ mod tests {
         let compressed = Compressor::new(3).unwrap().compress(&plain).unwrap();
         assert!(compressed.len() < plain.len() / 10);
         assert_eq!(
-            decode(compressed, Codec::Zstd, plain.len(), hash).unwrap(),
+            decode(&compressed, Codec::Zstd, plain.len(), hash)
+                .unwrap()
+                .as_ref(),
             plain
         );
     }
@@ -153,7 +157,7 @@ mod tests {
         let mut payload = plain.clone();
         payload[100] ^= 1;
         assert!(matches!(
-            decode(payload, Codec::Raw, plain.len(), hash),
+            decode(&payload, Codec::Raw, plain.len(), hash),
             Err(CodecError::HashMismatch { .. })
         ));
 
@@ -162,6 +166,6 @@ mod tests {
         let mut compressed = Compressor::new(3).unwrap().compress(&text).unwrap();
         let last = compressed.len() - 1;
         compressed[last / 2] ^= 0xff;
-        assert!(decode(compressed, Codec::Zstd, text.len(), hash).is_err());
+        assert!(decode(&compressed, Codec::Zstd, text.len(), hash).is_err());
     }
 }

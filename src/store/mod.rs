@@ -40,6 +40,11 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+thread_local! {
+    /// Pack bytes read by this thread, reused so reads neither allocate nor zero.
+    static PACK_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.to_path_buf(),
@@ -134,20 +139,61 @@ impl ChunkStore {
         Ok(pack)
     }
 
-    /// Reads, verifies and decompresses a chunk (through the cache).
-    pub fn read(&self, hash: &ChunkHash, loc: ChunkLocation) -> StoreResult<Arc<[u8]>> {
-        if let Some(hit) = self.cache.get(hash) {
-            return Ok(hit);
+    /// Reads, verifies and decompresses `chunks`, handing each one's plain bytes to
+    /// `sink(i, bytes)` in order. `keep(i)` says whether chunk `i` is worth caching (a
+    /// block read whole by a sequential reader is not). Chunks missing from the cache
+    /// that lie back to back in a pack (as a snapshot written in one go does) are read
+    /// with one `pread`, into a buffer each thread reuses.
+    pub fn read_chunks(
+        &self,
+        chunks: &[(ChunkHash, ChunkLocation)],
+        keep: impl Fn(usize) -> bool,
+        mut sink: impl FnMut(usize, &[u8]),
+    ) -> StoreResult<()> {
+        let mut i = 0;
+        while i < chunks.len() {
+            if let Some(hit) = self.cache.get(&chunks[i].0) {
+                sink(i, &hit);
+                i += 1;
+                continue;
+            }
+            // A run of misses, each starting where the previous one's pages end.
+            let mut run_end = i + 1;
+            while run_end < chunks.len()
+                && chunks[run_end].1.pack == chunks[i].1.pack
+                && chunks[run_end].1.offset
+                    == pack::align_up(
+                        chunks[run_end - 1].1.offset + u64::from(chunks[run_end - 1].1.stored_len),
+                    )
+                && self.cache.get(&chunks[run_end].0).is_none()
+            {
+                run_end += 1;
+            }
+            let first = chunks[i].1;
+            let last = chunks[run_end - 1].1;
+            let len = (last.offset + u64::from(last.stored_len) - first.offset) as usize;
+            let pack = self.pack(first.pack)?;
+            PACK_BUF.with_borrow_mut(|bytes| -> StoreResult<()> {
+                if bytes.len() < len {
+                    bytes.resize(len, 0);
+                }
+                pack.read_into(&mut bytes[..len], first.offset)
+                    .map_err(io_at(&pack::pack_path(&self.dir, first.pack)))?;
+                for (n, (hash, loc)) in chunks.iter().enumerate().take(run_end).skip(i) {
+                    let at = (loc.offset - first.offset) as usize;
+                    let payload = &bytes[at..at + loc.stored_len as usize];
+                    let plain = codec::decode(payload, loc.codec, loc.plain_len as usize, *hash)
+                        .inspect_err(|e| error!("{e} (pack {} offset {})", loc.pack, loc.offset))?;
+                    sink(n, &plain);
+                    if keep(n) {
+                        self.cache.insert(*hash, Arc::new(plain.into_owned()));
+                    }
+                }
+                Ok(())
+            })?;
+            i = run_end;
         }
-        let pack = self.pack(loc.pack)?;
-        let payload = pack
-            .read(loc.offset, loc.stored_len as usize)
-            .map_err(io_at(&pack::pack_path(&self.dir, loc.pack)))?;
-        let plain: Arc<[u8]> = codec::decode(payload, loc.codec, loc.plain_len as usize, *hash)
-            .inspect_err(|e| error!("{e} (pack {} offset {})", loc.pack, loc.offset))?
-            .into();
-        self.cache.insert(*hash, plain.clone());
-        Ok(plain)
+        Ok(())
     }
 
     /// Registers a running capture: until it ends, freed space is only queued, so

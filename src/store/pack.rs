@@ -57,8 +57,12 @@ impl PackFile {
 
     pub fn read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         let mut buf = vec![0u8; len];
-        self.file.read_exact_at(&mut buf, offset)?;
+        self.read_into(&mut buf, offset)?;
         Ok(buf)
+    }
+
+    pub fn read_into(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
     }
 
     pub fn file_len(&self) -> io::Result<u64> {
@@ -145,9 +149,14 @@ impl PackWriter {
         let len = align_up(payload.len() as u64);
         let offset = self.next.fetch_add(len, Ordering::Relaxed);
         self.pack.file.write_all_at(payload, offset)?;
-        if offset / WRITEBACK_STEP != (offset + len) / WRITEBACK_STEP {
-            let step_start = (offset + len) / WRITEBACK_STEP * WRITEBACK_STEP - WRITEBACK_STEP;
-            start_writeback(&self.pack.file, step_start.max(self.start), WRITEBACK_STEP);
+        // Steps this append completed: from the step it started in to the one it ends in.
+        let (from, to) = (
+            offset / WRITEBACK_STEP * WRITEBACK_STEP,
+            (offset + len) / WRITEBACK_STEP * WRITEBACK_STEP,
+        );
+        if to > from {
+            let from = from.max(self.start);
+            start_writeback(&self.pack.file, from, to - from);
         }
         Ok(offset)
     }

@@ -127,6 +127,33 @@ impl Freeze {
         (start..end).filter(|&b| !self.blocks.is_set(b)).collect()
     }
 
+    /// Asks the kernel to start reading unit `unit`'s blocks from the live file, so
+    /// that a capture of data that is not cached overlaps disk reads with hashing.
+    pub fn prefetch_unit(&self, live: &File, unit: usize) {
+        let blocks = if unit < self.unit_count() {
+            self.unit_blocks(unit)
+        } else {
+            return;
+        };
+        let (Some(first), Some(last)) = (blocks.first(), blocks.last()) else {
+            return;
+        };
+        let start = first * self.block_size;
+        let end = ((last + 1) * self.block_size).min(self.size_bytes);
+        if end > start {
+            // SAFETY: posix_fadvise only reads its integer arguments; the fd is owned
+            // by `live`. It is a hint: failure costs nothing but speed.
+            unsafe {
+                libc::posix_fadvise(
+                    std::os::unix::io::AsRawFd::as_raw_fd(live),
+                    start as libc::off_t,
+                    (end - start) as libc::off_t,
+                    libc::POSIX_FADV_WILLNEED,
+                );
+            }
+        }
+    }
+
     /// Number of blocks this freeze captures.
     pub fn block_count(&self) -> u64 {
         let range = &self.reexamine;
