@@ -1,19 +1,28 @@
 //! The capture: turns a [`Freeze`] into a completed snapshot.
 //!
-//! Workers take the frozen blocks in order, hash them, skip those identical to the
-//! base snapshot, and store each new chunk once (compressed, appended to a pack this
-//! capture owns). Nothing becomes visible until [`commit`]: the pack is fsynced, then
-//! one transaction adds the manifest entries, the chunk references and the
-//! `completed` status. A capture cut off before that leaves no trace but bytes past
-//! the pack's committed length, which the store cuts off.
+//! Workers take the frozen blocks in units (one word of the capture set, 64 blocks),
+//! hash them, skip those identical to the base snapshot, and store each new chunk
+//! once: compressed, appended to a pack this capture owns as one contiguous run per
+//! unit. A unit's manifest entries are published together with its run, so a published
+//! entry only ever names a chunk already written.
+//!
+//! Published entries are committed in batches of [`BATCH_ENTRIES`]: the pack is
+//! fsynced, then one transaction adds the entries and their chunk references. Memory
+//! and transaction size stay bounded whatever the size of the volume. The entries of a
+//! pending snapshot are never read: images are read only once completed, and no
+//! snapshot newer than a pending one exists (one capture per volume at a time), so
+//! nothing resolves through them. The last batch commits with the `completed` status;
+//! a capture that fails, or that a crash interrupts, has its committed entries removed
+//! before it is marked `error` (see `SnapshotEngine::fail` and `recover`).
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use log::warn;
 
-use crate::meta::{CHUNKS, MANIFEST, Meta, MetaError};
+use crate::meta::{CHUNKS, MANIFEST, Meta, MetaError, PACKS};
 use crate::store::codec::{ChunkHash, Codec, Compressor};
 use crate::store::pack::{self, PackWriter};
 use crate::store::{ChunkLocation, ChunkStore, index};
@@ -67,9 +76,12 @@ pub struct CaptureJob {
     pub progress: Arc<CaptureProgress>,
 }
 
-/// What the workers found, ready to commit.
+/// Manifest entries committed per transaction while a capture runs.
+pub const BATCH_ENTRIES: usize = 16_384;
+
+/// Entries published by the workers and not committed yet, with what they reference.
 #[derive(Default)]
-pub struct Captured {
+pub struct Batch {
     pub entries: Vec<(u64, BlockContent)>,
     /// Chunks this capture wrote.
     pub new_chunks: HashMap<ChunkHash, ChunkLocation>,
@@ -77,18 +89,38 @@ pub struct Captured {
     pub existing: HashMap<ChunkHash, ChunkLocation>,
     /// Copies written twice by racing workers: never referenced, freed after commit.
     pub duplicates: Vec<(ChunkHash, ChunkLocation)>,
+}
+
+impl Batch {
+    /// Space this batch wrote that nothing will reference if it is never committed.
+    pub fn unreferenced(&self) -> Vec<(ChunkHash, ChunkLocation)> {
+        self.new_chunks
+            .iter()
+            .map(|(h, l)| (*h, *l))
+            .chain(self.duplicates.iter().copied())
+            .collect()
+    }
+}
+
+/// What a capture leaves for the engine: the last batch (committed with the status
+/// on success, discarded on failure) and the totals for `info`.
+#[derive(Default)]
+pub struct Captured {
+    pub last: Batch,
+    pub changed_blocks: u64,
     pub stored_bytes: u64,
 }
 
-/// Reads, hashes and stores every block of the freeze on `threads` workers.
+/// Reads, hashes and stores every block of the freeze on `threads` workers,
+/// committing full batches as it goes. Whatever the outcome, the returned
+/// [`Captured`] holds the batch that was not committed.
 pub fn run(
     job: &CaptureJob,
     meta: &Meta,
     store: &ChunkStore,
     writer: &PackWriter,
     threads: usize,
-) -> Result<Captured, SnapshotError> {
-    let units = job.freeze.unit_count();
+) -> (Result<(), SnapshotError>, Captured) {
     job.progress
         .total_blocks
         .store(job.freeze.block_count(), Ordering::Relaxed);
@@ -98,9 +130,12 @@ pub fn run(
         store,
         writer,
         cursor: AtomicUsize::new(0),
-        units,
+        units: job.freeze.unit_count(),
         threads: threads.max(1),
-        captured: Mutex::new(Captured::default()),
+        batch: Mutex::new(Batch::default()),
+        committing: Mutex::new(()),
+        changed_blocks: AtomicU64::new(0),
+        stored_bytes: AtomicU64::new(0),
     };
     let first_error: Mutex<Option<SnapshotError>> = Mutex::new(None);
     std::thread::scope(|scope| {
@@ -116,19 +151,21 @@ pub fn run(
             });
         }
     });
-    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
-    }
-    if job.progress.cancelled.load(Ordering::Relaxed) {
-        return Err(SnapshotError::Cancelled);
-    }
-    if let Some(failure) = job.freeze.failure() {
-        return Err(SnapshotError::CaptureFailed(failure));
-    }
-    Ok(shared
-        .captured
-        .into_inner()
-        .unwrap_or_else(|p| p.into_inner()))
+    let captured = Captured {
+        last: shared.batch.into_inner().unwrap_or_else(|p| p.into_inner()),
+        changed_blocks: shared.changed_blocks.into_inner(),
+        stored_bytes: shared.stored_bytes.into_inner(),
+    };
+    let result = if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Err(e)
+    } else if job.progress.cancelled.load(Ordering::Relaxed) {
+        Err(SnapshotError::Cancelled)
+    } else if let Some(failure) = job.freeze.failure() {
+        Err(SnapshotError::CaptureFailed(failure))
+    } else {
+        Ok(())
+    };
+    (result, captured)
 }
 
 /// What the capture workers share.
@@ -141,7 +178,19 @@ struct Workers<'a> {
     cursor: AtomicUsize,
     units: usize,
     threads: usize,
-    captured: Mutex<Captured>,
+    /// Published, not yet committed.
+    batch: Mutex<Batch>,
+    /// One batch commit at a time.
+    committing: Mutex<()>,
+    changed_blocks: AtomicU64,
+    stored_bytes: AtomicU64,
+}
+
+/// One unit's results, published at once after its run is written.
+#[derive(Default)]
+struct UnitResult {
+    entries: Vec<(u64, BlockContent)>,
+    existing: HashMap<ChunkHash, ChunkLocation>,
 }
 
 fn worker(workers: &Workers<'_>) -> Result<(), SnapshotError> {
@@ -153,11 +202,8 @@ fn worker(workers: &Workers<'_>) -> Result<(), SnapshotError> {
         ref cursor,
         units,
         threads,
-        captured: ref shared,
+        ..
     } = *workers;
-    let txn = meta.begin_read()?;
-    let manifest_table = txn.open_table(MANIFEST).map_err(MetaError::from)?;
-    let chunk_table = txn.open_table(CHUNKS).map_err(MetaError::from)?;
     let live = job.volume.data_file();
     let mut compressor = Compressor::new(store.compression_level)
         .map_err(|e| SnapshotError::CaptureFailed(format!("zstd: {e}")))?;
@@ -172,6 +218,11 @@ fn worker(workers: &Workers<'_>) -> Result<(), SnapshotError> {
         // worker will likely take next ahead of need.
         job.freeze.prefetch_unit(live, unit);
         job.freeze.prefetch_unit(live, unit + threads);
+        // A fresh view per unit: it sees the chunks committed by earlier batches.
+        let txn = meta.begin_read()?;
+        let manifest_table = txn.open_table(MANIFEST).map_err(MetaError::from)?;
+        let chunk_table = txn.open_table(CHUNKS).map_err(MetaError::from)?;
+        let mut result = UnitResult::default();
         for block in job.freeze.unit_blocks(unit) {
             job.freeze
                 .take_into(live, block, &mut data)
@@ -189,18 +240,117 @@ fn worker(workers: &Workers<'_>) -> Result<(), SnapshotError> {
             };
             if !unchanged {
                 if let BlockContent::Chunk(hash) = content {
-                    store_chunk(&mut compressor, &mut run, &chunk_table, shared, hash, &data)?;
+                    let found = ChunkSources {
+                        batch: &workers.batch,
+                        unit: &result,
+                        run: &run,
+                        table: &chunk_table,
+                    }
+                    .find(&hash)?;
+                    match found {
+                        Found::Stored(Some(loc)) => {
+                            result.existing.insert(hash, loc);
+                        }
+                        Found::Stored(None) => {}
+                        Found::Missing => match compressor.compress(&data) {
+                            Some(compressed) => {
+                                run.push(hash, Codec::Zstd, &compressed, data.len())
+                            }
+                            None => run.push(hash, Codec::Raw, &data, data.len()),
+                        },
+                    }
                 }
-                shared
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .entries
-                    .push((block, content));
+                result.entries.push((block, content));
             }
             job.progress.done_blocks.fetch_add(1, Ordering::Relaxed);
         }
-        run.flush(writer, shared)?;
+        let written = run.flush(writer)?;
+        if let Some(full) = workers.publish(written, result) {
+            workers.commit_batch(full)?;
+        }
     }
+}
+
+/// Where a block's chunk may already be.
+enum Found {
+    /// Stored: `Some` with its location when known only from the index (the commit
+    /// needs it to bring the row back should a deletion remove it meanwhile).
+    Stored(Option<ChunkLocation>),
+    Missing,
+}
+
+struct ChunkSources<'a, T> {
+    batch: &'a Mutex<Batch>,
+    unit: &'a UnitResult,
+    run: &'a Run,
+    table: &'a T,
+}
+
+impl<T: redb::ReadableTable<&'static [u8; 32], crate::meta::ChunkRow>> ChunkSources<'_, T> {
+    fn find(&self, hash: &ChunkHash) -> Result<Found, SnapshotError> {
+        if self.run.contains(hash) || self.unit.existing.contains_key(hash) {
+            return Ok(Found::Stored(None));
+        }
+        {
+            let batch = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+            if batch.new_chunks.contains_key(hash) || batch.existing.contains_key(hash) {
+                return Ok(Found::Stored(None));
+            }
+        }
+        Ok(match index::lookup(self.table, hash)? {
+            Some((loc, _)) => Found::Stored(Some(loc)),
+            None => Found::Missing,
+        })
+    }
+}
+
+impl Workers<'_> {
+    /// Publishes a unit: its written chunks and its entries. Returns the batch to
+    /// commit when this made it full.
+    fn publish(&self, written: Vec<(ChunkHash, ChunkLocation)>, unit: UnitResult) -> Option<Batch> {
+        let mut batch = self.batch.lock().unwrap_or_else(|p| p.into_inner());
+        for (hash, loc) in written {
+            match batch.new_chunks.entry(hash) {
+                Entry::Occupied(_) => batch.duplicates.push((hash, loc)),
+                Entry::Vacant(slot) => {
+                    slot.insert(loc);
+                    self.stored_bytes
+                        .fetch_add(u64::from(loc.stored_len), Ordering::Relaxed);
+                }
+            }
+        }
+        self.changed_blocks
+            .fetch_add(unit.entries.len() as u64, Ordering::Relaxed);
+        batch.entries.extend(unit.entries);
+        batch.existing.extend(unit.existing);
+        (batch.entries.len() >= BATCH_ENTRIES).then(|| std::mem::take(&mut *batch))
+    }
+
+    /// Makes a full batch durable: chunks first, then one transaction.
+    fn commit_batch(&self, batch: Batch) -> Result<(), SnapshotError> {
+        let _one_at_a_time = self.committing.lock().unwrap_or_else(|p| p.into_inner());
+        self.writer.pack.sync_data().map_err(|e| {
+            SnapshotError::CaptureFailed(format!("syncing pack {}: {e}", self.writer.pack.id))
+        })?;
+        let txn = self.meta.begin_write()?;
+        let garbage = commit_entries(&txn, self.job, &batch)?;
+        record_pack_length(&txn, self.writer)?;
+        txn.commit().map_err(MetaError::from)?;
+        self.store.release(self.meta, garbage);
+        Ok(())
+    }
+}
+
+/// Records how far the capture's pack is written (everything committed lies below).
+pub fn record_pack_length(
+    txn: &redb::WriteTransaction,
+    writer: &PackWriter,
+) -> Result<(), SnapshotError> {
+    txn.open_table(PACKS)
+        .map_err(MetaError::from)?
+        .insert(writer.pack.id, writer.end())
+        .map_err(MetaError::from)?;
+    Ok(())
 }
 
 /// Chunks a worker encoded but has not written yet: one unit's worth, appended as a
@@ -228,101 +378,64 @@ impl Run {
             .push((hash, codec, at, payload.len() as u32, plain_len as u32));
     }
 
-    /// Appends the run to the pack and publishes where each chunk went.
+    /// Appends the run to the pack; returns where each chunk went.
     fn flush(
         &mut self,
         writer: &PackWriter,
-        shared: &Mutex<Captured>,
-    ) -> Result<(), SnapshotError> {
+    ) -> Result<Vec<(ChunkHash, ChunkLocation)>, SnapshotError> {
         if self.chunks.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let base = writer.append(&self.bytes).map_err(|e| {
             SnapshotError::CaptureFailed(format!("writing to pack {}: {e}", writer.pack.id))
         })?;
-        let mut captured = shared.lock().unwrap_or_else(|p| p.into_inner());
-        for (hash, codec, at, stored_len, plain_len) in self.chunks.drain(..) {
-            let loc = ChunkLocation {
-                pack: writer.pack.id,
-                offset: base + at,
-                stored_len,
-                plain_len,
-                codec,
-            };
-            match captured.new_chunks.entry(hash) {
-                std::collections::hash_map::Entry::Occupied(_) => {
-                    captured.duplicates.push((hash, loc));
-                }
-                std::collections::hash_map::Entry::Vacant(slot) => {
-                    slot.insert(loc);
-                    captured.stored_bytes += u64::from(stored_len);
-                }
-            }
-        }
+        let written = self
+            .chunks
+            .drain(..)
+            .map(|(hash, codec, at, stored_len, plain_len)| {
+                let loc = ChunkLocation {
+                    pack: writer.pack.id,
+                    offset: base + at,
+                    stored_len,
+                    plain_len,
+                    codec,
+                };
+                (hash, loc)
+            })
+            .collect();
         self.bytes.clear();
-        Ok(())
+        Ok(written)
     }
 }
 
-/// Adds a block's chunk to `run` unless it is stored already (by this capture or
-/// before it), in which case its location is remembered.
-fn store_chunk(
-    compressor: &mut Compressor,
-    run: &mut Run,
-    chunk_table: &impl redb::ReadableTable<&'static [u8; 32], crate::meta::ChunkRow>,
-    shared: &Mutex<Captured>,
-    hash: ChunkHash,
-    data: &[u8],
-) -> Result<(), SnapshotError> {
-    {
-        let captured = shared.lock().unwrap_or_else(|p| p.into_inner());
-        if captured.new_chunks.contains_key(&hash) || captured.existing.contains_key(&hash) {
-            return Ok(());
-        }
-    }
-    if run.contains(&hash) {
-        return Ok(());
-    }
-    if let Some((loc, _)) = index::lookup(chunk_table, &hash)? {
-        shared
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .existing
-            .insert(hash, loc);
-        return Ok(());
-    }
-    match compressor.compress(data) {
-        Some(compressed) => run.push(hash, Codec::Zstd, &compressed, data.len()),
-        None => run.push(hash, Codec::Raw, data, data.len()),
-    }
-    Ok(())
-}
-
-/// Adds the capture's entries and chunk references inside `txn`. Returns the space
-/// to free once the transaction has committed: copies another capture stored first.
+/// Adds a batch's entries and chunk references inside `txn`. Returns the space to
+/// free once the transaction has committed: copies another capture stored first.
 pub fn commit_entries(
     txn: &redb::WriteTransaction,
     job: &CaptureJob,
-    captured: &Captured,
+    batch: &Batch,
 ) -> Result<Vec<(ChunkHash, ChunkLocation)>, SnapshotError> {
     let mut refs: HashMap<ChunkHash, u64> = HashMap::new();
-    for (block, content) in &captured.entries {
+    for (block, content) in &batch.entries {
         manifest::insert(txn, job.lineage, *block, job.snapshot, *content)?;
         if let BlockContent::Chunk(hash) = content {
             *refs.entry(*hash).or_default() += 1;
         }
     }
     let mut chunks = txn.open_table(CHUNKS).map_err(MetaError::from)?;
-    let mut garbage = captured.duplicates.clone();
+    let mut garbage = batch.duplicates.clone();
     for (hash, count) in refs {
-        if let Some(&loc) = captured.new_chunks.get(&hash) {
+        if let Some(&loc) = batch.new_chunks.get(&hash) {
             let kept = index::add_refs(&mut chunks, &hash, loc, count)?;
             if kept != loc {
                 garbage.push((hash, loc));
             }
-        } else if let Some(&loc) = captured.existing.get(&hash) {
+        } else if let Some(&loc) = batch.existing.get(&hash) {
             // If a deletion removed the row since the lookup, the bytes are still in
             // place (space is not freed while a capture runs) and the row comes back.
+            index::add_refs(&mut chunks, &hash, loc, count)?;
+        } else if let Some((loc, _)) = index::lookup(&chunks, &hash)? {
+            // Written by this capture and committed with an earlier batch.
             index::add_refs(&mut chunks, &hash, loc, count)?;
         } else {
             warn!("snapshot {}: chunk {hash} has no location", job.snapshot);

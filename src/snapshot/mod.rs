@@ -3,11 +3,11 @@
 //!
 //! Rules kept here:
 //! - one capture per volume at a time: a second `mkdir` while one is pending is `EBUSY`;
-//! - a snapshot is `completed` only in the transaction that commits its manifest,
-//!   after its chunks are durable;
+//! - a snapshot is `completed` only in the transaction that commits the last batch
+//!   of its manifest, after its chunks are durable;
 //! - a failed or interrupted capture returns its blocks to the volume's dirty map, so
 //!   the next snapshot of the volume still holds every change since the last
-//!   completed one;
+//!   completed one, and the entries it committed are removed before anything else;
 //! - a deleted snapshot that is still the base of its volume's next capture stays,
 //!   hidden, until a newer snapshot completes or the volume is deleted.
 
@@ -26,8 +26,7 @@ use redb::WriteTransaction;
 
 use crate::catalog::{Catalog, Records};
 use crate::meta::{
-    self, CHUNKS, MANIFEST, Meta, MetaError, Owner, PACKS, SnapshotRecord, SnapshotStatus,
-    Timestamp,
+    self, CHUNKS, MANIFEST, Meta, MetaError, Owner, SnapshotRecord, SnapshotStatus, Timestamp,
 };
 use crate::names::SnapshotName;
 use crate::store::codec::ChunkHash;
@@ -231,22 +230,21 @@ impl SnapshotEngine {
 
     fn capture(&self, job: CaptureJob) {
         self.store.begin_capture();
-        let outcome = self
-            .store
-            .checkout_writer(&self.meta)
-            .map_err(SnapshotError::from)
-            .and_then(|writer| {
+        match self.store.checkout_writer(&self.meta) {
+            Err(e) => self.fail(&job, e.into(), &capture::Batch::default()),
+            Ok(writer) => {
                 let started = Instant::now();
-                let result =
-                    capture::run(&job, &self.meta, &self.store, &writer, self.capture_threads)
-                        .and_then(|captured| {
-                            self.complete(&job, &writer, captured, started.elapsed())
-                        });
-                self.store.return_writer(writer, result.is_ok());
-                result
-            });
-        if let Err(e) = outcome {
-            self.fail(&job, e);
+                let (result, captured) =
+                    capture::run(&job, &self.meta, &self.store, &writer, self.capture_threads);
+                let result = result
+                    .and_then(|()| self.complete(&job, &writer, &captured, started.elapsed()));
+                if let Err(e) = result {
+                    self.fail(&job, e, &captured.last);
+                }
+                // Committed batches may live in the pack whatever the outcome: it is
+                // never cut back; what nothing references is punched out instead.
+                self.store.return_writer(writer);
+            }
         }
         remove_capture_files(job.freeze.blocks.path().as_path(), job.freeze.cow_path());
         self.store.end_capture(&self.meta);
@@ -260,7 +258,7 @@ impl SnapshotEngine {
         &self,
         job: &CaptureJob,
         writer: &crate::store::pack::PackWriter,
-        captured: capture::Captured,
+        captured: &capture::Captured,
         read_time: Duration,
     ) -> SnapshotResult<()> {
         let sync_started = Instant::now();
@@ -278,18 +276,15 @@ impl SnapshotEngine {
             let committed = self.transact(|txn, staged, settle| {
                 settle
                     .freed
-                    .extend(capture::commit_entries(txn, job, &captured)?);
-                txn.open_table(PACKS)
-                    .map_err(MetaError::from)?
-                    .insert(writer.pack.id, writer.end())
-                    .map_err(MetaError::from)?;
+                    .extend(capture::commit_entries(txn, job, &captured.last)?);
+                capture::record_pack_length(txn, writer)?;
                 let Some(mut record) = staged.snapshots.get(&job.snapshot).cloned() else {
                     return Err(SnapshotError::Cancelled);
                 };
                 record.status = SnapshotStatus::Completed;
                 record.completed = Some(Timestamp::now());
                 record.parent = staged.visible_parent(job.lineage, job.snapshot);
-                record.changed_blocks = captured.entries.len() as u64;
+                record.changed_blocks = captured.changed_blocks;
                 record.stored_bytes = captured.stored_bytes;
                 meta::put_snapshot(txn, &record)?;
                 staged.upsert_snapshot(record.clone());
@@ -321,13 +316,22 @@ impl SnapshotEngine {
     }
 
     /// Records a failed capture (or forgets a cancelled one) and gives its blocks
-    /// back to the volume's dirty map.
-    fn fail(&self, job: &CaptureJob, reason: SnapshotError) {
+    /// back to the volume's dirty map. What it stored goes: the uncommitted `leftover`
+    /// batch at once, committed batches entry by entry.
+    fn fail(&self, job: &CaptureJob, reason: SnapshotError, leftover: &capture::Batch) {
         if let Err(e) = job.volume.thaw(true) {
             error!(
                 "snapshot {}: cannot return blocks to the dirty map: {e}",
                 job.snapshot
             );
+        }
+        self.store.release(&self.meta, leftover.unreferenced());
+        if let Err(e) = self.drop_entries(job.lineage, job.snapshot) {
+            error!(
+                "snapshot {}: cannot remove what its capture stored ({e}); the next start retries",
+                job.snapshot
+            );
+            return;
         }
         let cancelled = matches!(reason, SnapshotError::Cancelled);
         let result = {
@@ -356,6 +360,26 @@ impl SnapshotEngine {
             ),
             (Ok(()), true) => info!("snapshot {} cancelled", job.snapshot),
             (Ok(()), false) => warn!("snapshot {} failed: {reason}", job.snapshot),
+        }
+    }
+
+    /// Removes the manifest entries a capture that will never complete committed,
+    /// in bounded transactions.
+    fn drop_entries(&self, lineage: u64, snapshot: u64) -> SnapshotResult<()> {
+        loop {
+            let (done, settle) = {
+                let _ns = self.namespace_lock();
+                self.transact(|txn, _, settle| {
+                    let step =
+                        manifest::remove_snapshot(txn, lineage, snapshot, None, SETTLE_BATCH)?;
+                    settle.freed.extend(step.freed);
+                    Ok(step.done)
+                })?
+            };
+            self.settled(settle);
+            if done {
+                return Ok(());
+            }
         }
     }
 
@@ -638,6 +662,19 @@ impl SnapshotEngine {
                 what: format!("removing {name}"),
                 source: e,
             })?;
+        }
+        // Interrupted captures, and failed ones whose clean-up a crash cut short, may
+        // have committed entries: none may outlive them.
+        let failed: Vec<(u64, u64)> = self
+            .catalog
+            .read()
+            .snapshots
+            .values()
+            .filter(|s| s.status != SnapshotStatus::Completed)
+            .map(|s| (s.lineage, s.id))
+            .collect();
+        for (lineage, id) in failed {
+            self.drop_entries(lineage, id)?;
         }
         let _ns = self.namespace_lock();
         let ((), settle) = self.transact(|txn, staged, settle| {

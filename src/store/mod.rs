@@ -283,20 +283,9 @@ impl ChunkStore {
         Ok(PackWriter::new(pack, 0))
     }
 
-    /// Returns a writer's pack. Unless the capture committed (recording the new
-    /// length in the same transaction), what it appended is cut off again.
-    pub fn return_writer(&self, writer: PackWriter, committed: bool) {
-        let len = if committed {
-            writer.end()
-        } else {
-            if let Err(e) = writer.pack.truncate(writer.start) {
-                warn!(
-                    "pack {}: cannot cut off an aborted capture: {e}",
-                    writer.pack.id
-                );
-            }
-            writer.start
-        };
+    /// Returns a writer's pack for later captures to append to.
+    pub fn return_writer(&self, writer: PackWriter) {
+        let len = writer.end();
         if len < PACK_TARGET_BYTES {
             lock(&self.idle).push((writer.pack.id, len));
         }
