@@ -17,7 +17,8 @@ pub enum SnapshotCommand {
     Create {
         volume: String,
         label: String,
-        /// Wait until the snapshot is completed, showing progress.
+        /// Wait until the snapshot is completed, showing progress (and, if the volume
+        /// has a snapshot pending, wait for that one first instead of failing).
         #[arg(long)]
         wait: bool,
         /// Stored as the snapshot's user.description.
@@ -119,13 +120,36 @@ fn create(
 ) -> Result<(), Failure> {
     let id = format!("{volume}@{label}");
     let dir = snapshot_dir(mnt, &id);
-    fs::create_dir(&dir).map_err(|e| Failure(1, explain(&e, &id)))?;
+    // With --wait, a snapshot of the volume still pending is waited for first.
+    while let Err(e) = fs::create_dir(&dir) {
+        let pending = pending_snapshot_of(mnt, volume);
+        match (e.raw_os_error(), wait, pending) {
+            (Some(libc::EBUSY), true, Some(pending)) => {
+                eprintln!("{id}: waiting for {pending} to finish first");
+                // Its outcome does not matter here: only that it is no longer pending.
+                let _ = wait_for(mnt, &pending);
+            }
+            (Some(libc::EBUSY), true, None) => std::thread::sleep(Duration::from_millis(100)),
+            _ => return Err(Failure(1, explain(&e, &id))),
+        }
+    }
     if let Some(text) = description {
         set_xattr(&dir, "user.description", text.as_bytes())
             .map_err(|e| Failure(1, format!("{id}: setting description: {e}")))?;
     }
     println!("{id}");
     if wait { wait_for(mnt, &id) } else { Ok(()) }
+}
+
+/// The pending snapshot of `volume`, if any.
+fn pending_snapshot_of(mnt: &Path, volume: &str) -> Option<String> {
+    let prefix = format!("{volume}@");
+    fs::read_dir(mnt.join("snapshots"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(&prefix))
+        .find(|name| read_field(&snapshot_dir(mnt, name), "status").is_ok_and(|s| s == "pending"))
 }
 
 fn set_xattr(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {

@@ -210,10 +210,6 @@ impl FsCore {
         })
     }
 
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
     /// Finishes running captures, makes volume data durable and records a clean stop.
     /// Only the first call does anything.
     pub fn shutdown(&self) {

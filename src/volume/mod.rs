@@ -68,7 +68,6 @@ pub struct Volume {
     pub block_size: u64,
     max_size: u64,
     data: File,
-    data_path: PathBuf,
     epoch: RwLock<Epoch>,
 }
 
@@ -84,20 +83,18 @@ pub fn dirty_path(dir: &Path, id: u64) -> PathBuf {
 impl Volume {
     /// Opens (creating if needed) the files of volume `id` in `dir`.
     pub fn open(dir: &Path, id: u64, block_size: u64, max_size: u64) -> io::Result<Volume> {
-        let data_path = data_path(dir, id);
         let data = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .open(&data_path)?;
+            .open(data_path(dir, id))?;
         let dirty = DirtyMap::open(&dirty_path(dir, id))?;
         Ok(Volume {
             id,
             block_size,
             max_size,
             data,
-            data_path,
             epoch: RwLock::new(Epoch {
                 dirty,
                 freeze: None,
@@ -113,10 +110,6 @@ impl Volume {
             offset,
             source,
         }
-    }
-
-    pub fn data_path(&self) -> &Path {
-        &self.data_path
     }
 
     pub fn data_file(&self) -> &File {
