@@ -21,6 +21,7 @@ use fuser::{
 use log::{debug, warn};
 
 use crate::fs::{Attr, Caller, FileKind, FsCore, FsError, OpenMode, SetAttr};
+use crate::volume::direct::AlignedBuf;
 
 const TTL: Duration = Duration::ZERO;
 /// Largest request the kernel may send (its limit is 256 pages).
@@ -38,8 +39,9 @@ impl EbsFuse {
 }
 
 thread_local! {
-    /// One read buffer per FUSE thread, reused across requests.
-    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// One read buffer per FUSE thread, reused across requests; aligned so that
+    /// volume reads can go straight from the disk into it.
+    static READ_BUF: RefCell<AlignedBuf> = const { RefCell::new(AlignedBuf::new()) };
 }
 
 fn caller(req: &Request) -> Caller {
@@ -318,11 +320,7 @@ impl Filesystem for EbsFuse {
         reply: ReplyData,
     ) {
         READ_BUF.with_borrow_mut(|buf| {
-            // Grown once, never shrunk: no zeroing per request.
-            if buf.len() < size as usize {
-                buf.resize(size as usize, 0);
-            }
-            let buf = &mut buf[..size as usize];
+            let buf = buf.slice_mut(size as usize);
             match self.core.read(ino.0, fh.0, offset, buf) {
                 Ok(n) => reply.data(&buf[..n]),
                 Err(e) => reply.error(errno(

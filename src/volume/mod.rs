@@ -11,6 +11,7 @@
 //! freeze holds it exclusively for the few microseconds it takes to swap dirty maps.
 
 pub mod bitmap;
+pub mod direct;
 pub mod dirty;
 pub mod freeze;
 
@@ -21,6 +22,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use direct::DirectFile;
 use dirty::{DirtyMap, NEVER_SHRUNK};
 use freeze::Freeze;
 
@@ -68,6 +70,8 @@ pub struct Volume {
     pub block_size: u64,
     max_size: u64,
     data: File,
+    /// The same file for aligned requests, bypassing the page cache.
+    direct: DirectFile,
     epoch: RwLock<Epoch>,
 }
 
@@ -83,18 +87,21 @@ pub fn dirty_path(dir: &Path, id: u64) -> PathBuf {
 impl Volume {
     /// Opens (creating if needed) the files of volume `id` in `dir`.
     pub fn open(dir: &Path, id: u64, block_size: u64, max_size: u64) -> io::Result<Volume> {
+        let path = data_path(dir, id);
         let data = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .open(data_path(dir, id))?;
+            .open(&path)?;
+        let direct = DirectFile::open(&path);
         let dirty = DirtyMap::open(&dirty_path(dir, id))?;
         Ok(Volume {
             id,
             block_size,
             max_size,
             data,
+            direct,
             epoch: RwLock::new(Epoch {
                 dirty,
                 freeze: None,
@@ -141,7 +148,16 @@ impl Volume {
 
     /// Reads at `offset`; returns fewer bytes only at the end of the volume.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> VolumeResult<usize> {
-        freeze::read_full_at(&self.data, buf, offset).map_err(self.io_err("read", offset))
+        let direct = self
+            .direct
+            .read_at(buf, offset)
+            .map_err(self.io_err("read", offset))?;
+        match direct {
+            Some(n) => Ok(n),
+            None => {
+                freeze::read_full_at(&self.data, buf, offset).map_err(self.io_err("read", offset))
+            }
+        }
     }
 
     fn check_size(&self, end: u64) -> VolumeResult<()> {
@@ -181,8 +197,14 @@ impl Volume {
         let end = offset.saturating_add(data.len() as u64);
         self.check_size(end)?;
         self.modify(offset, end, |file| {
-            file.write_all_at(data, offset)
+            let written = self
+                .direct
+                .write_at(data, offset)
                 .map_err(self.io_err("write", offset))?;
+            if !written {
+                file.write_all_at(data, offset)
+                    .map_err(self.io_err("write", offset))?;
+            }
             Ok(data.len())
         })
     }
