@@ -94,6 +94,29 @@ pub struct SnapshotEngine {
     settle_signal: (Mutex<bool>, Condvar),
 }
 
+/// Nice value of capture and settling threads: under load, volume I/O gets the CPU
+/// first, and background work still progresses.
+const BACKGROUND_NICE: libc::c_int = 10;
+
+/// Lowers the calling thread to [`BACKGROUND_NICE`]. Best effort: it only tunes speed.
+pub(crate) fn lower_thread_priority() {
+    // SAFETY: gettid and setpriority take integers only; on Linux, PRIO_PROCESS with
+    // a thread id changes that thread alone.
+    let rc = unsafe {
+        libc::setpriority(
+            libc::PRIO_PROCESS,
+            libc::gettid() as libc::id_t,
+            BACKGROUND_NICE,
+        )
+    };
+    if rc != 0 {
+        log::debug!(
+            "cannot lower background thread priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -229,6 +252,8 @@ impl SnapshotEngine {
     }
 
     fn capture(&self, job: CaptureJob) {
+        // Its workers inherit the priority.
+        lower_thread_priority();
         self.store.begin_capture();
         match self.store.checkout_writer(&self.meta) {
             Err(e) => self.fail(&job, e.into(), &capture::Batch::default()),
@@ -487,6 +512,7 @@ impl SnapshotEngine {
         let spawned = std::thread::Builder::new()
             .name("settler".into())
             .spawn(move || {
+                lower_thread_priority();
                 loop {
                     let Some(engine) = engine.upgrade() else {
                         return;
