@@ -98,18 +98,29 @@ pub struct SnapshotEngine {
 /// first, and background work still progresses.
 const BACKGROUND_NICE: libc::c_int = 10;
 
-/// Lowers the calling thread to [`BACKGROUND_NICE`]. Best effort: it only tunes speed.
+/// `ioprio_set(2)` value for the idle I/O class: the block layer serves the disk
+/// reads of background threads after everyone else's (mq-deadline and bfq age them,
+/// so they are delayed, never starved).
+const IOPRIO_IDLE: libc::c_long = 3 << 13;
+const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+
+/// Lowers the calling thread's CPU and I/O priority. Best effort: it only tunes speed.
 pub(crate) fn lower_thread_priority() {
-    // SAFETY: gettid and setpriority take integers only; on Linux, PRIO_PROCESS with
-    // a thread id changes that thread alone.
-    let rc = unsafe {
-        libc::setpriority(
-            libc::PRIO_PROCESS,
-            libc::gettid() as libc::id_t,
-            BACKGROUND_NICE,
+    // SAFETY: gettid, setpriority and ioprio_set take integers only; on Linux, a
+    // thread id with PRIO_PROCESS / IOPRIO_WHO_PROCESS changes that thread alone.
+    let (nice, io) = unsafe {
+        let tid = libc::gettid();
+        (
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, BACKGROUND_NICE),
+            libc::syscall(
+                libc::SYS_ioprio_set,
+                IOPRIO_WHO_PROCESS,
+                tid as libc::c_long,
+                IOPRIO_IDLE,
+            ),
         )
     };
-    if rc != 0 {
+    if nice != 0 || io != 0 {
         log::debug!(
             "cannot lower background thread priority: {}",
             std::io::Error::last_os_error()

@@ -5,7 +5,8 @@
 //! copy, page allocation and writeback on every write, and buffered writes to one
 //! file serialise on its inode lock. Requests whose offset, length and buffer are
 //! [`ALIGN`]-aligned (every request a loop device sends) go through an `O_DIRECT`
-//! descriptor instead; anything else uses the ordinary descriptor. The kernel keeps
+//! descriptor instead; anything else uses the ordinary descriptor. (Small reads stay
+//! buffered by the volume's choice, for readahead.) The kernel keeps
 //! the two coherent: a direct write invalidates the cached pages of its range, a
 //! direct read writes back dirty ones first.
 //!

@@ -49,6 +49,13 @@ pub enum VolumeError {
 
 pub type VolumeResult<T> = Result<T, VolumeError>;
 
+/// Reads this large (or larger) go direct when aligned; smaller ones go through the
+/// page cache, whose readahead serves sequential readers with small requests. Measured
+/// on a 1 GiB volume, cold: `dd bs=4K` 70 MB/s direct vs 179 MB/s buffered; 1 MiB
+/// reads at QD8 from a loop device 1.2-2.5 GB/s direct vs ~0.95 GB/s buffered;
+/// 4 KiB random reads the same either way.
+const DIRECT_READ_MIN_BYTES: usize = 256 << 10;
+
 /// Which blocks a freeze captures besides those marked dirty.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rescan {
@@ -148,10 +155,13 @@ impl Volume {
 
     /// Reads at `offset`; returns fewer bytes only at the end of the volume.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> VolumeResult<usize> {
-        let direct = self
-            .direct
-            .read_at(buf, offset)
-            .map_err(self.io_err("read", offset))?;
+        let direct = if buf.len() >= DIRECT_READ_MIN_BYTES {
+            self.direct
+                .read_at(buf, offset)
+                .map_err(self.io_err("read", offset))?
+        } else {
+            None
+        };
         match direct {
             Some(n) => Ok(n),
             None => {
