@@ -479,7 +479,8 @@ def cmd_report(a):
               f"(block_size {fmt_bytes(meta.get('block_size'))}, cache_size {fmt_bytes(meta.get('cache_size'))})")
     md.append(f"- stack fio files: {fmt_bytes(meta.get('file_size'))} seq/rand files, rand write io {fmt_bytes(meta.get('rw_io'))}, "
               f"rand read io {fmt_bytes(meta.get('rr_io'))}, QD1 read io {fmt_bytes(meta.get('r1_io'))}, "
-              f"fsync file {fmt_bytes(meta.get('fs_file'))} / io {fmt_bytes(meta.get('fs_io'))}, random-job cap {meta.get('rand_cap', '?')} s")
+              f"fsync file {fmt_bytes(meta.get('fs_file'))} / io {fmt_bytes(meta.get('fs_io'))}, random-job cap {meta.get('rand_cap', '?')} s; "
+              f"stack figures are medians of {meta.get('rounds', '1')} interleaved round(s)")
     if mode == "smoke":
         md.append("- **smoke mode: tiny sizes, the figures only show that the harness works; PASS/MISS is not meaningful.**")
     md.append("")
@@ -520,15 +521,23 @@ def cmd_report(a):
     summary["failures"] = {"fatal": fatal, "peer": failures}
 
     # ---- stacks
+    def job_recs(stack, job, phase):
+        return [r for r in fio if r["stack"] == stack and r["job"] == job and r["phase"] == phase]
+
     def job_rec(stack, job, phase):
-        got = [r for r in fio if r["stack"] == stack and r["job"] == job and r["phase"] == phase]
+        got = job_recs(stack, job, phase)
         return got[-1] if got else None
 
-    def value(stack, key, phase, metric):
-        r = job_rec(stack, key, phase)
-        if not r or not r.get("ok"):
+    def median_of(recs, field):
+        """Median of `field` over the rounds; None if any round failed or lacks it."""
+        vals = [r.get(field) for r in recs]
+        if not recs or not all(r.get("ok") for r in recs) or any(v is None for v in vals):
             return None
-        return r.get(f"{phase if phase in ('read', 'write') else 'write'}_{metric}")
+        return statistics.median(vals)
+
+    def value(stack, key, phase, metric):
+        field = f"{phase if phase in ('read', 'write') else 'write'}_{metric}"
+        return median_of(job_recs(stack, key, phase), field)
 
     stacks = [s for s in ("plain", "ebsfs-dio", "ebsfs-buf", "qcow2") if any(r["stack"] == s for r in fio)]
     if stacks:
@@ -537,9 +546,9 @@ def cmd_report(a):
             table[s] = {}
             for key, _label, phase, metric, _u in JOBS:
                 table[s][key] = value(s, key, phase, metric)
-            r = job_rec(s, "randreadqd1", "read")
-            table[s]["p50"] = r.get("read_p50_us") if r and r.get("ok") else None
-            table[s]["p99"] = r.get("read_p99_us") if r and r.get("ok") else None
+            qd1 = job_recs(s, "randreadqd1", "read")
+            table[s]["p50"] = median_of(qd1, "read_p50_us")
+            table[s]["p99"] = median_of(qd1, "read_p99_us")
         summary["stacks"] = table
         eb = [s for s in ("ebsfs-dio", "ebsfs-buf") if s in stacks]
         chosen = None

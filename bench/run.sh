@@ -3,7 +3,7 @@
 # plus snapshot figures, in one run. See bench/README.md.
 #
 #   sudo bench/run.sh [--quick | --smoke] [--dir DIR] [--config FILE] [--no-build]
-#                     [--only stacks|snapshots] [--qcow2-loop-dio on|off]
+#                     [--only stacks|snapshots] [--qcow2-loop-dio on|off] [--rounds N]
 #
 # Writes bench/results/<date>-<mode>.md and .json and prints the table. Exit status:
 # 0 = ran (targets may be missed), 1 = verification failure / ebsfs failure / plain
@@ -24,6 +24,7 @@ CONFIG="$REPO/config.toml"
 BUILD=1
 ONLY=all
 QCOW2_LOOP_DIO=off
+ROUNDS=""
 
 usage() {
   sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
@@ -38,6 +39,8 @@ Options:
   --no-build             do not run cargo build --release first
   --only stacks|snapshots  run one half only
   --qcow2-loop-dio on|off  loop mode on the qemu FUSE export (default off: dio on corrupts ext4)
+  --rounds N             run every stack N times, interleaved, and report medians
+                         (default 3 in full mode, 1 otherwise)
 EOF
 }
 
@@ -51,6 +54,7 @@ while [[ $# -gt 0 ]]; do
     --no-build) BUILD=0 ;;
     --only) ONLY=${2:?--only needs stacks or snapshots}; shift ;;
     --qcow2-loop-dio) QCOW2_LOOP_DIO=${2:?}; shift ;;
+    --rounds) ROUNDS=${2:?--rounds needs a number}; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -58,6 +62,7 @@ while [[ $# -gt 0 ]]; do
 done
 case $ONLY in all|stacks|snapshots) ;; *) echo "run.sh: --only takes stacks or snapshots" >&2; exit 2 ;; esac
 case $QCOW2_LOOP_DIO in on|off) ;; *) echo "run.sh: --qcow2-loop-dio takes on or off" >&2; exit 2 ;; esac
+[[ -z $ROUNDS || $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --rounds takes a positive number" >&2; exit 2; }
 
 log() { printf '%s [bench] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; ABORT_REASON=${ABORT_REASON:-$*}; exit 2; }
@@ -69,7 +74,7 @@ case $MODE in
     FILE=$((2 * GiB)); RW_IO=$((1 * GiB)); RR_IO=$((1 * GiB)); R1_IO=$((128 * MiB))
     FS_FILE=$((256 * MiB)); FS_IO=$((32 * MiB)); RAND_CAP=60; FIO_TIMEOUT=3600
     CAP=$((4 * GiB)); V_SMALL=$((1 * GiB)); V_LARGE=$((32 * GiB)); MKDIR_N=5; SNAP_TIMEOUT=3600
-    EBSFS_LOOP_MODES="on off" ;;
+    EBSFS_LOOP_MODES="on off"; ROUNDS=${ROUNDS:-3} ;;
   quick)
     FILE=$((512 * MiB)); RW_IO=$((256 * MiB)); RR_IO=$((256 * MiB)); R1_IO=$((32 * MiB))
     FS_FILE=$((64 * MiB)); FS_IO=$((8 * MiB)); RAND_CAP=15; FIO_TIMEOUT=900
@@ -81,6 +86,7 @@ case $MODE in
     CAP=$((128 * MiB)); V_SMALL=$((16 * MiB)); V_LARGE=$((256 * MiB)); MKDIR_N=5; SNAP_TIMEOUT=300
     EBSFS_LOOP_MODES="on" ;;
 esac
+ROUNDS=${ROUNDS:-1}
 # ext4 image holding the three fio files, with room for metadata.
 IMG_SIZE=$(( (2 * FILE + FS_FILE) * 23 / 20 + 128 * MiB ))
 IMG_SIZE=$(( (IMG_SIZE + MiB - 1) / MiB * MiB ))
@@ -299,7 +305,7 @@ record meta mode="$MODE" date="$(date '+%Y-%m-%d %H:%M:%S %Z')" commit="$commit"
   host="$(hostname)" kernel="$(uname -r)" cpus="$(nproc)" \
   mem="$(free -g | awk '/^Mem:/{print $2}') GiB" fio="$(fio --version)" \
   workdir="$WORK" workfs="$(findmnt -rn -o SOURCE,FSTYPE -T "$WORK" | head -n 1)" \
-  config="$CONFIG" block_size="$CFG_BLOCK_SIZE" cache_size="$CFG_CACHE_SIZE" \
+  config="$CONFIG" block_size="$CFG_BLOCK_SIZE" cache_size="$CFG_CACHE_SIZE" rounds="$ROUNDS" \
   file_size="$FILE" rw_io="$RW_IO" rr_io="$RR_IO" r1_io="$R1_IO" fs_file="$FS_FILE" fs_io="$FS_IO" \
   rand_cap="$RAND_CAP" img_size="$IMG_SIZE" qcow2_loop_dio="$QCOW2_LOOP_DIO" binary="$BIN"
 log "$MODE run; work dir $WORK; results $RESULT_BASE.md"
@@ -672,12 +678,17 @@ make_report() {  # make_report [INCOMPLETE-REASON]
 # -------------------------------------------------------------------------- main
 start_ebsfs
 if [[ $ONLY != snapshots ]]; then
-  run_stack plain on
-  for d in $EBSFS_LOOP_MODES; do
-    if [[ $d == on ]]; then run_stack ebsfs-dio on; else run_stack ebsfs-buf off; fi
+  # Rounds interleave the stacks, so that drift of the machine (its disk, its host)
+  # spreads over all of them; the report takes each figure's median over the rounds.
+  for round in $(seq "$ROUNDS"); do
+    [[ $ROUNDS -eq 1 ]] || log "=== stacks, round $round of $ROUNDS"
+    run_stack plain on
+    for d in $EBSFS_LOOP_MODES; do
+      if [[ $d == on ]]; then run_stack ebsfs-dio on; else run_stack ebsfs-buf off; fi
+    done
+    run_stack qcow2 "$QCOW2_LOOP_DIO"
   done
   "$PY" "$HELPER" daemon-stats --pid "$EBSFS_PID" --label "after the stacks" >>"$RECORDS"
-  run_stack qcow2 "$QCOW2_LOOP_DIO"
 fi
 if [[ $ONLY != stacks ]]; then
   run_snapshots
