@@ -7,7 +7,7 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
@@ -28,12 +28,15 @@ fn mount_helper(data: &Path, mnt: &Path, options: &str) -> Output {
     )
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+/// A temporary directory with an empty mount point `mnt` in it.
+fn scratch() -> (tempfile::TempDir, PathBuf) {
+    let root = tempfile::Builder::new()
+        .prefix("ebsfs-helper")
+        .tempdir()
+        .unwrap();
+    let mnt = root.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    (root, mnt)
 }
 
 #[test]
@@ -41,13 +44,8 @@ fn mount_helper_form_serves_in_the_background_and_umount_stops_it() {
     if !require_fuse() {
         return;
     }
-    let root = tempfile::Builder::new()
-        .prefix("ebsfs-helper")
-        .tempdir()
-        .unwrap();
+    let (root, mnt) = scratch();
     let data = root.path().join("data");
-    let mnt = root.path().join("mnt");
-    fs::create_dir(&mnt).unwrap();
     let config = root.path().join("ebsfs.toml");
     fs::write(&config, "block_size = \"4KiB\"\n").unwrap();
     let options = format!(
@@ -56,7 +54,11 @@ fn mount_helper_form_serves_in_the_background_and_umount_stops_it() {
     );
 
     let out = mount_helper(&data, &mnt, &options);
-    assert!(out.status.success(), "mount failed: {}", text(&out));
+    assert!(
+        out.status.success(),
+        "mount failed: {}",
+        describe_output(&out)
+    );
     // mount(8) has returned: the mount is live and served by a background daemon.
     assert_eq!(mounts_at(&mnt), 1);
     let image = mnt.join("volumes/v.img");
@@ -85,7 +87,11 @@ fn mount_helper_form_serves_in_the_background_and_umount_stops_it() {
 
     // The same command mounts the data again, with the volume intact.
     let out = mount_helper(&data, &mnt, &options);
-    assert!(out.status.success(), "second mount failed: {}", text(&out));
+    assert!(
+        out.status.success(),
+        "second mount failed: {}",
+        describe_output(&out)
+    );
     assert!(
         fs::read(&image).unwrap() == bytes,
         "volume changed across umount"
@@ -101,19 +107,14 @@ fn mount_helper_form_refuses_unknown_options_and_bad_data_dirs() {
     if !require_fuse() {
         return;
     }
-    let root = tempfile::Builder::new()
-        .prefix("ebsfs-helper")
-        .tempdir()
-        .unwrap();
-    let mnt = root.path().join("mnt");
-    fs::create_dir(&mnt).unwrap();
+    let (root, mnt) = scratch();
 
     let out = mount_helper(&root.path().join("data"), &mnt, "rw,bogus_option");
     assert!(!out.status.success(), "unknown option accepted");
     assert!(
-        text(&out).contains("bogus_option"),
+        describe_output(&out).contains("bogus_option"),
         "error does not name the option: {}",
-        text(&out)
+        describe_output(&out)
     );
     assert_eq!(mounts_at(&mnt), 0);
 
@@ -126,9 +127,9 @@ fn mount_helper_form_refuses_unknown_options_and_bad_data_dirs() {
         "mount over a file as data dir succeeded"
     );
     assert!(
-        text(&out).contains("not-a-dir"),
+        describe_output(&out).contains("not-a-dir"),
         "error does not name the data directory: {}",
-        text(&out)
+        describe_output(&out)
     );
     assert_eq!(mounts_at(&mnt), 0);
 }

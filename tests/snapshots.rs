@@ -747,15 +747,6 @@ fn cli(fs: &Ebsfs, args: &[&str]) -> std::process::Output {
     try_run(BIN, &all)
 }
 
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "exit {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// `ebsfs snapshot create --wait`, `list`, `wait` and `delete` do what they say and
 /// exit non-zero on failure.
 #[test]
@@ -780,12 +771,16 @@ fn cli_creates_lists_waits_for_and_deletes_snapshots() {
             "before upgrade",
         ],
     );
-    assert!(out.status.success(), "create --wait: {}", text(&out));
+    assert!(
+        out.status.success(),
+        "create --wait: {}",
+        describe_output(&out)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("cli@first"),
         "create printed: {}",
-        text(&out)
+        describe_output(&out)
     );
     assert_eq!(
         fs.status("cli@first"),
@@ -800,9 +795,9 @@ fn cli_creates_lists_waits_for_and_deletes_snapshots() {
 
     // Without --wait it returns at once; `wait` then blocks until completed.
     let out = cli(&fs, &["create", "big", "later"]);
-    assert!(out.status.success(), "create: {}", text(&out));
+    assert!(out.status.success(), "create: {}", describe_output(&out));
     let out = cli(&fs, &["list"]);
-    assert!(out.status.success(), "list: {}", text(&out));
+    assert!(out.status.success(), "list: {}", describe_output(&out));
     let listing = String::from_utf8_lossy(&out.stdout).into_owned();
     let line_of = |name: &str| {
         listing
@@ -827,7 +822,7 @@ fn cli_creates_lists_waits_for_and_deletes_snapshots() {
         );
     }
     let out = cli(&fs, &["wait", "big@later"]);
-    assert!(out.status.success(), "wait: {}", text(&out));
+    assert!(out.status.success(), "wait: {}", describe_output(&out));
     assert_eq!(
         fs.status("big@later"),
         "completed",
@@ -847,29 +842,29 @@ fn cli_creates_lists_waits_for_and_deletes_snapshots() {
     assert!(
         !out.status.success(),
         "wait on an unknown snapshot: {}",
-        text(&out)
+        describe_output(&out)
     );
     let out = cli(&fs, &["wait", "nosuch@x"]);
     assert!(
         !out.status.success(),
         "wait on an unknown volume: {}",
-        text(&out)
+        describe_output(&out)
     );
     let out = cli(&fs, &["create", "nosuch", "x"]);
     assert!(
         !out.status.success(),
         "create on an unknown volume: {}",
-        text(&out)
+        describe_output(&out)
     );
     let out = cli(&fs, &["create", "cli", "first"]);
     assert!(
         !out.status.success(),
         "create of an existing name: {}",
-        text(&out)
+        describe_output(&out)
     );
 
     let out = cli(&fs, &["delete", "cli@first"]);
-    assert!(out.status.success(), "delete: {}", text(&out));
+    assert!(out.status.success(), "delete: {}", describe_output(&out));
     assert!(
         !fs.snapshot("cli@first").exists(),
         "deleted snapshot still there"
@@ -878,10 +873,14 @@ fn cli_creates_lists_waits_for_and_deletes_snapshots() {
     assert!(
         !String::from_utf8_lossy(&out.stdout).contains("cli@first"),
         "list after delete: {}",
-        text(&out)
+        describe_output(&out)
     );
     let out = cli(&fs, &["delete", "cli@first"]);
-    assert!(!out.status.success(), "second delete: {}", text(&out));
+    assert!(
+        !out.status.success(),
+        "second delete: {}",
+        describe_output(&out)
+    );
 }
 
 // ---------------------------------------------------------------------------------

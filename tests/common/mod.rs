@@ -62,6 +62,16 @@ pub fn sh(script: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A command's exit status and output, for assertion messages.
+pub fn describe_output(out: &Output) -> String {
+    format!(
+        "exit {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Runs a command and returns its output whatever the status.
 pub fn try_run<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Output {
     Command::new(program)
