@@ -144,12 +144,19 @@ fn create(
 /// The pending snapshot of `volume`, if any.
 fn pending_snapshot_of(mnt: &Path, volume: &str) -> Option<String> {
     let prefix = format!("{volume}@");
-    fs::read_dir(mnt.join("snapshots"))
+    snapshot_names(mnt)
         .ok()?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .into_iter()
         .filter(|name| name.starts_with(&prefix))
         .find(|name| read_field(&snapshot_dir(mnt, name), "status").is_ok_and(|s| s == "pending"))
+}
+
+/// The ids in `snapshots/`, in directory order.
+fn snapshot_names(mnt: &Path) -> std::io::Result<Vec<String>> {
+    Ok(fs::read_dir(mnt.join("snapshots"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect())
 }
 
 fn set_xattr(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
@@ -186,11 +193,8 @@ fn info_value(info: &toml::Table, key: &str) -> String {
 }
 
 fn list(mnt: &Path) -> Result<(), Failure> {
-    let mut names: Vec<String> = fs::read_dir(mnt.join("snapshots"))
-        .map_err(|e| Failure(1, format!("listing snapshots: {e}")))?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut names =
+        snapshot_names(mnt).map_err(|e| Failure(1, format!("listing snapshots: {e}")))?;
     names.sort();
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
