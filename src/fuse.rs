@@ -20,20 +20,21 @@ use fuser::{
 };
 use log::{debug, warn};
 
-use crate::fs::{Attr, Caller, FileKind, FsCore, FsError, OpenMode, SetAttr};
-use crate::volume::direct::AlignedBuf;
+use crate::fs::{Attr, Caller, FileKind, FsCore, FsError, OpenMode, SetAttr, XattrFlags};
+use crate::storage::Storage;
+use crate::storage::direct::AlignedBuf;
 
 const TTL: Duration = Duration::ZERO;
 /// Largest request the kernel may send (its limit is 256 pages).
 const MAX_REQUEST_BYTES: u32 = 1 << 20;
 const MAX_BACKGROUND: u16 = 128;
 
-pub struct EbsFuse {
-    core: Arc<FsCore>,
+pub struct EbsFuse<S: Storage> {
+    core: Arc<FsCore<S>>,
 }
 
-impl EbsFuse {
-    pub fn new(core: Arc<FsCore>) -> EbsFuse {
+impl<S: Storage> EbsFuse<S> {
+    pub fn new(core: Arc<FsCore<S>>) -> EbsFuse<S> {
         EbsFuse { core }
     }
 }
@@ -44,11 +45,10 @@ thread_local! {
     static READ_BUF: RefCell<AlignedBuf> = const { RefCell::new(AlignedBuf::new()) };
 }
 
+/// The request's fs ids; its sender's supplementary groups are looked up only if a
+/// decision needs them.
 fn caller(req: &Request) -> Caller {
-    Caller {
-        uid: req.uid(),
-        gid: req.gid(),
-    }
+    Caller::of_process(req.uid(), req.gid(), req.pid())
 }
 
 fn to_file_attr(attr: &Attr) -> FileAttr {
@@ -103,7 +103,7 @@ fn wants_write(flags: OpenFlags) -> bool {
     !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY)
 }
 
-impl Filesystem for EbsFuse {
+impl<S: Storage> Filesystem for EbsFuse<S> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_REQUEST_BYTES);
         let _ = config.set_max_readahead(MAX_REQUEST_BYTES);
@@ -162,7 +162,7 @@ impl Filesystem for EbsFuse {
             atime: atime.map(time_of),
             mtime: mtime.map(time_of),
         };
-        match self.core.setattr(ino.0, changes, caller(req)) {
+        match self.core.setattr(ino.0, changes, &caller(req)) {
             Ok(attr) => reply.attr(&TTL, &to_file_attr(&attr)),
             Err(e) => reply.error(errno("setattr", ino.0, &e)),
         }
@@ -184,7 +184,7 @@ impl Filesystem for EbsFuse {
         }
         match self
             .core
-            .create_volume(parent.0, name, mode & !umask, caller(req), true)
+            .create_volume(parent.0, name, mode & !umask, &caller(req), true)
         {
             Ok(attr) => reply.entry(&TTL, &to_file_attr(&attr), Generation(0)),
             Err(e) => reply.error(errno("mknod", name.to_string_lossy(), &e)),
@@ -200,7 +200,7 @@ impl Filesystem for EbsFuse {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        match self.core.mkdir(parent.0, name, caller(req)) {
+        match self.core.mkdir(parent.0, name, &caller(req)) {
             Ok(attr) => reply.entry(&TTL, &to_file_attr(&attr), Generation(0)),
             Err(e) => reply.error(errno("mkdir", name.to_string_lossy(), &e)),
         }
@@ -214,7 +214,7 @@ impl Filesystem for EbsFuse {
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.core.rmdir(parent.0, name, caller(req)) {
+        match self.core.rmdir(parent.0, name, &caller(req)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("rmdir", name.to_string_lossy(), &e)),
         }
@@ -294,7 +294,7 @@ impl Filesystem for EbsFuse {
         let exclusive = flags & libc::O_EXCL != 0;
         let created = self
             .core
-            .create_volume(parent.0, name, mode & !umask, caller(req), exclusive)
+            .create_volume(parent.0, name, mode & !umask, &caller(req), exclusive)
             .and_then(|attr| Ok((attr, self.core.open(attr.ino, true)?)));
         match created {
             Ok((attr, (fh, mode))) => reply.created(
@@ -454,11 +454,18 @@ impl Filesystem for EbsFuse {
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
-        _flags: i32,
+        flags: i32,
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        match self.core.setxattr(ino.0, name, Some(value), caller(req)) {
+        let flags = XattrFlags {
+            create_only: flags & libc::XATTR_CREATE != 0,
+            replace_only: flags & libc::XATTR_REPLACE != 0,
+        };
+        match self
+            .core
+            .setxattr(ino.0, name, Some(value), flags, &caller(req))
+        {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("setxattr", name.to_string_lossy(), &e)),
         }
@@ -486,7 +493,10 @@ impl Filesystem for EbsFuse {
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.core.setxattr(ino.0, name, None, caller(req)) {
+        match self
+            .core
+            .setxattr(ino.0, name, None, XattrFlags::default(), &caller(req))
+        {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("removexattr", name.to_string_lossy(), &e)),
         }

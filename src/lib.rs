@@ -3,15 +3,19 @@
 //! Data flows one way: [`fuse`] (the thin kernel adapter) → [`fs`] (namespace and
 //! control files, no FUSE types) → [`volume`] (live data, dirty tracking, freezes) and
 //! [`snapshot`] (capture, manifests, deletion) → [`store`] (content-addressed chunks)
-//! and [`meta`] (the metadata database).
+//! and [`namespace`] (the metadata database and the catalog). Every byte is kept
+//! through a [`storage::Storage`]: the data directory on a mount, memory in tests.
+//! [`layout`] names every file of the data directory; [`check`] verifies one offline.
 
-pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod fs;
 pub mod fuse;
-pub mod meta;
+pub mod layout;
 pub mod names;
+pub mod namespace;
 pub mod snapshot;
+pub mod storage;
 pub mod store;
+pub mod sync;
 pub mod volume;

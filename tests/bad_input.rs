@@ -298,28 +298,32 @@ fn sizes_beyond_the_limit_fail_with_efbig() {
         file.set_len(max + 1),
         libc::EFBIG,
     );
-    // SAFETY: fallocate on an owned fd, integer arguments only.
-    let rc = unsafe {
-        libc::fallocate(
-            std::os::fd::AsRawFd::as_raw_fd(&file),
-            0,
-            max as i64,
-            MIB as i64,
-        )
-    };
-    assert_errno(
-        "fallocate past max_volume_size",
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        },
-        libc::EFBIG,
-    );
+    for (mode, what) in [(0, ""), (libc::FALLOC_FL_KEEP_SIZE, " with KEEP_SIZE")] {
+        // SAFETY: fallocate on an owned fd, integer arguments only.
+        let rc = unsafe {
+            libc::fallocate(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                mode,
+                max as i64,
+                MIB as i64,
+            )
+        };
+        assert_errno(
+            &format!("fallocate past max_volume_size{what}"),
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            },
+            libc::EFBIG,
+        );
+    }
+    let meta = file.metadata().unwrap();
+    assert_eq!(meta.len(), 0, "a refused change altered the size");
     assert_eq!(
-        file.metadata().unwrap().len(),
+        std::os::unix::fs::MetadataExt::blocks(&meta),
         0,
-        "a refused change altered the size"
+        "a refused fallocate allocated space"
     );
 
     let out = try_run(
@@ -759,6 +763,48 @@ fn unwritable_data_dir_fails_the_mount() {
     }
 }
 
+/// A data directory inside the mount point (directly, as the mount point itself, or
+/// through a symlink) is refused at mount time, naming both, and nothing is created
+/// in the mount point.
+#[test]
+fn data_dir_inside_the_mount_point_is_refused() {
+    if !require_fuse() {
+        return;
+    }
+    let root = test_root();
+    let config = root.path().join("config.toml");
+    fs::write(&config, "").unwrap();
+    let mnt = root.path().join("mnt");
+    let link = root.path().join("link");
+    let cases = [
+        (mnt.join("data"), false),
+        (mnt.clone(), false),
+        (link.join("data"), true),
+    ];
+    for (data, through_link) in cases {
+        if through_link {
+            fs::create_dir_all(&mnt).unwrap();
+            std::os::unix::fs::symlink(&mnt, &link).unwrap();
+        }
+        let stderr = mount_must_fail(&mnt, &data, &config);
+        assert!(
+            stderr.contains("inside the mount point")
+                && stderr.contains(&*data.to_string_lossy())
+                && stderr.contains(&*mnt.to_string_lossy()),
+            "data directory {}:\n{stderr}",
+            data.display()
+        );
+        let left: Vec<_> = fs::read_dir(&mnt)
+            .map(|entries| entries.map(|e| e.unwrap().file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            left.is_empty(),
+            "data directory {}: the refused mount left {left:?} in the mount point",
+            data.display()
+        );
+    }
+}
+
 /// A broken config file stops `ebsfs mount` with the file, line and key in the error.
 #[test]
 fn malformed_config_names_file_line_and_key() {
@@ -874,6 +920,44 @@ fn busy_mount_point_is_refused() {
     assert_eq!(fs::read(fs.volume("still")).unwrap(), b"served");
 }
 
+/// A second `ebsfs mount` of a data directory in use (at another mount point) is
+/// refused, naming the directory and the running daemon's pid, before it touches any
+/// file: the first daemon's session file is byte-identical and its mount still works.
+#[test]
+fn second_daemon_on_the_same_data_dir_is_refused() {
+    if !require_fuse() {
+        return;
+    }
+    let fs = Ebsfs::start();
+    fs::write(fs.volume("first"), b"served").unwrap();
+    let session = fs.data.join("session");
+    let session_before = fs::read(&session).expect("the running daemon's session file");
+
+    let stderr = mount_must_fail(&fs.scratch("mnt2"), &fs.data, &fs.config);
+    let data = fs::canonicalize(&fs.data).unwrap();
+    for expected in [
+        "in use by another ebsfs".to_string(),
+        format!("pid {}", fs.pid()),
+        data.display().to_string(),
+    ] {
+        assert!(
+            stderr.contains(&expected),
+            "the refusal does not say `{expected}`:\n{stderr}"
+        );
+    }
+    assert!(
+        fs::read(&session).unwrap() == session_before,
+        "the refused daemon rewrote the session file"
+    );
+    assert!(
+        !fs.data.join("session.tmp").exists(),
+        "the refused daemon left session.tmp"
+    );
+    assert_eq!(fs::read(fs.volume("first")).unwrap(), b"served");
+    fs::write(fs.volume("second"), b"still").expect("the first mount stopped working");
+    assert_eq!(volume_names(&fs), ["first.img", "second.img"]);
+}
+
 /// SIGINT unmounts, records a clean stop and exits 0.
 #[test]
 fn sigint_unmounts_cleanly() {
@@ -961,5 +1045,61 @@ fn sigterm_with_a_loop_device_attached_detaches_lazily() {
     assert!(
         volume[8 * MIB as usize..9 * MIB as usize] == fs::read(&after).unwrap()[..],
         "write after the lazy unmount lost"
+    );
+}
+
+/// `ebsfs snapshot create|wait|delete` refuse an id that is not VOLUME@LABEL with exit
+/// status 2 and a message naming it, before touching anything: a directory beside
+/// the mount point survives `delete ../../victim`, and `create` makes nothing outside
+/// `snapshots/`.
+#[test]
+fn cli_refuses_snapshot_ids_that_are_paths() {
+    if !require_fuse() {
+        return;
+    }
+    let fs = Ebsfs::start();
+    fs::write(fs.volume("db"), b"x").unwrap();
+    // Beside the mount point: MNT/snapshots/../../victim.
+    let victim = fs.scratch("victim");
+    fs::create_dir(&victim).unwrap();
+    let escape = fs.scratch("escape@x");
+    let cases: [&[&str]; 7] = [
+        &["delete", "../victim"],
+        &["delete", "../../victim"],
+        &["delete", "db"],
+        &["wait", "../../victim"],
+        &["create", "../../escape", "x"],
+        &["create", "db", "../../../escape"],
+        &["create", "db", "a@b"],
+    ];
+    for args in cases {
+        let mut argv = vec!["snapshot"];
+        argv.extend_from_slice(args);
+        argv.extend_from_slice(&["--mount", fs.mnt.to_str().unwrap()]);
+        let out = try_run(BIN, &argv);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(2) && stderr.contains("invalid snapshot id"),
+            "ebsfs {}: {}",
+            argv.join(" "),
+            describe_output(&out)
+        );
+        assert!(
+            victim.is_dir(),
+            "ebsfs {} removed {}",
+            argv.join(" "),
+            victim.display()
+        );
+        assert!(
+            !escape.exists(),
+            "ebsfs {} created {}",
+            argv.join(" "),
+            escape.display()
+        );
+    }
+    assert_eq!(
+        fs::read_dir(fs.mnt.join("snapshots")).unwrap().count(),
+        0,
+        "a refused create made a snapshot"
     );
 }

@@ -8,6 +8,7 @@ mod snapshot_support;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -552,6 +553,49 @@ fn writes_into_a_snapshot_are_erofs() {
     assert_eq!(entries, ["info", "progress", "status", "volume.img"]);
 }
 
+/// `touch` (or any utime) of a snapshot directory fails with EROFS, logged, and leaves
+/// its times alone; chmod (sharing) still works.
+#[test]
+fn snapshot_directory_times_are_erofs() {
+    if !require_fuse() {
+        return;
+    }
+    let fs = Ebsfs::start();
+    fs::write(fs.volume("t"), b"x").unwrap();
+    take_snapshot(&fs, "t@s");
+    let dir = fs.snapshot("t@s");
+    let before = fs::metadata(&dir).unwrap();
+    for args in [
+        vec!["touch"],
+        vec!["touch", "-d", "2001-01-01"],
+        vec!["touch", "-m"],
+    ] {
+        let mut argv: Vec<&str> = args[1..].to_vec();
+        argv.push(dir.to_str().unwrap());
+        let out = try_run(args[0], &argv);
+        assert!(
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("Read-only file system"),
+            "touch {argv:?} of a snapshot directory: {}",
+            describe_output(&out)
+        );
+    }
+    let after = fs::metadata(&dir).unwrap();
+    for (what, old, new) in [
+        ("atime", before.atime(), after.atime()),
+        ("mtime", before.mtime(), after.mtime()),
+    ] {
+        assert_eq!(old, new, "{what} of the snapshot directory changed");
+    }
+    assert!(
+        fs.log().contains("the time of snapshot t@s is read-only"),
+        "no log line for the refused time change:\n{}",
+        fs.log()
+    );
+    chmod_path(&dir, 0o755).expect("chmod of a snapshot directory");
+    assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o755);
+}
+
 // ---------------------------------------------------------------------------------
 // 7. rmdir of a pending snapshot cancels it.
 // ---------------------------------------------------------------------------------
@@ -953,4 +997,112 @@ fn volume_xattrs_propagate_to_the_snapshot() {
         libc::ENODATA,
     );
     assert_eq!(info_str(&fs, "plain@s", "description").as_deref(), Some(""));
+}
+
+/// setxattr with XATTR_CREATE fails with EEXIST when the attribute exists, with
+/// XATTR_REPLACE with ENODATA when it does not, on volumes and snapshot directories
+/// alike; a refused call changes nothing.
+#[test]
+fn setxattr_honours_create_and_replace_flags() {
+    if !require_fuse() {
+        return;
+    }
+    let fs = Ebsfs::start();
+    let img = fs.volume("flags");
+    fs::write(&img, b"x").unwrap();
+    take_snapshot(&fs, "flags@s");
+    for path in [img, fs.snapshot("flags@s")] {
+        let on = path.display();
+        assert_errno(
+            &format!("XATTR_REPLACE of a missing attribute on {on}"),
+            set_xattr_flags(&path, "user.tag", b"1", libc::XATTR_REPLACE),
+            libc::ENODATA,
+        );
+        assert_errno(
+            &format!("getxattr after a refused XATTR_REPLACE on {on}"),
+            get_xattr(&path, "user.tag"),
+            libc::ENODATA,
+        );
+        set_xattr_flags(&path, "user.tag", b"1", libc::XATTR_CREATE)
+            .unwrap_or_else(|e| panic!("XATTR_CREATE of a new attribute on {on}: {e}"));
+        assert_errno(
+            &format!("XATTR_CREATE of an existing attribute on {on}"),
+            set_xattr_flags(&path, "user.tag", b"2", libc::XATTR_CREATE),
+            libc::EEXIST,
+        );
+        assert_eq!(
+            get_xattr(&path, "user.tag").unwrap(),
+            b"1",
+            "a refused XATTR_CREATE changed the value on {on}"
+        );
+        set_xattr_flags(&path, "user.tag", b"3", libc::XATTR_REPLACE)
+            .unwrap_or_else(|e| panic!("XATTR_REPLACE of an existing attribute on {on}: {e}"));
+        assert_eq!(get_xattr(&path, "user.tag").unwrap(), b"3", "on {on}");
+    }
+}
+
+/// Many long user.* names: setxattr fails with ENOSPC (and a log line saying why) once
+/// the names would pass what listxattr can return (64 KiB), so listxattr keeps working
+/// on the volume and on its snapshots. The values' total is capped the same way.
+#[test]
+fn xattr_space_is_capped_so_listxattr_always_works() {
+    if !require_fuse() {
+        return;
+    }
+    let fs = Ebsfs::start();
+    let img = fs.volume("tags");
+    fs::write(&img, b"x").unwrap();
+    // 255-byte names: 256 bytes each in the list, with the NUL.
+    let name = |i: usize| format!("user.{i:0>250}");
+    let mut accepted = 0;
+    let refused = loop {
+        assert!(
+            accepted <= 300,
+            "{accepted} names of 256 bytes accepted: over 64 KiB of names"
+        );
+        match set_xattr(&img, &name(accepted), b"") {
+            Ok(()) => accepted += 1,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(
+        refused.raw_os_error(),
+        Some(libc::ENOSPC),
+        "setxattr past the cap failed with {refused}"
+    );
+    assert_eq!(accepted, 256, "names accepted before the cap");
+    assert!(
+        fs.log().contains("no room for attribute"),
+        "no log line says why setxattr was refused:\n{}",
+        fs.log()
+    );
+    assert_eq!(list_xattr(&img).expect("listxattr at the cap").len(), 256);
+    run("getfattr", &[Path::new("-d"), &img]);
+
+    take_snapshot(&fs, "tags@s");
+    let dir = fs.snapshot("tags@s");
+    assert_eq!(
+        list_xattr(&dir).expect("listxattr of the snapshot").len(),
+        256
+    );
+    assert_errno(
+        "a new attribute on a snapshot at the cap",
+        set_xattr(&dir, "user.more", b""),
+        libc::ENOSPC,
+    );
+
+    let values = fs.volume("values");
+    fs::write(&values, b"x").unwrap();
+    assert_errno(
+        "a value over 64 KiB",
+        set_xattr(&values, "user.huge", &vec![1u8; 64 * KIB as usize + 1]),
+        libc::E2BIG,
+    );
+    set_xattr(&values, "user.big", &vec![1u8; 64 * KIB as usize]).expect("a 64 KiB value");
+    assert_errno(
+        "another value once 64 KiB of values are stored",
+        set_xattr(&values, "user.more", b"1"),
+        libc::ENOSPC,
+    );
+    assert_eq!(list_xattr(&values).unwrap(), ["user.big"]);
 }

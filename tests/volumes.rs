@@ -404,6 +404,33 @@ except OSError as e:
     );
 }
 
+/// `cp --sparse=always` of a volume ends with `SEEK_DATA` at or past the last data
+/// (ENXIO): routine, so the daemon logs it at debug, not as a warning.
+#[test]
+fn sparse_copy_logs_no_lseek_warning() {
+    if !require_fuse() {
+        return;
+    }
+    let fs = Ebsfs::start();
+    let img = fs.volume("sparse");
+    write_range(&img, 0, &pattern(MIB as usize, 43));
+    write_range(&img, 4 * MIB, &pattern(MIB as usize, 44));
+    run("truncate", &["-s", "16M", img.to_str().unwrap()]);
+    let out = fs.scratch("out.raw");
+    run("cp", &[Path::new("--sparse=always"), &img, &out]);
+    run("cmp", &[&img, &out]);
+    let log = fs.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("lseek"))
+        .collect();
+    assert!(
+        warnings.is_empty(),
+        "the end of a sparse copy was logged as a warning:\n{}",
+        warnings.join("\n")
+    );
+}
+
 /// A write acknowledged by fsync survives `kill -9` of the daemon and a restart.
 #[test]
 fn fsync_acknowledged_writes_survive_kill9() {

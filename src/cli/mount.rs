@@ -15,7 +15,7 @@ use std::fs;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
@@ -24,6 +24,8 @@ use log::{error, info, warn};
 use crate::config::Settings;
 use crate::fs::FsCore;
 use crate::fuse::EbsFuse;
+use crate::snapshot::Scheduling;
+use crate::storage::linux::LinuxStorage;
 
 #[derive(clap::Args, Debug)]
 pub struct MountArgs {
@@ -68,6 +70,10 @@ pub fn run(args: MountArgs) -> i32 {
     if let Some(dir) = args.mountpoint {
         settings.mountpoint = dir;
     }
+    if let Err(message) = check_data_dir_outside_mount(&settings.data_dir, &settings.mountpoint) {
+        eprintln!("ebsfs: {message}");
+        return 2;
+    }
     match mount_and_serve(
         MountPlan {
             settings,
@@ -81,6 +87,45 @@ pub fn run(args: MountArgs) -> i32 {
             1
         }
     }
+}
+
+/// Refuses a data directory inside the mount point (or the mount point itself): once
+/// mounted, its path would lead into the mount. Runs before anything is created.
+fn check_data_dir_outside_mount(data_dir: &Path, mountpoint: &Path) -> Result<(), String> {
+    let resolve = |path: &Path| resolved_path(path).map_err(|e| format!("{}: {e}", path.display()));
+    if resolve(data_dir)?.starts_with(resolve(mountpoint)?) {
+        return Err(format!(
+            "data directory {} is inside the mount point {}: the mount would hide it; \
+             choose a data directory outside the mount point",
+            data_dir.display(),
+            mountpoint.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The absolute path `path` names, symlinks resolved, even where it does not exist
+/// yet: its nearest existing ancestor, canonicalized, with the rest appended (a part
+/// that does not exist holds no symlinks, so `..` in it simply goes up).
+fn resolved_path(path: &Path) -> std::io::Result<PathBuf> {
+    let path = std::path::absolute(path)?;
+    for ancestor in path.ancestors() {
+        let Ok(mut resolved) = fs::canonicalize(ancestor) else {
+            continue;
+        };
+        let rest = path.strip_prefix(ancestor).unwrap_or(Path::new(""));
+        for part in rest.components() {
+            match part {
+                Component::ParentDir => {
+                    resolved.pop();
+                }
+                Component::Normal(name) => resolved.push(name),
+                Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+            }
+        }
+        return Ok(resolved);
+    }
+    Ok(path)
 }
 
 /// Checks the mount point: created if missing, refused if mounted or not empty. A dead
@@ -112,6 +157,19 @@ fn prepare_mountpoint(path: &Path) -> Result<PathBuf, String> {
         return Err(format!("mount point {} is not empty", path.display()));
     }
     Ok(path)
+}
+
+/// Creates the data directory if missing and returns its canonical path.
+fn prepare_data_dir(path: &Path) -> Result<PathBuf, String> {
+    let fail = |e: std::io::Error| {
+        let why = match e.raw_os_error() {
+            Some(libc::EROFS | libc::EACCES | libc::EPERM) => "it is not writable".to_string(),
+            _ => e.to_string(),
+        };
+        format!("cannot open data directory {}: {why}", path.display())
+    };
+    fs::create_dir_all(path).map_err(fail)?;
+    fs::canonicalize(path).map_err(fail)
 }
 
 /// Whether `/proc/self/mountinfo` lists `path` as a mount point.
@@ -222,11 +280,12 @@ fn spawn_signal_watcher(set: libc::sigset_t, mut unmounter: SessionUnmounter, mo
 /// Opens the data directory, mounts, reports readiness on `ready` (helper mode),
 /// serves until unmounted and shuts down cleanly.
 fn mount_and_serve(plan: MountPlan, ready: Option<OwnedFd>) -> Result<(), String> {
-    let settings = plan.settings;
+    let mut settings = plan.settings;
     let mountpoint = prepare_mountpoint(&settings.mountpoint)?;
+    settings.data_dir = prepare_data_dir(&settings.data_dir)?;
     limit_malloc_arenas();
     let signals = block_signals();
-    let core = FsCore::start(settings.clone()).map_err(|e| {
+    let core = FsCore::start(settings.clone(), LinuxStorage, Scheduling::Threads).map_err(|e| {
         format!(
             "cannot open data directory {}: {e}",
             settings.data_dir.display()
@@ -412,6 +471,11 @@ pub fn run_helper(args: HelperArgs) -> i32 {
             return 2;
         }
     };
+    let settings = &plan.settings;
+    if let Err(message) = check_data_dir_outside_mount(&settings.data_dir, &settings.mountpoint) {
+        eprintln!("ebsfs: {message}");
+        return 2;
+    }
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: pipe fills the two-element array with fresh descriptors.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -538,6 +602,43 @@ mod tests {
         assert_eq!(plan.options, vec![MountOption::RO]);
         assert!(plan.settings.allow_other);
         assert_eq!(plan.settings.data_dir, Path::new("d"));
+    }
+
+    #[test]
+    fn paths_resolve_through_symlinks_even_where_missing() {
+        let root = tempfile::tempdir().unwrap();
+        let root_path = fs::canonicalize(root.path()).unwrap();
+        let mnt = root_path.join("mnt");
+        fs::create_dir(&mnt).unwrap();
+        std::os::unix::fs::symlink(&mnt, root_path.join("link")).unwrap();
+        for (given, expected) in [
+            ("link/data", mnt.join("data")),
+            ("link/not/yet/../data", mnt.join("not/data")),
+            ("mnt/./x/../../elsewhere", root_path.join("elsewhere")),
+            ("link", mnt.clone()),
+        ] {
+            assert_eq!(
+                resolved_path(&root.path().join(given)).unwrap(),
+                expected,
+                "{given}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_data_dir_inside_the_mount_point_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let mountpoint = root.path().join("mnt");
+        for (inside, data_dir) in [
+            (true, "mnt/data"),
+            (true, "mnt"),
+            (false, "data"),
+            (false, "mnt-data"),
+            (false, "mnt/../data"),
+        ] {
+            let refused = check_data_dir_outside_mount(&root.path().join(data_dir), &mountpoint);
+            assert_eq!(refused.is_err(), inside, "{data_dir}: {refused:?}");
+        }
     }
 
     #[test]

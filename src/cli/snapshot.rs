@@ -1,4 +1,8 @@
 //! `ebsfs snapshot create|list|wait|delete`: plain file operations on the mount.
+//!
+//! Every id or volume/label from the command line is checked with the filesystem's
+//! own name rules before it is joined onto the mount path: `../x` must never reach
+//! `mkdir` or `rmdir` outside `snapshots/`.
 
 use std::ffi::CString;
 use std::fs;
@@ -10,6 +14,7 @@ use std::time::Duration;
 use clap::Subcommand;
 
 use super::MountLocation;
+use crate::names::{NameError, SnapshotName, VolumeName};
 
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCommand {
@@ -50,27 +55,51 @@ pub enum SnapshotCommand {
 struct Failure(i32, String);
 
 pub fn run(cmd: SnapshotCommand) -> i32 {
-    let result = match cmd {
-        SnapshotCommand::Create {
-            volume,
-            label,
-            wait,
-            description,
-            location,
-        } => with_mount(&location, |mnt| {
-            create(mnt, &volume, &label, description.as_deref(), wait)
-        }),
-        SnapshotCommand::List { location } => with_mount(&location, list),
-        SnapshotCommand::Wait { id, location } => with_mount(&location, |mnt| wait_for(mnt, &id)),
-        SnapshotCommand::Delete { id, location } => with_mount(&location, |mnt| delete(mnt, &id)),
-    };
-    match result {
+    match dispatch(cmd) {
         Ok(()) => 0,
         Err(Failure(code, message)) => {
             eprintln!("ebsfs: {message}");
             code
         }
     }
+}
+
+fn dispatch(cmd: SnapshotCommand) -> Result<(), Failure> {
+    match cmd {
+        SnapshotCommand::Create {
+            volume,
+            label,
+            wait,
+            description,
+            location,
+        } => {
+            let name = VolumeName::parse(&volume)
+                .and_then(|v| SnapshotName::new(v, &label))
+                .map_err(|e| invalid_name(&format!("{volume}@{label}"), e))?;
+            with_mount(&location, |mnt| {
+                create(mnt, &name, description.as_deref(), wait)
+            })
+        }
+        SnapshotCommand::List { location } => with_mount(&location, list),
+        SnapshotCommand::Wait { id, location } => {
+            let id = parse_id(&id)?.to_string();
+            with_mount(&location, |mnt| wait_for(mnt, &id))
+        }
+        SnapshotCommand::Delete { id, location } => {
+            let id = parse_id(&id)?.to_string();
+            with_mount(&location, |mnt| delete(mnt, &id))
+        }
+    }
+}
+
+/// Refuses a name from the command line (exit status 2, like other usage errors).
+fn invalid_name(id: &str, err: NameError) -> Failure {
+    Failure(2, format!("invalid snapshot id `{id}`: {err}"))
+}
+
+/// A snapshot id from the command line: `VOLUME@LABEL` by the filesystem's name rules.
+fn parse_id(id: &str) -> Result<SnapshotName, Failure> {
+    SnapshotName::parse(id).map_err(|e| invalid_name(id, e))
 }
 
 fn with_mount(
@@ -113,16 +142,15 @@ fn explain(err: &std::io::Error, id: &str) -> String {
 
 fn create(
     mnt: &Path,
-    volume: &str,
-    label: &str,
+    name: &SnapshotName,
     description: Option<&str>,
     wait: bool,
 ) -> Result<(), Failure> {
-    let id = format!("{volume}@{label}");
+    let id = name.to_string();
     let dir = snapshot_dir(mnt, &id);
     // With --wait, a snapshot of the volume still pending is waited for first.
     while let Err(e) = fs::create_dir(&dir) {
-        let pending = pending_snapshot_of(mnt, volume);
+        let pending = pending_snapshot_of(mnt, name.volume().as_str());
         match (e.raw_os_error(), wait, pending) {
             (Some(libc::EBUSY), true, Some(pending)) => {
                 eprintln!("{id}: waiting for {pending} to finish first");

@@ -3,6 +3,8 @@
 //!
 //! Layout: the top 8 bits are the node kind, the low 56 bits the object id.
 
+use crate::namespace::{SnapshotId, VolumeId};
+
 pub const ROOT: u64 = 1;
 pub const VOLUMES_DIR: u64 = 2;
 pub const SNAPSHOTS_DIR: u64 = 3;
@@ -55,9 +57,9 @@ pub enum Node {
     Root,
     VolumesDir,
     SnapshotsDir,
-    Volume(u64),
-    SnapshotDir(u64),
-    SnapshotFile(u64, SnapshotFile),
+    Volume(VolumeId),
+    SnapshotDir(SnapshotId),
+    SnapshotFile(SnapshotId, SnapshotFile),
 }
 
 impl Node {
@@ -67,9 +69,9 @@ impl Node {
             Node::Root => ROOT,
             Node::VolumesDir => VOLUMES_DIR,
             Node::SnapshotsDir => SNAPSHOTS_DIR,
-            Node::Volume(id) => tagged(1, id),
-            Node::SnapshotDir(id) => tagged(2, id),
-            Node::SnapshotFile(id, file) => tagged(file.kind(), id),
+            Node::Volume(id) => tagged(1, id.0),
+            Node::SnapshotDir(id) => tagged(2, id.0),
+            Node::SnapshotFile(id, file) => tagged(file.kind(), id.0),
         }
     }
 
@@ -79,10 +81,10 @@ impl Node {
             (0, ROOT) => Node::Root,
             (0, VOLUMES_DIR) => Node::VolumesDir,
             (0, SNAPSHOTS_DIR) => Node::SnapshotsDir,
-            (1, _) => Node::Volume(id),
-            (2, _) => Node::SnapshotDir(id),
+            (1, _) => Node::Volume(VolumeId(id)),
+            (2, _) => Node::SnapshotDir(SnapshotId(id)),
             _ => Node::SnapshotFile(
-                id,
+                SnapshotId(id),
                 SnapshotFile::ALL.into_iter().find(|f| f.kind() == kind)?,
             ),
         })
@@ -106,13 +108,13 @@ mod tests {
             Node::Root,
             Node::VolumesDir,
             Node::SnapshotsDir,
-            Node::Volume(1),
-            Node::Volume(ID_MASK),
-            Node::SnapshotDir(7),
-            Node::SnapshotFile(7, SnapshotFile::Status),
-            Node::SnapshotFile(7, SnapshotFile::Image),
-            Node::SnapshotFile(9, SnapshotFile::Info),
-            Node::SnapshotFile(9, SnapshotFile::Progress),
+            Node::Volume(VolumeId(1)),
+            Node::Volume(VolumeId(ID_MASK)),
+            Node::SnapshotDir(SnapshotId(7)),
+            Node::SnapshotFile(SnapshotId(7), SnapshotFile::Status),
+            Node::SnapshotFile(SnapshotId(7), SnapshotFile::Image),
+            Node::SnapshotFile(SnapshotId(9), SnapshotFile::Info),
+            Node::SnapshotFile(SnapshotId(9), SnapshotFile::Progress),
         ];
         for node in nodes {
             assert_eq!(Node::from_ino(node.ino()), Some(node));

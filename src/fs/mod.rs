@@ -2,42 +2,38 @@
 //! files and control files, with no FUSE types. [`crate::fuse`] only translates
 //! requests into calls here and results back into replies.
 //!
-//! Layout of the data directory:
-//! ```text
-//! ebsfs.redb              metadata database (see meta.rs)
-//! volumes/<id>.raw        live volume data, sparse
-//! volumes/<id>.dirty      blocks changed since the volume's last snapshot
-//! captures/<vol>-<snap>.* capture set and preserved blocks of a pending snapshot
-//! chunks/pack-<n>.dat     snapshot chunks
-//! session                 present while mounted; left behind by a crash
-//! ```
+//! The core is generic over the [`Storage`] it keeps its files in: a mount uses the
+//! data directory ([`crate::storage::linux::LinuxStorage`]); tests and examples use
+//! memory ([`crate::storage::memory::MemStorage`]) and crash it at will. The data
+//! directory's layout is in [`crate::layout`].
 
+pub mod access;
 pub mod error;
 pub mod inode;
 mod recovery;
 mod snapshots;
+mod startup;
 mod volumes;
+mod xattr;
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::fs as stdfs;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
-use dashmap::DashMap;
 use std::time::SystemTime;
 
-use log::info;
+use dashmap::DashMap;
 
-use crate::catalog::Catalog;
 use crate::config::Settings;
-use crate::meta::{Meta, Owner};
-use crate::snapshot::SnapshotEngine;
-use crate::store::ChunkStore;
+use crate::layout::Layout;
+use crate::namespace::{Namespace, VolumeId};
+use crate::snapshot::read::OpenImage;
+use crate::snapshot::{Scheduling, SnapshotEngine};
+use crate::storage::Storage;
 use crate::volume::Volume;
+pub use access::{Access, Caller};
 pub use error::{FsError, FsResult};
 use inode::{Node, SnapshotFile};
+pub use xattr::XattrFlags;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FileKind {
@@ -60,13 +56,6 @@ pub struct Attr {
     pub atime: SystemTime,
     pub mtime: SystemTime,
     pub ctime: SystemTime,
-}
-
-/// Who is asking.
-#[derive(Clone, Copy, Debug)]
-pub struct Caller {
-    pub uid: u32,
-    pub gid: u32,
 }
 
 /// Attribute changes requested by `setattr`.
@@ -109,24 +98,52 @@ pub enum OpenMode {
     Image,
 }
 
-#[derive(Clone)]
-enum Handle {
-    Volume(Arc<Volume>),
+enum Handle<S: Storage> {
+    Volume(Arc<Volume<S>>),
     Text(Arc<[u8]>),
-    Image(u64),
+    Image(Arc<OpenImage<S>>),
 }
 
-pub struct FsCore {
+impl<S: Storage> Clone for Handle<S> {
+    fn clone(&self) -> Self {
+        match self {
+            Handle::Volume(v) => Handle::Volume(v.clone()),
+            Handle::Text(t) => Handle::Text(t.clone()),
+            Handle::Image(i) => Handle::Image(i.clone()),
+        }
+    }
+}
+
+/// A volume as the daemon serves it: live, or damaged (its files are missing or
+/// unreadable; every open fails with `EIO` until `ebsfs check --repair`).
+enum VolumeSlot<S: Storage> {
+    Live(Arc<Volume<S>>),
+    Damaged(Arc<str>),
+}
+
+impl<S: Storage> Clone for VolumeSlot<S> {
+    fn clone(&self) -> Self {
+        match self {
+            VolumeSlot::Live(v) => VolumeSlot::Live(v.clone()),
+            VolumeSlot::Damaged(reason) => VolumeSlot::Damaged(reason.clone()),
+        }
+    }
+}
+
+pub struct FsCore<S: Storage> {
     settings: Settings,
-    volumes_dir: PathBuf,
-    meta: Arc<Meta>,
-    catalog: Arc<Catalog>,
-    engine: Arc<SnapshotEngine>,
-    live: DashMap<u64, Arc<Volume>>,
-    handles: DashMap<u64, Handle>,
+    storage: S,
+    layout: Layout,
+    ns: Arc<Namespace>,
+    engine: Arc<SnapshotEngine<S>>,
+    volumes: DashMap<VolumeId, VolumeSlot<S>>,
+    handles: DashMap<u64, Handle<S>>,
     next_handle: AtomicU64,
     session: recovery::Session,
-    owner: Caller,
+    /// Held for the daemon's lifetime: one daemon per data directory.
+    _lock: S::Lock,
+    /// The mounting user: owner of the top-level directories.
+    owner_ids: (u32, u32),
     mounted_at: SystemTime,
     stopped: AtomicBool,
 }
@@ -136,78 +153,33 @@ fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> FsError {
     move |source| FsError::Io { what, source }
 }
 
-impl FsCore {
-    /// Opens (or initialises) the data directory and recovers from any crash.
-    pub fn start(mut settings: Settings) -> FsResult<FsCore> {
-        let data_dir = settings.data_dir.clone();
-        stdfs::create_dir_all(&data_dir).map_err(io_error(format!(
-            "creating data directory {}",
-            data_dir.display()
-        )))?;
-        let data_dir = stdfs::canonicalize(&data_dir)
-            .map_err(io_error(format!("data directory {}", data_dir.display())))?;
-        settings.data_dir = data_dir.clone();
-        let session = recovery::Session::begin(&data_dir)?;
-        let volumes_dir = data_dir.join("volumes");
-        stdfs::create_dir_all(&volumes_dir)
-            .map_err(io_error(format!("creating {}", volumes_dir.display())))?;
-        let meta = Arc::new(Meta::open(&data_dir.join("ebsfs.redb"))?);
-        let store = Arc::new(ChunkStore::open(
-            &data_dir.join("chunks"),
-            &meta,
-            settings.compression_level,
-            settings.cache_size_bytes,
-        )?);
-        let catalog = Arc::new(Catalog::new(meta.load_volumes()?, meta.load_snapshots()?));
-        let engine = Arc::new(SnapshotEngine::new(
-            meta.clone(),
-            store.clone(),
-            catalog.clone(),
-            data_dir.join("captures"),
-            settings.capture_threads,
-        ));
-        let mut live = HashMap::new();
-        for record in catalog.read().volumes.values() {
-            let volume = Volume::open(
-                &volumes_dir,
-                record.id,
-                u64::from(record.block_size),
-                settings.max_volume_size_bytes,
-            )
-            .map_err(io_error(format!("opening volume {}", record.name)))?;
-            live.insert(record.id, Arc::new(volume));
-        }
-        volumes::remove_orphan_files(&volumes_dir, &live)?;
-        engine.start_settler();
-        engine.recover(&live)?;
-        recovery::after_crash(&session, &meta, &catalog, &store)?;
+impl<S: Storage> FsCore<S> {
+    /// Opens (or initialises) the data directory `settings.data_dir` in `storage`
+    /// and recovers from any crash. See [`startup`] for what start-up checks.
+    pub fn start(settings: Settings, storage: S, scheduling: Scheduling) -> FsResult<FsCore<S>> {
+        let opened = startup::open(&settings, &storage, scheduling)?;
         // SAFETY: geteuid/getegid only read process credentials.
-        let owner = unsafe {
-            Caller {
-                uid: libc::geteuid(),
-                gid: libc::getegid(),
-            }
-        };
-        info!(
-            "data directory {}: {} volumes, {} snapshots",
-            data_dir.display(),
-            live.len(),
-            catalog.read().visible_snapshots().count()
-        );
+        let owner_ids = unsafe { (libc::geteuid(), libc::getegid()) };
         Ok(FsCore {
+            layout: Layout::new(settings.data_dir.clone()),
             settings,
-            volumes_dir,
-            meta,
-            catalog,
-            engine,
-            live: live.into_iter().collect(),
+            storage,
+            ns: opened.ns,
+            engine: opened.engine,
+            volumes: opened.volumes.into_iter().collect(),
             handles: DashMap::new(),
             next_handle: AtomicU64::new(1),
-            session,
-            owner,
+            session: opened.session,
+            _lock: opened.lock,
+            owner_ids,
             mounted_at: SystemTime::now(),
             stopped: AtomicBool::new(false),
         })
+    }
+
+    /// The snapshot engine (for running queued captures under manual scheduling).
+    pub fn engine(&self) -> &Arc<SnapshotEngine<S>> {
+        &self.engine
     }
 
     /// Finishes running captures, makes volume data durable and records a clean stop.
@@ -217,12 +189,14 @@ impl FsCore {
             return;
         }
         self.engine.wait_all();
-        for volume in self.live.iter() {
-            if let Err(e) = volume.sync(false) {
+        for slot in self.volumes.iter() {
+            if let VolumeSlot::Live(volume) = slot.value()
+                && let Err(e) = volume.sync(false).and_then(|()| volume.sync_dirty_map())
+            {
                 log::error!("syncing volume {} at shutdown: {e}", volume.id);
             }
         }
-        self.session.end();
+        self.session.end(&self.storage);
     }
 
     fn dir_attr(&self, ino: u64) -> Attr {
@@ -236,8 +210,8 @@ impl FsCore {
             blocks: 0,
             perm: if shared { 0o1777 } else { 0o755 },
             nlink: 2,
-            uid: self.owner.uid,
-            gid: self.owner.gid,
+            uid: self.owner_ids.0,
+            gid: self.owner_ids.1,
             atime: self.mounted_at,
             mtime: self.mounted_at,
             ctime: self.mounted_at,
@@ -289,18 +263,17 @@ impl FsCore {
                 entries.push(dir(inode::SNAPSHOTS_DIR, "snapshots"));
             }
             Some(Node::VolumesDir) => {
-                let records = self.catalog.read();
-                entries.extend(records.volumes.values().map(|v| DirEntry {
+                let view = self.ns.view();
+                entries.extend(view.volumes.values().map(|v| DirEntry {
                     ino: Node::Volume(v.id).ino(),
                     kind: FileKind::RegularFile,
                     name: format!("{}{}", v.name, crate::names::VOLUME_SUFFIX),
                 }));
             }
             Some(Node::SnapshotsDir) => {
-                let records = self.catalog.read();
+                let view = self.ns.view();
                 entries.extend(
-                    records
-                        .visible_snapshots()
+                    view.visible_snapshots()
                         .map(|s| dir(Node::SnapshotDir(s.id).ino(), &s.name())),
                 );
             }
@@ -320,37 +293,33 @@ impl FsCore {
     }
 
     pub fn statfs(&self) -> FsResult<FsStats> {
-        let path = std::ffi::CString::new(self.settings.data_dir.as_os_str().as_encoded_bytes())
-            .map_err(|_| FsError::Invalid("data directory path contains a NUL byte".into()))?;
-        // SAFETY: statvfs writes only into the zeroed struct we pass.
-        let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::statvfs(path.as_ptr(), &mut stats) } != 0 {
-            return Err(io_error("statfs of the data directory")(
-                std::io::Error::last_os_error(),
-            ));
-        }
+        let space = self
+            .storage
+            .space(self.layout.root())
+            .map_err(io_error("statfs of the data directory"))?;
         Ok(FsStats {
-            blocks: stats.f_blocks,
-            blocks_free: stats.f_bfree,
-            blocks_available: stats.f_bavail,
-            files: stats.f_files,
-            files_free: stats.f_ffree,
-            block_size: stats.f_frsize as u32,
+            blocks: space.blocks,
+            blocks_free: space.blocks_free,
+            blocks_available: space.blocks_available,
+            files: space.files,
+            files_free: space.files_free,
+            block_size: space.block_size,
             name_max: (crate::names::MAX_NAME_LEN * 2 + 1) as u32,
         })
     }
 
-    fn add_handle(&self, handle: Handle) -> u64 {
+    fn add_handle(&self, handle: Handle<S>) -> u64 {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.handles.insert(fh, handle);
         fh
     }
 
+    /// Closes an open file. The last close of a deleted snapshot's image lets it settle.
     pub fn release(&self, fh: u64) {
         self.handles.remove(&fh);
     }
 
-    fn handle_volume(&self, fh: u64) -> Option<Arc<Volume>> {
+    fn handle_volume(&self, fh: u64) -> Option<Arc<Volume<S>>> {
         match self.handles.get(&fh).as_deref() {
             Some(Handle::Volume(v)) => Some(v.clone()),
             _ => None,
@@ -370,8 +339,11 @@ impl FsCore {
                 }
                 match file {
                     SnapshotFile::Image => {
-                        self.check_image_readable(id)?;
-                        Ok((self.add_handle(Handle::Image(id)), OpenMode::Image))
+                        let image = self.open_image(id)?;
+                        Ok((
+                            self.add_handle(Handle::Image(Arc::new(image))),
+                            OpenMode::Image,
+                        ))
                     }
                     _ => {
                         let text = self.snapshot_file_text(id, file)?;
@@ -395,10 +367,7 @@ impl FsCore {
                 buf[..n].copy_from_slice(&text[start..start + n]);
                 n
             }
-            Some(Handle::Image(id)) => {
-                let record = self.snapshot_record(id)?;
-                self.engine.read_image(&record, buf, offset)?
-            }
+            Some(Handle::Image(image)) => image.read(buf, offset)?,
             None => match Node::from_ino(ino) {
                 Some(Node::Volume(id)) => self.live_volume(id)?.read_at(buf, offset)?,
                 _ => {
@@ -410,10 +379,8 @@ impl FsCore {
         };
         Ok(n)
     }
-}
 
-impl FsCore {
-    pub fn setattr(&self, ino: u64, changes: SetAttr, caller: Caller) -> FsResult<Attr> {
+    pub fn setattr(&self, ino: u64, changes: SetAttr, caller: &Caller) -> FsResult<Attr> {
         match Node::from_ino(ino) {
             Some(Node::Volume(id)) => self.setattr_volume(id, changes, caller),
             Some(node @ (Node::SnapshotDir(_) | Node::SnapshotFile(..))) => {
@@ -446,19 +413,23 @@ impl FsCore {
         }
     }
 
-    /// Sets (`Some`) or removes (`None`) an extended attribute.
+    /// Sets (`Some`) or removes (`None`) an extended attribute; `flags` apply to
+    /// setting only.
     pub fn setxattr(
         &self,
         ino: u64,
         name: &OsStr,
         value: Option<&[u8]>,
-        caller: Caller,
+        flags: XattrFlags,
+        caller: &Caller,
     ) -> FsResult<()> {
         match (Node::from_ino(ino), value) {
-            (Some(Node::Volume(id)), Some(value)) => self.volume_xattr_set(id, name, value, caller),
+            (Some(Node::Volume(id)), Some(value)) => {
+                self.volume_xattr_set(id, name, value, flags, caller)
+            }
             (Some(Node::Volume(id)), None) => self.volume_xattr_remove(id, name, caller),
             (Some(Node::SnapshotDir(id)), value) => {
-                self.snapshot_xattr_set(id, name, value, caller)
+                self.snapshot_xattr_set(id, name, value, flags, caller)
             }
             (Some(Node::SnapshotFile(..)), _) => Err(FsError::ReadOnly("snapshot files".into())),
             _ => Err(FsError::NotSupported(
@@ -466,21 +437,4 @@ impl FsCore {
             )),
         }
     }
-}
-
-/// Unix permission check against an owner record: may `caller` do `want` (4 read,
-/// 2 write, 1 execute)?
-fn permits(owner: &Owner, caller: Caller, want: u16) -> bool {
-    if caller.uid == 0 {
-        return true;
-    }
-    let mode = owner.mode;
-    let bits = if caller.uid == owner.uid {
-        mode >> 6
-    } else if caller.gid == owner.gid {
-        mode >> 3
-    } else {
-        mode
-    };
-    bits & want == want
 }

@@ -4,23 +4,20 @@
 //! id; a clean unmount removes it. Finding it at start-up means the last session
 //! ended abruptly:
 //! - same boot id: only the daemon died (`kill -9`). The page cache survived, so the
-//!   dirty maps are trustworthy (their bits are written before the data);
+//!   dirty maps are trustworthy (their bits reach the file before the data does);
 //! - different boot id: the host crashed. Dirty maps may have lost bits that the
 //!   data files kept, so every volume's next snapshot compares all of its blocks.
 //!
-//! Either way, chunk space freed by a commit whose clean-up never ran is reclaimed.
-
-use std::fs;
-use std::path::{Path, PathBuf};
+//! Either way, chunk space freed by a commit whose clean-up never ran is reclaimed
+//! (the database proves it unreferenced).
 
 use log::{info, warn};
 
-use super::{FsError, FsResult, io_error};
-use crate::catalog::Catalog;
-use crate::meta::{self, Meta, MetaError};
+use super::{FsError, FsResult};
+use crate::layout::Layout;
+use crate::namespace::Namespace;
+use crate::storage::{Storage, publish_file};
 use crate::store::ChunkStore;
-
-const SESSION_FILE: &str = "session";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LastStop {
@@ -30,66 +27,88 @@ pub enum LastStop {
 }
 
 pub struct Session {
-    path: PathBuf,
+    layout: Layout,
     pub last_stop: LastStop,
 }
 
-fn boot_id() -> String {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+/// Turns an I/O error writing into the data directory into an error that says so
+/// when the directory is read-only or forbidden.
+pub(super) fn data_dir_io_error(
+    layout: &Layout,
+    what: impl Into<String>,
+) -> impl FnOnce(std::io::Error) -> FsError {
+    let what = what.into();
+    let dir = layout.root().display().to_string();
+    move |source| match source.raw_os_error() {
+        Some(libc::EROFS | libc::EACCES | libc::EPERM) => FsError::Io {
+            what: format!("data directory {dir} is not writable"),
+            source,
+        },
+        _ => FsError::Io { what, source },
+    }
 }
 
 impl Session {
-    pub fn begin(data_dir: &Path) -> FsResult<Session> {
-        let path = data_dir.join(SESSION_FILE);
-        let current_boot = boot_id();
-        let last_stop = match fs::read_to_string(&path) {
-            Ok(text) => {
+    /// Reads how the last session ended (writes nothing: see [`Session::record`]).
+    pub fn last<S: Storage>(storage: &S, layout: &Layout) -> FsResult<Session> {
+        let path = layout.session();
+        let current_boot = storage.boot_id();
+        let text = crate::storage::read_file(storage, &path)
+            .map_err(super::io_error(format!("reading {}", path.display())))?;
+        let last_stop = match text {
+            None => LastStop::Clean,
+            Some(bytes) => {
+                let text = String::from_utf8_lossy(&bytes);
                 let previous_boot = text
                     .lines()
                     .find_map(|l| l.strip_prefix("boot_id="))
                     .unwrap_or_default()
-                    .trim()
-                    .to_string();
+                    .trim();
                 if previous_boot == current_boot && !current_boot.is_empty() {
                     LastStop::DaemonCrash
                 } else {
                     LastStop::HostCrash
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => LastStop::Clean,
-            Err(e) => return Err(io_error(format!("reading {}", path.display()))(e)),
         };
-        let tmp = data_dir.join(format!("{SESSION_FILE}.tmp"));
-        fs::write(
-            &tmp,
-            format!("pid={}\nboot_id={current_boot}\n", std::process::id()),
-        )
-        .and_then(|_| fs::rename(&tmp, &path))
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::EROFS | libc::EACCES | libc::EPERM) => FsError::Io {
-                what: format!("data directory {} is not writable", data_dir.display()),
-                source: e,
-            },
-            _ => io_error(format!("writing {}", path.display()))(e),
-        })?;
-        Ok(Session { path, last_stop })
+        Ok(Session {
+            layout: layout.clone(),
+            last_stop,
+        })
+    }
+
+    /// Marks the directory as in use by this session, durably.
+    pub fn record<S: Storage>(&self, storage: &S) -> FsResult<()> {
+        let path = self.layout.session();
+        let text = format!(
+            "pid={}\nboot_id={}\n",
+            std::process::id(),
+            storage.boot_id()
+        );
+        publish_file(storage, &path, text.as_bytes()).map_err(data_dir_io_error(
+            &self.layout,
+            format!("writing {}", path.display()),
+        ))
     }
 
     /// Records a clean stop.
-    pub fn end(&self) {
-        if let Err(e) = fs::remove_file(&self.path) {
-            warn!("cannot remove {}: {e}", self.path.display());
+    pub fn end<S: Storage>(&self, storage: &S) {
+        let path = self.layout.session();
+        if let Err(e) = storage
+            .remove_file(&path)
+            .and_then(|()| storage.sync_dir(self.layout.root()))
+        {
+            warn!("cannot remove {}: {e}", path.display());
         }
     }
 }
 
-pub fn after_crash(
+/// Repairs after an abrupt stop: after a host crash every volume's next snapshot
+/// compares all blocks; leaked chunk space is reclaimed either way.
+pub fn after_crash<S: Storage>(
     session: &Session,
-    meta: &Meta,
-    catalog: &Catalog,
-    store: &ChunkStore,
+    ns: &Namespace,
+    store: &ChunkStore<S>,
 ) -> FsResult<()> {
     match session.last_stop {
         LastStop::Clean => return Ok(()),
@@ -98,22 +117,18 @@ pub fn after_crash(
             warn!(
                 "the host crashed during the previous session: next snapshots compare every block"
             );
-            let mut records = catalog.write();
-            let txn = meta.begin_write()?;
-            let mut updated = Vec::new();
-            for volume in records.volumes.values() {
-                let mut volume = volume.clone();
-                volume.full_compare = true;
-                meta::put_volume(&txn, &volume)?;
-                updated.push(volume);
-            }
-            txn.commit().map_err(MetaError::from)?;
-            for volume in updated {
-                records.upsert_volume(volume);
-            }
+            let guard = ns.lock();
+            ns.change(&guard, |c| -> FsResult<()> {
+                let volumes: Vec<_> = c.records().volumes.values().cloned().collect();
+                for mut volume in volumes {
+                    volume.full_compare = true;
+                    c.put_volume(volume)?;
+                }
+                Ok(())
+            })?;
         }
     }
-    let punched = store.reclaim_unreferenced(meta)?;
+    let punched = store.reclaim_unreferenced(ns)?;
     if punched > 0 {
         info!("reclaimed {punched} bytes of unreferenced chunk space");
     }

@@ -7,9 +7,12 @@ use serde::Serialize;
 
 use super::inode::{Node, SnapshotFile};
 use super::volumes::apply_owner_change;
-use super::{Attr, Caller, FileKind, FsCore, FsError, FsResult, SetAttr, permits};
-use crate::meta::{self, MetaError, Owner, SnapshotRecord, SnapshotStatus};
+use super::xattr::{self, XattrFlags, check_xattr_name};
+use super::{Access, Attr, Caller, FileKind, FsCore, FsError, FsResult, SetAttr};
 use crate::names::SnapshotName;
+use crate::namespace::{Owner, SnapshotId, SnapshotRecord, SnapshotStatus};
+use crate::snapshot::read::OpenImage;
+use crate::storage::Storage;
 
 /// Snapshot directories are private to their owner until shared with chmod.
 const SNAPSHOT_DIR_MODE: u16 = 0o700;
@@ -17,7 +20,7 @@ const SNAPSHOT_DIR_MODE: u16 = 0o700;
 /// The `info` file: TOML, one `key = value` per line.
 #[derive(Serialize)]
 struct Info<'a> {
-    id: u64,
+    id: SnapshotId,
     volume: &'a str,
     status: &'a str,
     size: u64,
@@ -54,11 +57,11 @@ fn render_info(record: &SnapshotRecord) -> String {
     toml::to_string(&info).unwrap_or_else(|e| format!("error = \"cannot render info: {e}\"\n"))
 }
 
-impl FsCore {
+impl<S: Storage> FsCore<S> {
     /// A visible snapshot's record.
-    pub(super) fn snapshot_record(&self, id: u64) -> FsResult<SnapshotRecord> {
-        self.catalog
-            .read()
+    pub(super) fn snapshot_record(&self, id: SnapshotId) -> FsResult<SnapshotRecord> {
+        self.ns
+            .view()
             .snapshots
             .get(&id)
             .filter(|s| !s.hidden)
@@ -70,12 +73,12 @@ impl FsCore {
         let shown = name.to_string_lossy().into_owned();
         let id = name
             .to_str()
-            .and_then(|n| self.catalog.read().snapshot_id(n))
+            .and_then(|n| self.ns.view().snapshot_id(n))
             .ok_or(FsError::NotFound(shown))?;
         self.snapshot_dir_attr(id)
     }
 
-    pub(super) fn snapshot_dir_attr(&self, id: u64) -> FsResult<Attr> {
+    pub(super) fn snapshot_dir_attr(&self, id: SnapshotId) -> FsResult<Attr> {
         let record = self.snapshot_record(id)?;
         let time = record.completed.unwrap_or(record.created).to_system_time();
         Ok(Attr {
@@ -93,7 +96,7 @@ impl FsCore {
         })
     }
 
-    pub(super) fn snapshot_file_attr(&self, id: u64, file: SnapshotFile) -> FsResult<Attr> {
+    pub(super) fn snapshot_file_attr(&self, id: SnapshotId, file: SnapshotFile) -> FsResult<Attr> {
         let record = self.snapshot_record(id)?;
         let size = match file {
             SnapshotFile::Image => record.size_bytes,
@@ -120,7 +123,11 @@ impl FsCore {
     }
 
     /// Current contents of `status`, `progress` or `info`.
-    pub(super) fn snapshot_file_text(&self, id: u64, file: SnapshotFile) -> FsResult<Vec<u8>> {
+    pub(super) fn snapshot_file_text(
+        &self,
+        id: SnapshotId,
+        file: SnapshotFile,
+    ) -> FsResult<Vec<u8>> {
         let record = self.snapshot_record(id)?;
         let text = match file {
             SnapshotFile::Status => format!("{}\n", record.status.as_str()),
@@ -139,27 +146,14 @@ impl FsCore {
         Ok(text.into_bytes())
     }
 
-    /// `volume.img` opens once the snapshot is completed: `EAGAIN` while pending.
-    pub(super) fn check_image_readable(&self, id: u64) -> FsResult<()> {
-        let record = self.snapshot_record(id)?;
-        match record.status {
-            SnapshotStatus::Completed => Ok(()),
-            SnapshotStatus::Pending => Err(FsError::Again(format!(
-                "snapshot {} is pending: volume.img can be read once status is completed",
-                record.name()
-            ))),
-            SnapshotStatus::Error => Err(FsError::Snapshot(
-                crate::snapshot::SnapshotError::CaptureFailed(format!(
-                    "snapshot {} failed and has no image: {}",
-                    record.name(),
-                    record.error.as_deref().unwrap_or("unknown reason")
-                )),
-            )),
-        }
+    /// Opens `volume.img`, once the snapshot is completed (`EAGAIN` while pending).
+    /// The handle keeps reading it even after the snapshot is deleted.
+    pub(super) fn open_image(&self, id: SnapshotId) -> FsResult<OpenImage<S>> {
+        Ok(self.engine.open_image(id)?)
     }
 
     /// `mkdir snapshots/<volume>@<label>`: starts a snapshot, returns at once.
-    pub fn mkdir(&self, parent: u64, name: &OsStr, caller: Caller) -> FsResult<Attr> {
+    pub fn mkdir(&self, parent: u64, name: &OsStr, caller: &Caller) -> FsResult<Attr> {
         match Node::from_ino(parent) {
             Some(Node::SnapshotsDir) => {}
             Some(Node::VolumesDir) => {
@@ -177,16 +171,15 @@ impl FsCore {
             }
         }
         let name = SnapshotName::from_file_name(name)?;
-        let volume_id = self
-            .catalog
-            .read()
+        let view = self.ns.view();
+        let volume_id = view
             .volume_id(name.volume().as_str())
             .ok_or_else(|| FsError::NotFound(format!("volume {}", name.volume())))?;
-        let volume_owner = self.catalog.read().volumes.get(&volume_id).map(|v| v.owner);
+        let volume_owner = view.volumes.get(&volume_id).map(|v| v.owner);
         if let Some(owner) = volume_owner
-            && !permits(&owner, caller, 4)
+            && !caller.permits(&owner, Access::Read)?
         {
-            return Err(FsError::NotPermitted(format!(
+            return Err(FsError::AccessDenied(format!(
                 "snapshot {name}: no read permission on volume {}",
                 name.volume()
             )));
@@ -202,7 +195,7 @@ impl FsCore {
     }
 
     /// `rmdir snapshots/<name>`: deletes it (cancelling a pending capture).
-    pub fn rmdir(&self, parent: u64, name: &OsStr, caller: Caller) -> FsResult<()> {
+    pub fn rmdir(&self, parent: u64, name: &OsStr, caller: &Caller) -> FsResult<()> {
         match Node::from_ino(parent) {
             Some(Node::SnapshotsDir) => {}
             Some(Node::Root) => {
@@ -216,8 +209,8 @@ impl FsCore {
             .to_str()
             .ok_or(FsError::Name(crate::names::NameError::NotUtf8))?;
         let id = self
-            .catalog
-            .read()
+            .ns
+            .view()
             .snapshot_id(text)
             .ok_or_else(|| FsError::NotFound(text.to_string()))?;
         let record = self.snapshot_record(id)?;
@@ -234,13 +227,20 @@ impl FsCore {
         &self,
         node: Node,
         changes: SetAttr,
-        caller: Caller,
+        caller: &Caller,
     ) -> FsResult<Attr> {
         let Node::SnapshotDir(id) = node else {
             return Err(FsError::ReadOnly("snapshot files".into()));
         };
         if changes.size.is_some() {
             return Err(FsError::IsDir(format!("snapshot {id}")));
+        }
+        // Only sharing (mode and owner) may change: the times are the snapshot's own.
+        if changes.atime.is_some() || changes.mtime.is_some() {
+            return Err(FsError::ReadOnly(format!(
+                "the time of snapshot {}",
+                self.snapshot_record(id)?.name()
+            )));
         }
         if changes.mode.is_some() || changes.uid.is_some() || changes.gid.is_some() {
             self.update_snapshot(id, |record| {
@@ -252,20 +252,17 @@ impl FsCore {
 
     fn update_snapshot(
         &self,
-        id: u64,
+        id: SnapshotId,
         change: impl FnOnce(&mut SnapshotRecord) -> FsResult<()>,
     ) -> FsResult<()> {
-        let _ns = self.engine.namespace_lock();
+        let guard = self.ns.lock();
         let mut record = self.snapshot_record(id)?;
         change(&mut record)?;
-        let txn = self.meta.begin_write()?;
-        meta::put_snapshot(&txn, &record)?;
-        txn.commit().map_err(MetaError::from)?;
-        self.catalog.write().upsert_snapshot(record);
+        self.ns.change(&guard, |c| c.put_snapshot(record))?;
         Ok(())
     }
 
-    pub(super) fn snapshot_xattr_get(&self, id: u64, name: &OsStr) -> FsResult<Vec<u8>> {
+    pub(super) fn snapshot_xattr_get(&self, id: SnapshotId, name: &OsStr) -> FsResult<Vec<u8>> {
         let record = self.snapshot_record(id)?;
         let key = name.to_string_lossy();
         record
@@ -274,7 +271,7 @@ impl FsCore {
             .ok_or(FsError::NoAttribute(key.into_owned()))
     }
 
-    pub(super) fn snapshot_xattr_list(&self, id: u64) -> FsResult<Vec<String>> {
+    pub(super) fn snapshot_xattr_list(&self, id: SnapshotId) -> FsResult<Vec<String>> {
         Ok(self
             .snapshot_record(id)?
             .xattrs
@@ -287,20 +284,13 @@ impl FsCore {
     /// becomes the `description` in `info`.
     pub(super) fn snapshot_xattr_set(
         &self,
-        id: u64,
+        id: SnapshotId,
         name: &OsStr,
         value: Option<&[u8]>,
-        caller: Caller,
+        flags: XattrFlags,
+        caller: &Caller,
     ) -> FsResult<()> {
-        let key = match name.to_str() {
-            Some(k) if k.starts_with("user.") && k.len() > 5 => k.to_string(),
-            _ => {
-                return Err(FsError::NotSupported(format!(
-                    "extended attribute {} is not supported: only user.* attributes are kept",
-                    name.to_string_lossy()
-                )));
-            }
-        };
+        let key = check_xattr_name(name)?.to_string();
         self.update_snapshot(id, |record| {
             if caller.uid != 0 && caller.uid != record.owner.uid {
                 return Err(FsError::NotPermitted(format!(
@@ -309,7 +299,10 @@ impl FsCore {
                 )));
             }
             match value {
-                Some(v) => record.xattrs.set(&key, v),
+                Some(v) => {
+                    let owner = format!("snapshot {}", record.name());
+                    xattr::set(&mut record.xattrs, &key, v, flags, &owner)?;
+                }
                 None if !record.xattrs.remove(&key) => {
                     return Err(FsError::NoAttribute(key.clone()));
                 }
@@ -328,15 +321,15 @@ impl FsCore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::{Timestamp, Xattrs};
+    use crate::namespace::{Timestamp, Xattrs};
 
     #[test]
     fn info_is_toml_with_the_documented_keys() {
         let record = SnapshotRecord {
-            id: 4,
+            id: SnapshotId(4),
             volume: "db".into(),
             label: "nightly".into(),
-            lineage: 1,
+            lineage: crate::namespace::VolumeId(1),
             size_bytes: 1 << 30,
             block_size: 65536,
             created: Timestamp(0),

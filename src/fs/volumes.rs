@@ -1,74 +1,75 @@
 //! `volumes/`: creating, resizing, renaming and deleting volumes, and their data I/O.
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::fs as stdfs;
-use std::path::Path;
 use std::sync::Arc;
 
-use log::info;
+use log::{info, warn};
 
 use super::inode::Node;
-use super::{Attr, Caller, FileKind, FsCore, FsError, FsResult, SetAttr, io_error, permits};
-use crate::meta::{self, MetaError, Owner, Timestamp, VolumeRecord, Xattrs};
+use super::xattr::{self, XattrFlags, check_xattr_name};
+use super::{Access, Attr, Caller, FileKind, FsCore, FsError, FsResult, SetAttr, VolumeSlot};
+use crate::layout::VolumeFile;
 use crate::names::VolumeName;
-use crate::snapshot::Settle;
-use crate::volume::{self, Volume};
+use crate::namespace::{NsGuard, Owner, Timestamp, VolumeId, VolumeRecord, Xattrs};
+use crate::snapshot::settle::Settle;
+use crate::storage::Storage;
+use crate::volume::Volume;
 
-/// Extended attributes users may set: the `user.` namespace (tags, product codes).
-fn check_xattr_name(name: &OsStr) -> FsResult<&str> {
-    match name.to_str() {
-        Some(n) if n.starts_with("user.") && n.len() > 5 => Ok(n),
-        _ => Err(FsError::NotSupported(format!(
-            "extended attribute {} is not supported: only user.* attributes are kept",
-            name.to_string_lossy()
-        ))),
+impl<S: Storage> FsCore<S> {
+    /// The volume's live data, or `EIO` if it is damaged.
+    pub(super) fn live_volume(&self, id: VolumeId) -> FsResult<Arc<Volume<S>>> {
+        match self.volumes.get(&id).map(|slot| slot.clone()) {
+            Some(VolumeSlot::Live(volume)) => Ok(volume),
+            Some(VolumeSlot::Damaged(reason)) => Err(FsError::Damaged {
+                name: self
+                    .ns
+                    .view()
+                    .volumes
+                    .get(&id)
+                    .map_or_else(|| id.to_string(), |v| v.name.clone()),
+                reason: reason.to_string(),
+            }),
+            None => Err(FsError::NotFound(format!("volume {id}"))),
+        }
     }
-}
 
-impl FsCore {
-    pub(super) fn live_volume(&self, id: u64) -> FsResult<Arc<Volume>> {
-        self.live
-            .get(&id)
-            .map(|v| v.clone())
-            .ok_or_else(|| FsError::NotFound(format!("volume {id}")))
-    }
-
-    fn volume_record(&self, id: u64) -> FsResult<VolumeRecord> {
-        self.catalog
-            .read()
+    fn volume_record(&self, id: VolumeId) -> FsResult<VolumeRecord> {
+        self.ns
+            .view()
             .volumes
             .get(&id)
             .cloned()
             .ok_or_else(|| FsError::NotFound(format!("volume {id}")))
     }
 
-    pub(super) fn volume_attr(&self, id: u64) -> FsResult<Attr> {
+    pub(super) fn volume_attr(&self, id: VolumeId) -> FsResult<Attr> {
         let record = self.volume_record(id)?;
-        let volume = self.live_volume(id)?;
-        let stat = volume
-            .data_file()
-            .metadata()
-            .map_err(io_error(format!("stat of volume {}", record.name)))?;
-        let time = |t: std::io::Result<std::time::SystemTime>| {
-            t.unwrap_or_else(|_| record.created.to_system_time())
+        let created = record.created.to_system_time();
+        // A damaged volume still shows (so that it can be found and removed), empty.
+        let (size, allocated, times) = match self.live_volume(id) {
+            Ok(volume) => {
+                let times = volume.times()?;
+                (
+                    volume.size()?,
+                    volume.allocated_bytes()?,
+                    (times.accessed, times.modified, times.changed),
+                )
+            }
+            Err(FsError::Damaged { .. }) => (0, 0, (created, created, created)),
+            Err(e) => return Err(e),
         };
         Ok(Attr {
             ino: Node::Volume(id).ino(),
             kind: FileKind::RegularFile,
-            size: stat.len(),
-            blocks: std::os::unix::fs::MetadataExt::blocks(&stat),
+            size,
+            blocks: allocated / 512,
             perm: record.owner.mode,
             nlink: 1,
             uid: record.owner.uid,
             gid: record.owner.gid,
-            atime: time(stat.accessed()),
-            mtime: time(stat.modified()),
-            ctime: std::time::UNIX_EPOCH
-                + std::time::Duration::new(
-                    std::os::unix::fs::MetadataExt::ctime(&stat).max(0) as u64,
-                    std::os::unix::fs::MetadataExt::ctime_nsec(&stat).clamp(0, 999_999_999) as u32,
-                ),
+            atime: times.0,
+            mtime: times.1,
+            ctime: times.2,
         })
     }
 
@@ -80,8 +81,8 @@ impl FsCore {
             _ => FsError::NotFound(file_name.to_string_lossy().into_owned()),
         })?;
         let id = self
-            .catalog
-            .read()
+            .ns
+            .view()
             .volume_id(name.as_str())
             .ok_or_else(|| FsError::NotFound(name.file_name()))?;
         self.volume_attr(id)
@@ -94,7 +95,7 @@ impl FsCore {
         parent: u64,
         file_name: &OsStr,
         mode: u32,
-        caller: Caller,
+        caller: &Caller,
         exclusive: bool,
     ) -> FsResult<Attr> {
         match Node::from_ino(parent) {
@@ -114,42 +115,52 @@ impl FsCore {
             }
         }
         let name = VolumeName::from_file_name(file_name)?;
-        let _ns = self.engine.namespace_lock();
-        if let Some(id) = self.catalog.read().volume_id(name.as_str()) {
+        let guard = self.ns.lock();
+        if let Some(id) = self.ns.view().volume_id(name.as_str()) {
             if exclusive {
                 return Err(FsError::Exists(name.file_name()));
             }
             return self.volume_attr(id);
         }
-        let txn = self.meta.begin_write()?;
-        let id = meta::next_volume_id(&txn)?;
-        let record = VolumeRecord {
-            id,
-            name: name.as_str().to_string(),
-            block_size: self.settings.block_size_bytes,
-            created: Timestamp::now(),
-            owner: Owner {
-                uid: caller.uid,
-                gid: caller.gid,
-                mode: (mode & 0o7777) as u16,
-            },
-            xattrs: Xattrs::default(),
-            base_snapshot: None,
-            full_compare: false,
+        // Files first (created whole, names durable), then the record: a crash before
+        // the commit leaves only empty files of an id never committed, which start-up
+        // proves garbage; never a record without its files.
+        let id = self.ns.change(&guard, |c| -> FsResult<VolumeId> {
+            let id = c.next_volume_id()?;
+            let volume = Volume::create(
+                &self.storage,
+                &self.layout,
+                id,
+                u64::from(self.settings.block_size_bytes),
+                self.settings.max_volume_size_bytes,
+            )?;
+            c.put_volume(VolumeRecord {
+                id,
+                name: name.as_str().to_string(),
+                block_size: self.settings.block_size_bytes,
+                created: Timestamp::now(),
+                owner: Owner {
+                    uid: caller.uid,
+                    gid: caller.gid,
+                    mode: (mode & 0o7777) as u16,
+                },
+                xattrs: Xattrs::default(),
+                base_snapshot: None,
+                full_compare: false,
+            })?;
+            self.volumes.insert(id, VolumeSlot::Live(Arc::new(volume)));
+            Ok(id)
+        });
+        let id = match id {
+            Ok(id) => id,
+            Err(e) => {
+                // The files of an id whose creation failed: nothing refers to them.
+                self.volumes
+                    .retain(|id, _| self.ns.view().volumes.contains_key(id));
+                return Err(e);
+            }
         };
-        // Files first: a crash before the commit leaves only orphan files, removed at
-        // the next start; never a record without its data file.
-        let volume = Volume::open(
-            &self.volumes_dir,
-            id,
-            u64::from(record.block_size),
-            self.settings.max_volume_size_bytes,
-        )
-        .map_err(io_error(format!("creating volume {name}")))?;
-        meta::put_volume(&txn, &record)?;
-        txn.commit().map_err(MetaError::from)?;
-        self.live.insert(id, Arc::new(volume));
-        self.catalog.write().upsert_volume(record);
+        drop(guard);
         info!("volume {name} created");
         self.volume_attr(id)
     }
@@ -168,7 +179,7 @@ impl FsCore {
         }
     }
 
-    fn volume_for(&self, ino: u64, fh: Option<u64>) -> FsResult<Arc<Volume>> {
+    fn volume_for(&self, ino: u64, fh: Option<u64>) -> FsResult<Arc<Volume<S>>> {
         match Node::from_ino(ino) {
             Some(Node::Volume(id)) => match fh.and_then(|fh| self.handle_volume(fh)) {
                 Some(v) => Ok(v),
@@ -195,16 +206,23 @@ impl FsCore {
 
     /// `SEEK_DATA`/`SEEK_HOLE`: real holes for volumes; other files are all data.
     pub fn lseek(&self, ino: u64, fh: u64, offset: u64, whence: i32) -> FsResult<u64> {
+        let past_end =
+            |size: u64| FsError::PastEnd(format!("offset {offset} is past the end ({size})"));
         if let Some(Node::Volume(_)) = Node::from_ino(ino) {
-            return Ok(self.volume_for(ino, Some(fh))?.seek(offset, whence)?);
+            let volume = self.volume_for(ino, Some(fh))?;
+            let size = volume.size()?;
+            return match whence {
+                libc::SEEK_DATA => volume.seek_data(offset)?.ok_or_else(|| past_end(size)),
+                libc::SEEK_HOLE if offset < size => Ok(volume.seek_hole(offset)?),
+                libc::SEEK_HOLE => Err(past_end(size)),
+                _ => Err(FsError::Invalid(format!("lseek whence {whence}"))),
+            };
         }
         let size = self.getattr(ino)?.size;
         match whence {
             libc::SEEK_DATA if offset < size => Ok(offset),
             libc::SEEK_HOLE if offset < size => Ok(size),
-            libc::SEEK_DATA | libc::SEEK_HOLE => Err(FsError::PastEnd(format!(
-                "offset {offset} is past the end ({size})"
-            ))),
+            libc::SEEK_DATA | libc::SEEK_HOLE => Err(past_end(size)),
             _ => Err(FsError::Invalid(format!("lseek whence {whence}"))),
         }
     }
@@ -212,26 +230,18 @@ impl FsCore {
     /// Changes a volume's size, owner, mode or times.
     pub(super) fn setattr_volume(
         &self,
-        id: u64,
+        id: VolumeId,
         changes: SetAttr,
-        caller: Caller,
+        caller: &Caller,
     ) -> FsResult<Attr> {
-        let volume = self.live_volume(id)?;
-        if let Some(size) = changes.size {
-            volume.set_size(size)?;
-        }
-        if changes.atime.is_some() || changes.mtime.is_some() {
-            let mut times = std::fs::FileTimes::new();
-            if let Some(t) = changes.atime {
-                times = times.set_accessed(t);
+        if changes.size.is_some() || changes.atime.is_some() || changes.mtime.is_some() {
+            let volume = self.live_volume(id)?;
+            if let Some(size) = changes.size {
+                volume.set_size(size)?;
             }
-            if let Some(t) = changes.mtime {
-                times = times.set_modified(t);
+            if changes.atime.is_some() || changes.mtime.is_some() {
+                volume.set_times(changes.atime, changes.mtime)?;
             }
-            volume
-                .data_file()
-                .set_times(times)
-                .map_err(io_error("setting volume times"))?;
         }
         if changes.mode.is_some() || changes.uid.is_some() || changes.gid.is_some() {
             self.update_volume(id, |record| {
@@ -244,16 +254,13 @@ impl FsCore {
     /// Commits a change to a volume's record, then shows it in the catalog.
     fn update_volume(
         &self,
-        id: u64,
+        id: VolumeId,
         change: impl FnOnce(&mut VolumeRecord) -> FsResult<()>,
     ) -> FsResult<()> {
-        let _ns = self.engine.namespace_lock();
+        let guard = self.ns.lock();
         let mut record = self.volume_record(id)?;
         change(&mut record)?;
-        let txn = self.meta.begin_write()?;
-        meta::put_volume(&txn, &record)?;
-        txn.commit().map_err(MetaError::from)?;
-        self.catalog.write().upsert_volume(record);
+        self.ns.change(&guard, |c| c.put_volume(record))?;
         Ok(())
     }
 
@@ -279,32 +286,32 @@ impl FsCore {
         }
         let name = VolumeName::from_file_name(file_name)?;
         let settle = {
-            let _ns = self.engine.namespace_lock();
+            let guard = self.ns.lock();
             let id = self
-                .catalog
-                .read()
+                .ns
+                .view()
                 .volume_id(name.as_str())
                 .ok_or_else(|| FsError::NotFound(name.file_name()))?;
-            self.delete_volume_locked(id)?
+            self.delete_volume_locked(&guard, id)?
         };
         self.engine.settled(settle);
         info!("volume {name} deleted");
         Ok(())
     }
 
-    /// Deletes volume `id`; the caller holds the namespace lock and passes the
-    /// returned [`Settle`] to the engine once it has let go of it.
-    fn delete_volume_locked(&self, id: u64) -> FsResult<Settle> {
-        let settle = self.engine.delete_volume_record(id)?;
-        self.live.remove(&id);
-        for path in [
-            volume::data_path(&self.volumes_dir, id),
-            volume::dirty_path(&self.volumes_dir, id),
-        ] {
-            if let Err(e) = stdfs::remove_file(&path)
+    /// Deletes volume `id`: its record goes in one commit (which also records the
+    /// deletion, so that files a crash leaves behind are known garbage), then its
+    /// files. The caller passes the returned [`Settle`] to the engine once it has let
+    /// go of the namespace lock.
+    fn delete_volume_locked(&self, guard: &NsGuard<'_>, id: VolumeId) -> FsResult<Settle> {
+        let settle = self.engine.delete_volume_record(guard, id)?;
+        self.volumes.remove(&id);
+        for kind in [VolumeFile::Data, VolumeFile::Dirty] {
+            let path = self.layout.volume_file(id, kind);
+            if let Err(e) = self.storage.remove_file(&path)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
-                log::warn!("cannot remove {}: {e}", path.display());
+                warn!("cannot remove {}: {e}", path.display());
             }
         }
         Ok(settle)
@@ -329,13 +336,13 @@ impl FsCore {
         }
         let from = VolumeName::from_file_name(name)?;
         let to = VolumeName::from_file_name(new_name)?;
-        let ns = self.engine.namespace_lock();
+        let guard = self.ns.lock();
         let (id, target) = {
-            let records = self.catalog.read();
-            let id = records
+            let view = self.ns.view();
+            let id = view
                 .volume_id(from.as_str())
                 .ok_or_else(|| FsError::NotFound(from.file_name()))?;
-            (id, records.volume_id(to.as_str()))
+            (id, view.volume_id(to.as_str()))
         };
         if target == Some(id) {
             return Ok(());
@@ -343,14 +350,13 @@ impl FsCore {
         if target.is_some() && no_replace {
             return Err(FsError::Exists(to.file_name()));
         }
-        let replaced = target.map(|t| self.delete_volume_locked(t)).transpose()?;
+        let replaced = target
+            .map(|t| self.delete_volume_locked(&guard, t))
+            .transpose()?;
         let mut record = self.volume_record(id)?;
         record.name = to.as_str().to_string();
-        let txn = self.meta.begin_write()?;
-        meta::put_volume(&txn, &record)?;
-        txn.commit().map_err(MetaError::from)?;
-        self.catalog.write().upsert_volume(record);
-        drop(ns);
+        self.ns.change(&guard, |c| c.put_volume(record))?;
+        drop(guard);
         if let Some(settle) = replaced {
             self.engine.settled(settle);
         }
@@ -358,7 +364,7 @@ impl FsCore {
         Ok(())
     }
 
-    pub(super) fn volume_xattr_get(&self, id: u64, name: &OsStr) -> FsResult<Vec<u8>> {
+    pub(super) fn volume_xattr_get(&self, id: VolumeId, name: &OsStr) -> FsResult<Vec<u8>> {
         // Only user.* attributes exist; the kernel's security.* probes just miss.
         let name = check_xattr_name(name)
             .map_err(|_| FsError::NoAttribute(name.to_string_lossy().into_owned()))?;
@@ -368,7 +374,7 @@ impl FsCore {
             .ok_or_else(|| FsError::NoAttribute(name.to_string()))
     }
 
-    pub(super) fn volume_xattr_list(&self, id: u64) -> FsResult<Vec<String>> {
+    pub(super) fn volume_xattr_list(&self, id: VolumeId) -> FsResult<Vec<String>> {
         Ok(self
             .volume_record(id)?
             .xattrs
@@ -379,38 +385,29 @@ impl FsCore {
 
     pub(super) fn volume_xattr_set(
         &self,
-        id: u64,
+        id: VolumeId,
         name: &OsStr,
         value: &[u8],
-        caller: Caller,
+        flags: XattrFlags,
+        caller: &Caller,
     ) -> FsResult<()> {
         let name = check_xattr_name(name)?;
         self.update_volume(id, |record| {
-            if !permits(&record.owner, caller, 2) {
-                return Err(FsError::NotPermitted(format!(
-                    "volume {}: no write permission",
-                    record.name
-                )));
-            }
-            record.xattrs.set(name, value);
-            Ok(())
+            check_volume_write(record, caller)?;
+            let owner = format!("volume {}", record.name);
+            xattr::set(&mut record.xattrs, name, value, flags, &owner)
         })
     }
 
     pub(super) fn volume_xattr_remove(
         &self,
-        id: u64,
+        id: VolumeId,
         name: &OsStr,
-        caller: Caller,
+        caller: &Caller,
     ) -> FsResult<()> {
         let name = check_xattr_name(name)?;
         self.update_volume(id, |record| {
-            if !permits(&record.owner, caller, 2) {
-                return Err(FsError::NotPermitted(format!(
-                    "volume {}: no write permission",
-                    record.name
-                )));
-            }
+            check_volume_write(record, caller)?;
             if record.xattrs.remove(name) {
                 Ok(())
             } else {
@@ -420,63 +417,103 @@ impl FsCore {
     }
 }
 
-/// Applies chmod/chown to an owner record with the usual rules: only the owner (or
-/// root) changes the mode, only root gives a file away.
+fn check_volume_write(record: &VolumeRecord, caller: &Caller) -> FsResult<()> {
+    if caller.permits(&record.owner, Access::Write)? {
+        Ok(())
+    } else {
+        Err(FsError::AccessDenied(format!(
+            "volume {}: no write permission",
+            record.name
+        )))
+    }
+}
+
+/// Applies chmod/chown/chgrp to an owner record by the kernel's rules (checked
+/// before any change, so a refusal changes nothing): only the owner (or root)
+/// changes the mode, only root gives an object away, and the owner changes the group
+/// only to one of its own groups.
 pub(super) fn apply_owner_change(
     owner: &mut Owner,
     changes: SetAttr,
-    caller: Caller,
+    caller: &Caller,
 ) -> FsResult<()> {
-    let is_owner = caller.uid == 0 || caller.uid == owner.uid;
-    if let Some(mode) = changes.mode {
-        if !is_owner {
-            return Err(FsError::NotPermitted(
-                "only the owner may change the mode".into(),
-            ));
-        }
-        owner.mode = (mode & 0o7777) as u16;
-    }
     if let Some(uid) = changes.uid
-        && uid != owner.uid
+        && !caller.may_change_owner(owner, uid)
     {
-        if caller.uid != 0 {
-            return Err(FsError::NotPermitted(
-                "only root may change the owner".into(),
-            ));
-        }
+        return Err(FsError::NotPermitted(
+            "only root may change the owner".into(),
+        ));
+    }
+    if let Some(gid) = changes.gid
+        && !caller.may_change_group(owner, gid)?
+    {
+        return Err(FsError::NotPermitted(format!(
+            "only the owner may change the group, and only to a group it is in (not {gid})"
+        )));
+    }
+    if changes.mode.is_some() && !caller.may_change_mode(owner) {
+        return Err(FsError::NotPermitted(
+            "only the owner may change the mode".into(),
+        ));
+    }
+    if let Some(uid) = changes.uid {
         owner.uid = uid;
     }
     if let Some(gid) = changes.gid {
-        if !is_owner {
-            return Err(FsError::NotPermitted(
-                "only the owner may change the group".into(),
-            ));
-        }
         owner.gid = gid;
+    }
+    if let Some(mode) = changes.mode {
+        owner.mode = (mode & 0o7777) as u16;
     }
     Ok(())
 }
 
-/// Removes data files that belong to no volume: left by a crash between creating a
-/// volume's files and committing its record, or after deleting it.
-pub(super) fn remove_orphan_files(dir: &Path, live: &HashMap<u64, Arc<Volume>>) -> FsResult<()> {
-    for entry in stdfs::read_dir(dir).map_err(io_error(format!("listing {}", dir.display())))? {
-        let entry = entry.map_err(io_error(format!("listing {}", dir.display())))?;
-        let file_name = entry.file_name();
-        let id = file_name
-            .to_str()
-            .and_then(|n| n.split_once('.'))
-            .and_then(|(id, _)| id.parse::<u64>().ok());
-        if let Some(id) = id
-            && !live.contains_key(&id)
-        {
-            info!(
-                "removing {}: it belongs to no volume",
-                entry.path().display()
-            );
-            stdfs::remove_file(entry.path())
-                .map_err(io_error(format!("removing {}", entry.path().display())))?;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALICE: u32 = 1001;
+    const SHARED: u32 = 3000;
+
+    fn alices() -> Owner {
+        Owner {
+            uid: ALICE,
+            gid: 2001,
+            mode: 0o640,
         }
     }
-    Ok(())
+
+    #[test]
+    fn owner_changes_group_and_mode_together() {
+        let alice = Caller::with_groups(ALICE, 2001, vec![SHARED]);
+        let mut owner = alices();
+        let changes = SetAttr {
+            gid: Some(SHARED),
+            mode: Some(0o100604),
+            ..SetAttr::default()
+        };
+        apply_owner_change(&mut owner, changes, &alice).unwrap();
+        assert_eq!((owner.gid, owner.mode), (SHARED, 0o604));
+    }
+
+    #[test]
+    fn a_refused_change_changes_nothing() {
+        let alice = Caller::with_groups(ALICE, 2001, vec![]);
+        let mut owner = alices();
+        let changes = SetAttr {
+            gid: Some(SHARED),
+            mode: Some(0o600),
+            ..SetAttr::default()
+        };
+        let err = apply_owner_change(&mut owner, changes, &alice).unwrap_err();
+        assert_eq!(err.errno(), libc::EPERM, "{err}");
+        let changes = SetAttr {
+            uid: Some(1002),
+            mode: Some(0o600),
+            ..SetAttr::default()
+        };
+        let err = apply_owner_change(&mut owner, changes, &alice).unwrap_err();
+        assert_eq!(err.errno(), libc::EPERM, "{err}");
+        assert_eq!(owner, alices());
+    }
 }

@@ -1,8 +1,10 @@
 //! The capture: turns a [`Freeze`] into a completed snapshot.
 //!
-//! Workers take the frozen blocks in units (one word of the capture set, 64 blocks),
+//! Workers take the frozen blocks in units (one word of the capture set, or up to 64
+//! re-examined blocks),
 //! hash them, skip those identical to the base snapshot, and store each new chunk
-//! once: compressed, appended to a pack this capture owns as one contiguous run per
+//! once (a stored copy is reused only if it verifies): compressed, appended to a pack
+//! this capture owns as one contiguous run per
 //! unit. A unit's manifest entries are published together with its run, so a published
 //! entry only ever names a chunk already written.
 //!
@@ -13,7 +15,7 @@
 //! snapshot newer than a pending one exists (one capture per volume at a time), so
 //! nothing resolves through them. The last batch commits with the `completed` status;
 //! a capture that fails, or that a crash interrupts, has its committed entries removed
-//! before it is marked `error` (see `SnapshotEngine::fail` and `recover`).
+//! before it is marked `error` (see [`super::lifecycle`] and [`super::recovery`]).
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -22,8 +24,11 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use log::warn;
 
-use crate::meta::{CHUNKS, MANIFEST, Meta, MetaError, PACKS};
+use crate::namespace::tables::{CHUNKS, MANIFEST};
+use crate::namespace::{Namespace, NamespaceError, SnapshotId, VolumeId};
+use crate::storage::Storage;
 use crate::store::codec::{ChunkHash, Codec, Compressor};
+use crate::store::index::Existing;
 use crate::store::pack::{self, PackWriter};
 use crate::store::{ChunkLocation, ChunkStore, index};
 use crate::volume::Volume;
@@ -66,13 +71,13 @@ impl CaptureProgress {
 }
 
 /// Everything a capture needs, fixed at the freeze.
-pub struct CaptureJob {
-    pub snapshot: u64,
-    pub lineage: u64,
+pub struct CaptureJob<S: Storage> {
+    pub snapshot: SnapshotId,
+    pub lineage: VolumeId,
     /// The snapshot this one is incremental against.
-    pub base: Option<u64>,
-    pub volume: Arc<Volume>,
-    pub freeze: Arc<Freeze>,
+    pub base: Option<SnapshotId>,
+    pub volume: Arc<Volume<S>>,
+    pub freeze: Arc<Freeze<S>>,
     pub progress: Arc<CaptureProgress>,
 }
 
@@ -114,43 +119,45 @@ pub struct Captured {
 /// Reads, hashes and stores every block of the freeze on `threads` workers,
 /// committing full batches as it goes. Whatever the outcome, the returned
 /// [`Captured`] holds the batch that was not committed.
-pub fn run(
-    job: &CaptureJob,
-    meta: &Meta,
-    store: &ChunkStore,
-    writer: &PackWriter,
+pub fn run<S: Storage>(
+    job: &CaptureJob<S>,
+    ns: &Namespace,
+    store: &ChunkStore<S>,
+    writer: &PackWriter<S>,
     threads: usize,
 ) -> (Result<(), SnapshotError>, Captured) {
-    job.progress
-        .total_blocks
-        .store(job.freeze.block_count(), Ordering::Relaxed);
     let shared = Workers {
         job,
-        meta,
+        ns,
         store,
         writer,
         cursor: AtomicUsize::new(0),
-        units: job.freeze.unit_count(),
-        threads: threads.max(1),
         batch: Mutex::new(Batch::default()),
         committing: Mutex::new(()),
         changed_blocks: AtomicU64::new(0),
         stored_bytes: AtomicU64::new(0),
     };
-    let first_error: Mutex<Option<SnapshotError>> = Mutex::new(None);
-    std::thread::scope(|scope| {
-        for _ in 0..shared.threads {
-            scope.spawn(|| {
-                if let Err(e) = worker(&shared) {
-                    job.progress.cancelled.store(true, Ordering::Relaxed);
-                    first_error
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_or_insert(e);
-                }
-            });
-        }
-    });
+    let planned = plan(job, ns);
+    let first_error: Mutex<Option<SnapshotError>> = Mutex::new(planned.err());
+    if first_error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_none()
+    {
+        std::thread::scope(|scope| {
+            for _ in 0..threads.max(1) {
+                scope.spawn(|| {
+                    if let Err(e) = worker(&shared) {
+                        job.progress.cancelled.store(true, Ordering::Relaxed);
+                        first_error
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                    }
+                });
+            }
+        });
+    }
     let captured = Captured {
         last: shared.batch.into_inner().unwrap_or_else(|p| p.into_inner()),
         changed_blocks: shared.changed_blocks.into_inner(),
@@ -168,16 +175,34 @@ pub fn run(
     (result, captured)
 }
 
+/// Plans the re-examined blocks (see [`Freeze::plan_reexamine`]) and sets the
+/// progress total. Blocks an older snapshot holds data in are read whatever the live
+/// file looks like now: a hole there is a change to record.
+fn plan<S: Storage>(job: &CaptureJob<S>, ns: &Namespace) -> Result<(), SnapshotError> {
+    let freeze = &job.freeze;
+    let older_data = match job.base {
+        Some(base) if !freeze.reexamine.is_empty() => {
+            let txn = ns.read()?;
+            let table = txn.open_table(MANIFEST).map_err(NamespaceError::from)?;
+            manifest::nonzero_blocks(&table, job.lineage, base, freeze.reexamine.clone())?
+        }
+        _ => Vec::new(),
+    };
+    let total = freeze
+        .plan_reexamine(job.volume.data_file(), older_data)
+        .map_err(|e| SnapshotError::CaptureFailed(format!("planning the capture: {e}")))?;
+    job.progress.total_blocks.store(total, Ordering::Relaxed);
+    Ok(())
+}
+
 /// What the capture workers share.
-struct Workers<'a> {
-    job: &'a CaptureJob,
-    meta: &'a Meta,
-    store: &'a ChunkStore,
-    writer: &'a PackWriter,
-    /// Next unit of work to take.
+struct Workers<'a, S: Storage> {
+    job: &'a CaptureJob<S>,
+    ns: &'a Namespace,
+    store: &'a ChunkStore<S>,
+    writer: &'a PackWriter<S>,
+    /// Next marked unit (word of the capture set) to take; re-examined blocks follow.
     cursor: AtomicUsize,
-    units: usize,
-    threads: usize,
     /// Published, not yet committed.
     batch: Mutex<Batch>,
     /// One batch commit at a time.
@@ -193,15 +218,31 @@ struct UnitResult {
     existing: HashMap<ChunkHash, ChunkLocation>,
 }
 
-fn worker(workers: &Workers<'_>) -> Result<(), SnapshotError> {
+impl<S: Storage> Workers<'_, S> {
+    /// The next blocks to capture: marked units first, then re-examined runs. Asks
+    /// for the next marked unit to be read ahead while this one is hashed.
+    fn next_unit(&self) -> Vec<u64> {
+        let freeze = &self.job.freeze;
+        let live = self.job.volume.data_file();
+        let unit = self.cursor.fetch_add(1, Ordering::Relaxed);
+        if unit < freeze.marked_units() {
+            freeze.prefetch(live, &freeze.marked_unit_blocks(unit + 1));
+            let blocks = freeze.marked_unit_blocks(unit);
+            freeze.prefetch(live, &blocks);
+            return blocks;
+        }
+        let blocks = freeze.next_reexamined();
+        freeze.prefetch(live, &blocks);
+        blocks
+    }
+}
+
+fn worker<S: Storage>(workers: &Workers<'_, S>) -> Result<(), SnapshotError> {
     let Workers {
         job,
-        meta,
+        ns,
         store,
         writer,
-        ref cursor,
-        units,
-        threads,
         ..
     } = *workers;
     let live = job.volume.data_file();
@@ -210,20 +251,19 @@ fn worker(workers: &Workers<'_>) -> Result<(), SnapshotError> {
     let mut data = Vec::new();
     let mut run = Run::default();
     loop {
-        let unit = cursor.fetch_add(1, Ordering::Relaxed);
-        if unit >= units || job.progress.cancelled.load(Ordering::Relaxed) {
+        if job.progress.cancelled.load(Ordering::Relaxed) {
             return Ok(());
         }
-        // Units are taken in order by all workers: read this one and the one this
-        // worker will likely take next ahead of need.
-        job.freeze.prefetch_unit(live, unit);
-        job.freeze.prefetch_unit(live, unit + threads);
+        let blocks = workers.next_unit();
+        if blocks.is_empty() {
+            return Ok(());
+        }
         // A fresh view per unit: it sees the chunks committed by earlier batches.
-        let txn = meta.begin_read()?;
-        let manifest_table = txn.open_table(MANIFEST).map_err(MetaError::from)?;
-        let chunk_table = txn.open_table(CHUNKS).map_err(MetaError::from)?;
+        let txn = ns.read()?;
+        let manifest_table = txn.open_table(MANIFEST).map_err(NamespaceError::from)?;
+        let chunk_table = txn.open_table(CHUNKS).map_err(NamespaceError::from)?;
         let mut result = UnitResult::default();
-        for block in job.freeze.unit_blocks(unit) {
+        for block in blocks {
             job.freeze
                 .take_into(live, block, &mut data)
                 .map_err(|e| SnapshotError::CaptureFailed(format!("reading block {block}: {e}")))?;
@@ -245,6 +285,7 @@ fn worker(workers: &Workers<'_>) -> Result<(), SnapshotError> {
                         unit: &result,
                         run: &run,
                         table: &chunk_table,
+                        store,
                     }
                     .find(&hash)?;
                     match found {
@@ -276,17 +317,23 @@ enum Found {
     /// Stored: `Some` with its location when known only from the index (the commit
     /// needs it to bring the row back should a deletion remove it meanwhile).
     Stored(Option<ChunkLocation>),
+    /// Not stored, or stored only as a copy that failed verification: write it.
     Missing,
 }
 
-struct ChunkSources<'a, T> {
+struct ChunkSources<'a, T, S: Storage> {
     batch: &'a Mutex<Batch>,
     unit: &'a UnitResult,
     run: &'a Run,
     table: &'a T,
+    store: &'a ChunkStore<S>,
 }
 
-impl<T: redb::ReadableTable<&'static [u8; 32], crate::meta::ChunkRow>> ChunkSources<'_, T> {
+impl<T, S> ChunkSources<'_, T, S>
+where
+    T: redb::ReadableTable<&'static [u8; 32], crate::namespace::tables::ChunkRow>,
+    S: Storage,
+{
     fn find(&self, hash: &ChunkHash) -> Result<Found, SnapshotError> {
         if self.run.contains(hash) || self.unit.existing.contains_key(hash) {
             return Ok(Found::Stored(None));
@@ -298,13 +345,14 @@ impl<T: redb::ReadableTable<&'static [u8; 32], crate::meta::ChunkRow>> ChunkSour
             }
         }
         Ok(match index::lookup(self.table, hash)? {
-            Some((loc, _)) => Found::Stored(Some(loc)),
-            None => Found::Missing,
+            // Dedup never points a snapshot at a copy that does not verify.
+            Some((loc, _)) if self.store.verify(hash, loc) => Found::Stored(Some(loc)),
+            Some(_) | None => Found::Missing,
         })
     }
 }
 
-impl Workers<'_> {
+impl<S: Storage> Workers<'_, S> {
     /// Publishes a unit: its written chunks and its entries. Returns the batch to
     /// commit when this made it full.
     fn publish(&self, written: Vec<(ChunkHash, ChunkLocation)>, unit: UnitResult) -> Option<Batch> {
@@ -332,25 +380,14 @@ impl Workers<'_> {
         self.writer.pack.sync_data().map_err(|e| {
             SnapshotError::CaptureFailed(format!("syncing pack {}: {e}", self.writer.pack.id))
         })?;
-        let txn = self.meta.begin_write()?;
-        let garbage = commit_entries(&txn, self.job, &batch)?;
-        record_pack_length(&txn, self.writer)?;
-        txn.commit().map_err(MetaError::from)?;
-        self.store.release(self.meta, garbage);
+        let garbage = self.ns.change_data(|d| -> Result<_, SnapshotError> {
+            let garbage = commit_entries(d.txn(), self.job, &batch, self.store)?;
+            d.set_pack_len(self.writer.pack.id, self.writer.end())?;
+            Ok(garbage)
+        })?;
+        self.store.release(self.ns, garbage);
         Ok(())
     }
-}
-
-/// Records how far the capture's pack is written (everything committed lies below).
-pub fn record_pack_length(
-    txn: &redb::WriteTransaction,
-    writer: &PackWriter,
-) -> Result<(), SnapshotError> {
-    txn.open_table(PACKS)
-        .map_err(MetaError::from)?
-        .insert(writer.pack.id, writer.end())
-        .map_err(MetaError::from)?;
-    Ok(())
 }
 
 /// Chunks a worker encoded but has not written yet: one unit's worth, appended as a
@@ -379,9 +416,9 @@ impl Run {
     }
 
     /// Appends the run to the pack; returns where each chunk went.
-    fn flush(
+    fn flush<S: Storage>(
         &mut self,
-        writer: &PackWriter,
+        writer: &PackWriter<S>,
     ) -> Result<Vec<(ChunkHash, ChunkLocation)>, SnapshotError> {
         if self.chunks.is_empty() {
             return Ok(Vec::new());
@@ -409,11 +446,13 @@ impl Run {
 }
 
 /// Adds a batch's entries and chunk references inside `txn`. Returns the space to
-/// free once the transaction has committed: copies another capture stored first.
-pub fn commit_entries(
+/// free once the transaction has committed: copies another capture stored first,
+/// and damaged copies a fresh one replaced.
+pub fn commit_entries<S: Storage>(
     txn: &redb::WriteTransaction,
-    job: &CaptureJob,
+    job: &CaptureJob<S>,
     batch: &Batch,
+    store: &ChunkStore<S>,
 ) -> Result<Vec<(ChunkHash, ChunkLocation)>, SnapshotError> {
     let mut refs: HashMap<ChunkHash, u64> = HashMap::new();
     for (block, content) in &batch.entries {
@@ -422,21 +461,33 @@ pub fn commit_entries(
             *refs.entry(*hash).or_default() += 1;
         }
     }
-    let mut chunks = txn.open_table(CHUNKS).map_err(MetaError::from)?;
+    let mut chunks = txn.open_table(CHUNKS).map_err(NamespaceError::from)?;
     let mut garbage = batch.duplicates.clone();
     for (hash, count) in refs {
         if let Some(&loc) = batch.new_chunks.get(&hash) {
-            let kept = index::add_refs(&mut chunks, &hash, loc, count)?;
+            let previous = index::lookup(&chunks, &hash)?.map(|(l, _)| l);
+            let existing = if store.is_bad(&hash) {
+                Existing::Replace
+            } else {
+                Existing::Keep
+            };
+            let kept = index::add_refs(&mut chunks, &hash, loc, count, existing)?;
             if kept != loc {
                 garbage.push((hash, loc));
+            } else if let Some(damaged) = previous.filter(|&p| p != loc) {
+                warn!(
+                    "snapshot {}: chunk {hash} stored again; the damaged copy in pack {} is replaced",
+                    job.snapshot, damaged.pack
+                );
+                garbage.push((hash, damaged));
             }
         } else if let Some(&loc) = batch.existing.get(&hash) {
             // If a deletion removed the row since the lookup, the bytes are still in
             // place (space is not freed while a capture runs) and the row comes back.
-            index::add_refs(&mut chunks, &hash, loc, count)?;
+            index::add_refs(&mut chunks, &hash, loc, count, Existing::Keep)?;
         } else if let Some((loc, _)) = index::lookup(&chunks, &hash)? {
             // Written by this capture and committed with an earlier batch.
-            index::add_refs(&mut chunks, &hash, loc, count)?;
+            index::add_refs(&mut chunks, &hash, loc, count, Existing::Keep)?;
         } else {
             warn!("snapshot {}: chunk {hash} has no location", job.snapshot);
             return Err(SnapshotError::CaptureFailed(format!(

@@ -14,7 +14,8 @@
 
 use redb::{ReadableTable, Table, WriteTransaction};
 
-use crate::meta::{CHUNKS, MANIFEST, MetaError, MetaResult, SNAPSHOT_BLOCKS, ZERO_BLOCK};
+use crate::namespace::tables::{CHUNKS, ChunkRow, MANIFEST, SNAPSHOT_BLOCKS, ZERO_BLOCK};
+use crate::namespace::{NamespaceError, NsResult, SnapshotId, VolumeId};
 use crate::store::ChunkLocation;
 use crate::store::codec::ChunkHash;
 use crate::store::index;
@@ -48,10 +49,11 @@ pub type ManifestTable<'t> = Table<'t, (u64, u64, u64), &'static [u8; 32]>;
 /// Block `block` as snapshot `snapshot` of `lineage` sees it.
 pub fn resolve(
     table: &impl ReadableTable<(u64, u64, u64), &'static [u8; 32]>,
-    lineage: u64,
+    lineage: VolumeId,
     block: u64,
-    snapshot: u64,
-) -> MetaResult<BlockContent> {
+    snapshot: SnapshotId,
+) -> NsResult<BlockContent> {
+    let (lineage, snapshot) = (lineage.0, snapshot.0);
     let mut range = table.range((lineage, block, 0)..=(lineage, block, snapshot))?;
     match range.next_back() {
         Some(row) => Ok(BlockContent::from_raw(*row?.1.value())),
@@ -59,21 +61,60 @@ pub fn resolve(
     }
 }
 
+/// The blocks in `range` where snapshot `snapshot` of `lineage` holds anything but
+/// zeros, in order, visiting only the lineage's entries in the range.
+pub fn nonzero_blocks(
+    table: &impl ReadableTable<(u64, u64, u64), &'static [u8; 32]>,
+    lineage: VolumeId,
+    snapshot: SnapshotId,
+    range: std::ops::Range<u64>,
+) -> NsResult<Vec<u64>> {
+    let mut out = Vec::new();
+    if range.is_empty() {
+        return Ok(out);
+    }
+    // Per block, the newest entry at or before `snapshot` decides.
+    let mut current: Option<(u64, bool)> = None;
+    let rows = table.range((lineage.0, range.start, 0)..=(lineage.0, range.end - 1, u64::MAX))?;
+    for row in rows {
+        let (key, value) = row?;
+        let (_, block, id) = key.value();
+        if id > snapshot.0 {
+            continue;
+        }
+        let nonzero = *value.value() != ZERO_BLOCK;
+        match &mut current {
+            Some((b, state)) if *b == block => *state = nonzero,
+            _ => {
+                if let Some((b, true)) = current {
+                    out.push(b);
+                }
+                current = Some((block, nonzero));
+            }
+        }
+    }
+    if let Some((b, true)) = current {
+        out.push(b);
+    }
+    Ok(out)
+}
+
 /// Records that snapshot `snapshot` holds `content` at `block`. The caller accounts
 /// for the chunk reference the entry carries.
 pub fn insert(
     txn: &WriteTransaction,
-    lineage: u64,
+    lineage: VolumeId,
     block: u64,
-    snapshot: u64,
+    snapshot: SnapshotId,
     content: BlockContent,
-) -> MetaResult<()> {
+) -> NsResult<()> {
+    let (lineage, snapshot) = (lineage.0, snapshot.0);
     let previous = txn
         .open_table(MANIFEST)?
         .insert((lineage, block, snapshot), &content.to_raw())?
         .map(|old| BlockContent::from_raw(*old.value()));
     if previous.is_some() {
-        return Err(MetaError::Corrupt {
+        return Err(NamespaceError::Corrupt {
             what: format!("manifest of snapshot {snapshot}"),
             reason: format!("block {block} recorded twice"),
         });
@@ -84,7 +125,7 @@ pub fn insert(
 }
 
 /// Up to `limit` of the blocks snapshot `snapshot` has its own entries for.
-fn own_blocks(txn: &WriteTransaction, snapshot: u64, limit: usize) -> MetaResult<Vec<u64>> {
+fn own_blocks(txn: &WriteTransaction, snapshot: u64, limit: usize) -> NsResult<Vec<u64>> {
     let table = txn.open_table(SNAPSHOT_BLOCKS)?;
     let mut blocks = Vec::new();
     for row in table
@@ -97,10 +138,10 @@ fn own_blocks(txn: &WriteTransaction, snapshot: u64, limit: usize) -> MetaResult
 }
 
 fn release(
-    chunks: &mut Table<'_, &'static [u8; 32], crate::meta::ChunkRow>,
+    chunks: &mut Table<'_, &'static [u8; 32], ChunkRow>,
     content: BlockContent,
     freed: &mut Vec<(ChunkHash, ChunkLocation)>,
-) -> MetaResult<()> {
+) -> NsResult<()> {
     if let BlockContent::Chunk(hash) = content
         && let Some(loc) = index::drop_ref(chunks, &hash)?
     {
@@ -127,11 +168,12 @@ pub struct Removal {
 /// successor, exactly as the moved one will be.
 pub fn remove_snapshot(
     txn: &WriteTransaction,
-    lineage: u64,
-    snapshot: u64,
-    successor: Option<u64>,
+    lineage: VolumeId,
+    snapshot: SnapshotId,
+    successor: Option<SnapshotId>,
     max_entries: usize,
-) -> MetaResult<Removal> {
+) -> NsResult<Removal> {
+    let (lineage, snapshot, successor) = (lineage.0, snapshot.0, successor.map(|s| s.0));
     let mut blocks = own_blocks(txn, snapshot, max_entries.saturating_add(1))?;
     let done = blocks.len() <= max_entries;
     blocks.truncate(max_entries);
@@ -175,8 +217,11 @@ pub fn remove_snapshot(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::Meta;
+    use crate::namespace::Namespace;
+    use crate::storage::Storage;
+    use crate::storage::memory::MemStorage;
     use crate::store::codec::Codec;
+    use crate::store::index::Existing;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
@@ -194,33 +239,66 @@ mod tests {
         }
     }
 
-    /// Writes a snapshot's delta the way a capture commit does: entry + reference.
-    fn commit_delta(meta: &Meta, lineage: u64, snapshot: u64, delta: &BTreeMap<u64, Option<u8>>) {
-        let txn = meta.begin_write().unwrap();
-        for (&block, &content) in delta {
-            let content = match content {
-                Some(n) => {
-                    let mut chunks = txn.open_table(CHUNKS).unwrap();
-                    index::add_refs(&mut chunks, &hash(n), loc(n), 1).unwrap();
-                    BlockContent::Chunk(hash(n))
-                }
-                None => BlockContent::Zero,
-            };
-            insert(&txn, lineage, block, snapshot, content).unwrap();
-        }
-        txn.commit().unwrap();
+    fn namespace() -> Namespace {
+        let storage = MemStorage::new();
+        storage.create_dir_all(std::path::Path::new("/d")).unwrap();
+        Namespace::open(&storage, std::path::Path::new("/d/m.redb"), true).unwrap()
     }
 
-    fn read_all(meta: &Meta, lineage: u64, snapshot: u64, blocks: u64) -> Vec<BlockContent> {
-        let txn = meta.begin_read().unwrap();
+    /// Writes a snapshot's delta the way a capture commit does: entry + reference.
+    fn commit_delta(
+        ns: &Namespace,
+        lineage: u64,
+        snapshot: u64,
+        delta: &BTreeMap<u64, Option<u8>>,
+    ) {
+        ns.change_data(|d| -> NsResult<()> {
+            let txn = d.txn();
+            for (&block, &content) in delta {
+                let content = match content {
+                    Some(n) => {
+                        let mut chunks = txn.open_table(CHUNKS)?;
+                        index::add_refs(&mut chunks, &hash(n), loc(n), 1, Existing::Keep)?;
+                        BlockContent::Chunk(hash(n))
+                    }
+                    None => BlockContent::Zero,
+                };
+                insert(txn, VolumeId(lineage), block, SnapshotId(snapshot), content)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    fn remove(
+        ns: &Namespace,
+        lineage: u64,
+        victim: u64,
+        successor: Option<u64>,
+        batch: usize,
+    ) -> Removal {
+        ns.change_data(|d| {
+            remove_snapshot(
+                d.txn(),
+                VolumeId(lineage),
+                SnapshotId(victim),
+                successor.map(SnapshotId),
+                batch,
+            )
+        })
+        .unwrap()
+    }
+
+    fn read_all(ns: &Namespace, lineage: u64, snapshot: u64, blocks: u64) -> Vec<BlockContent> {
+        let txn = ns.read().unwrap();
         let table = txn.open_table(MANIFEST).unwrap();
         (0..blocks)
-            .map(|b| resolve(&table, lineage, b, snapshot).unwrap())
+            .map(|b| resolve(&table, VolumeId(lineage), b, SnapshotId(snapshot)).unwrap())
             .collect()
     }
 
-    fn chunk_refs(meta: &Meta) -> BTreeMap<ChunkHash, u64> {
-        let txn = meta.begin_read().unwrap();
+    fn chunk_refs(ns: &Namespace) -> BTreeMap<ChunkHash, u64> {
+        let txn = ns.read().unwrap();
         let table = txn.open_table(CHUNKS).unwrap();
         table
             .range::<&[u8; 32]>(..)
@@ -247,14 +325,13 @@ mod tests {
             deletions in prop::collection::vec(any::<prop::sample::Index>(), 0..7),
             batch in 1usize..4,
         ) {
-            let dir = tempfile::tempdir().unwrap();
-            let meta = Meta::open(&dir.path().join("m.redb")).unwrap();
+            let ns = namespace();
             let lineage = 9;
             let mut model: BTreeMap<u64, Vec<BlockContent>> = BTreeMap::new();
             let mut image = vec![BlockContent::Zero; BLOCKS as usize];
             for (i, delta) in deltas.iter().enumerate() {
                 let id = i as u64 * 2 + 1;
-                commit_delta(&meta, lineage, id, delta);
+                commit_delta(&ns, lineage, id, delta);
                 for (&b, &c) in delta {
                     image[b as usize] = c.map_or(BlockContent::Zero, |n| BlockContent::Chunk(hash(n)));
                 }
@@ -270,11 +347,9 @@ mod tests {
                 model.remove(&victim);
                 // Removal in small steps: every intermediate state reads correctly.
                 loop {
-                    let txn = meta.begin_write().unwrap();
-                    let step = remove_snapshot(&txn, lineage, victim, successor, batch).unwrap();
-                    txn.commit().unwrap();
+                    let step = remove(&ns, lineage, victim, successor, batch);
                     for (&id, expected) in &model {
-                        prop_assert_eq!(&read_all(&meta, lineage, id, BLOCKS), expected, "snapshot {} while deleting {}", id, victim);
+                        prop_assert_eq!(&read_all(&ns, lineage, id, BLOCKS), expected, "snapshot {} while deleting {}", id, victim);
                     }
                     if step.done {
                         break;
@@ -282,7 +357,7 @@ mod tests {
                 }
             }
             // Every remaining entry holds one reference; nothing else does.
-            let txn = meta.begin_read().unwrap();
+            let txn = ns.read().unwrap();
             let manifest = txn.open_table(MANIFEST).unwrap();
             let mut expected_refs: BTreeMap<ChunkHash, u64> = BTreeMap::new();
             for row in manifest.range::<(u64, u64, u64)>(..).unwrap() {
@@ -290,37 +365,52 @@ mod tests {
                     *expected_refs.entry(h).or_default() += 1;
                 }
             }
-            prop_assert_eq!(chunk_refs(&meta), expected_refs);
+            prop_assert_eq!(chunk_refs(&ns), expected_refs);
         }
     }
 
     #[test]
-    fn deleting_the_only_holder_frees_the_chunk() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta = Meta::open(&dir.path().join("m.redb")).unwrap();
+    fn nonzero_blocks_follow_the_newest_entry_at_or_before_the_snapshot() {
+        let ns = namespace();
         commit_delta(
-            &meta,
+            &ns,
+            1,
+            1,
+            &BTreeMap::from([(0, Some(1)), (2, Some(2)), (5, Some(3))]),
+        );
+        commit_delta(&ns, 1, 2, &BTreeMap::from([(0, None), (3, Some(4))]));
+        commit_delta(&ns, 1, 3, &BTreeMap::from([(2, None)]));
+        let txn = ns.read().unwrap();
+        let table = txn.open_table(MANIFEST).unwrap();
+        let at =
+            |snap, range| nonzero_blocks(&table, VolumeId(1), SnapshotId(snap), range).unwrap();
+        assert_eq!(at(1, 0..10), vec![0, 2, 5]);
+        assert_eq!(at(2, 0..10), vec![2, 3, 5]);
+        assert_eq!(at(3, 0..10), vec![3, 5]);
+        assert_eq!(at(2, 3..5), vec![3]);
+        assert_eq!(at(2, 4..4), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn deleting_the_only_holder_frees_the_chunk() {
+        let ns = namespace();
+        commit_delta(
+            &ns,
             1,
             1,
             &BTreeMap::from([(0, Some(1)), (1, Some(1)), (2, None)]),
         );
-        commit_delta(&meta, 1, 2, &BTreeMap::from([(0, Some(2))]));
-        let txn = meta.begin_write().unwrap();
-        let freed = remove_snapshot(&txn, 1, 1, Some(2), usize::MAX)
-            .unwrap()
-            .freed;
-        txn.commit().unwrap();
+        commit_delta(&ns, 1, 2, &BTreeMap::from([(0, Some(2))]));
+        let freed = remove(&ns, 1, 1, Some(2), usize::MAX).freed;
         // Block 0 was overridden by snapshot 2, block 1 moved: chunk 1 keeps one ref.
         assert!(freed.is_empty());
-        assert_eq!(chunk_refs(&meta).get(&hash(1)), Some(&1));
-        let txn = meta.begin_write().unwrap();
-        let freed = remove_snapshot(&txn, 1, 2, None, usize::MAX).unwrap().freed;
-        txn.commit().unwrap();
+        assert_eq!(chunk_refs(&ns).get(&hash(1)), Some(&1));
+        let freed = remove(&ns, 1, 2, None, usize::MAX).freed;
         let mut freed: Vec<_> = freed.into_iter().map(|(h, _)| h).collect();
         freed.sort();
         let mut expect = vec![hash(1), hash(2)];
         expect.sort();
         assert_eq!(freed, expect);
-        assert!(chunk_refs(&meta).is_empty());
+        assert!(chunk_refs(&ns).is_empty());
     }
 }

@@ -6,7 +6,8 @@
 use redb::{ReadableTable, Table};
 
 use super::codec::{ChunkHash, Codec};
-use crate::meta::{ChunkRow, MetaError, MetaResult};
+use crate::namespace::tables::ChunkRow;
+use crate::namespace::{NamespaceError, NsResult};
 
 /// Where a chunk's payload is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,9 +30,9 @@ fn row_of(loc: ChunkLocation, refs: u64) -> ChunkRow {
     )
 }
 
-fn location_of(hash: &ChunkHash, row: ChunkRow) -> MetaResult<(ChunkLocation, u64)> {
+fn location_of(hash: &ChunkHash, row: ChunkRow) -> NsResult<(ChunkLocation, u64)> {
     let (pack, offset, stored_len, plain_len, codec, refs) = row;
-    let codec = Codec::from_u8(codec).ok_or_else(|| MetaError::Corrupt {
+    let codec = Codec::from_u8(codec).ok_or_else(|| NamespaceError::Corrupt {
         what: format!("chunk {hash}"),
         reason: format!("unknown codec {codec}"),
     })?;
@@ -51,22 +52,36 @@ fn location_of(hash: &ChunkHash, row: ChunkRow) -> MetaResult<(ChunkLocation, u6
 pub fn lookup(
     table: &impl ReadableTable<&'static [u8; 32], ChunkRow>,
     hash: &ChunkHash,
-) -> MetaResult<Option<(ChunkLocation, u64)>> {
+) -> NsResult<Option<(ChunkLocation, u64)>> {
     match table.get(&hash.0)? {
         Some(row) => location_of(hash, row.value()).map(Some),
         None => Ok(None),
     }
 }
 
+/// How [`add_refs`] treats a row that already exists at another location.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Existing {
+    /// The existing row wins (the new copy is a duplicate to free).
+    Keep,
+    /// The new copy replaces it: the existing copy was found damaged.
+    Replace,
+}
+
 /// Adds `count` references to a chunk, inserting its row at `loc` if it has none.
-/// Returns the location the index holds afterwards (an existing row wins).
+/// Returns the location the index holds afterwards.
 pub fn add_refs(
     table: &mut Table<'_, &'static [u8; 32], ChunkRow>,
     hash: &ChunkHash,
     loc: ChunkLocation,
     count: u64,
-) -> MetaResult<ChunkLocation> {
-    let (kept, refs) = lookup(table, hash)?.unwrap_or((loc, 0));
+    existing: Existing,
+) -> NsResult<ChunkLocation> {
+    let (kept, refs) = match lookup(table, hash)? {
+        Some((_, refs)) if existing == Existing::Replace => (loc, refs),
+        Some(found) => found,
+        None => (loc, 0),
+    };
     table.insert(&hash.0, row_of(kept, refs + count))?;
     Ok(kept)
 }
@@ -76,9 +91,9 @@ pub fn add_refs(
 pub fn drop_ref(
     table: &mut Table<'_, &'static [u8; 32], ChunkRow>,
     hash: &ChunkHash,
-) -> MetaResult<Option<ChunkLocation>> {
+) -> NsResult<Option<ChunkLocation>> {
     let Some((loc, refs)) = lookup(table, hash)? else {
-        return Err(MetaError::Corrupt {
+        return Err(NamespaceError::Corrupt {
             what: format!("chunk {hash}"),
             reason: "a manifest entry references a chunk that is not in the index".into(),
         });

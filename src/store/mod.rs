@@ -6,23 +6,29 @@
 //! - an index row's reference count equals the number of manifest entries naming it;
 //! - space is freed only after the transaction that removed the row has committed, and
 //!   never while a capture that might have looked the row up is still running: such a
-//!   capture may bring the row back at its commit (see [`ChunkStore::begin_capture`]).
+//!   capture may bring the row back at its commit (see [`ChunkStore::begin_capture`]);
+//! - a chunk that failed verification is never reused by dedup: it is remembered as
+//!   bad, and a capture that needs its contents stores a fresh copy, which then
+//!   replaces the damaged one in the index (healing every snapshot that names it);
+//! - nothing is recreated or deleted on a guess: a missing or damaged pack is reported
+//!   and its chunks read as errors; files nobody knows go to `lost+found/`.
 
 pub mod cache;
 pub mod codec;
 pub mod index;
 pub mod pack;
 
-use std::collections::{BTreeMap, HashMap};
-use std::fs;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use log::{error, info, warn};
-use redb::ReadableDatabase;
+use log::{debug, error, info, warn};
 
-use crate::meta::{self, CHUNKS, Meta, MetaError, PACKS};
+use crate::layout::{Layout, parse_pack_file};
+use crate::namespace::tables::CHUNKS;
+use crate::namespace::{Namespace, NamespaceError};
+use crate::storage::Storage;
 use cache::BlockCache;
 use codec::{ChunkHash, CodecError};
 pub use index::ChunkLocation;
@@ -32,10 +38,12 @@ use pack::{PACK_TARGET_BYTES, PackFile, PackWriter};
 pub enum StoreError {
     #[error("chunk store I/O on {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error("pack {pack} is damaged: {reason}")]
+    DamagedPack { pack: u32, reason: String },
     #[error(transparent)]
     Codec(#[from] CodecError),
     #[error(transparent)]
-    Meta(#[from] MetaError),
+    Namespace(#[from] NamespaceError),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -45,7 +53,7 @@ thread_local! {
     static PACK_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+fn io_at(path: &std::path::Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.to_path_buf(),
         source,
@@ -58,12 +66,17 @@ struct Reclaim {
     deferred: Vec<(ChunkHash, ChunkLocation)>,
 }
 
-pub struct ChunkStore {
-    dir: PathBuf,
-    packs: Mutex<HashMap<u32, Arc<PackFile>>>,
+pub struct ChunkStore<S: Storage> {
+    storage: S,
+    layout: Layout,
+    packs: Mutex<HashMap<u32, Arc<PackFile<S>>>>,
+    /// Packs that cannot serve reads as a whole (missing file, bad header), and why.
+    damaged_packs: Mutex<BTreeMap<u32, String>>,
     /// Packs below the target size that no capture is appending to: (id, committed length).
     idle: Mutex<Vec<(u32, u64)>>,
     reclaim: Mutex<Reclaim>,
+    /// Chunks that failed to read or verify since the daemon started.
+    bad_chunks: Mutex<HashSet<ChunkHash>>,
     cache: BlockCache,
     pub compression_level: i32,
 }
@@ -74,76 +87,154 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-impl ChunkStore {
-    /// Opens `dir`, cutting every pack back to its committed length: bytes beyond it
-    /// were written by a capture that never committed.
+impl<S: Storage> ChunkStore<S> {
+    /// Opens the packs the database knows. Bytes past a pack's committed length were
+    /// written by a capture that never committed and are cut off; a missing, damaged
+    /// or truncated pack is reported (and served as damaged), never recreated; files
+    /// in `chunks/` that no row accounts for are moved to `lost+found/`.
     pub fn open(
-        dir: &Path,
-        meta: &Meta,
+        storage: &S,
+        layout: &Layout,
+        ns: &Namespace,
         compression_level: i32,
         cache_bytes: u64,
-    ) -> StoreResult<ChunkStore> {
-        fs::create_dir_all(dir).map_err(io_at(dir))?;
-        let committed = meta.load_packs()?;
-        let mut packs = HashMap::new();
-        let mut idle = Vec::new();
-        for (&id, &len) in &committed {
-            let pack = PackFile::open(dir, id).map_err(io_at(&pack::pack_path(dir, id)))?;
-            let on_disk = pack.file_len().map_err(io_at(&pack::pack_path(dir, id)))?;
-            if on_disk > len {
-                info!("pack {id}: dropping {} uncommitted bytes", on_disk - len);
-                pack.truncate(len)
-                    .map_err(io_at(&pack::pack_path(dir, id)))?;
-            }
-            if len < PACK_TARGET_BYTES {
-                idle.push((id, len));
-            }
-            packs.insert(id, Arc::new(pack));
-        }
-        for entry in fs::read_dir(dir).map_err(io_at(dir))? {
-            let entry = entry.map_err(io_at(dir))?;
-            let name = entry.file_name();
-            if let Some(id) = name.to_str().and_then(pack::pack_id_of)
-                && !committed.contains_key(&id)
-            {
-                info!("removing pack {id}: it was never committed");
-                fs::remove_file(entry.path()).map_err(io_at(&entry.path()))?;
-            }
-        }
-        Ok(ChunkStore {
-            dir: dir.to_path_buf(),
-            packs: Mutex::new(packs),
-            idle: Mutex::new(idle),
+    ) -> StoreResult<ChunkStore<S>> {
+        let dir = layout.chunks_dir();
+        storage.create_dir_all(&dir).map_err(io_at(&dir))?;
+        let committed = ns.packs()?;
+        let store = ChunkStore {
+            storage: storage.clone(),
+            layout: layout.clone(),
+            packs: Mutex::new(HashMap::new()),
+            damaged_packs: Mutex::new(BTreeMap::new()),
+            idle: Mutex::new(Vec::new()),
             reclaim: Mutex::new(Reclaim {
                 active_captures: 0,
                 deferred: Vec::new(),
             }),
+            bad_chunks: Mutex::new(HashSet::new()),
             cache: BlockCache::new(cache_bytes),
             compression_level,
-        })
+        };
+        for &(id, len) in &committed {
+            store.open_pack(id, len)?;
+        }
+        let known: HashSet<u32> = committed.iter().map(|&(id, _)| id).collect();
+        for name in storage.list_dir(&dir).map_err(io_at(&dir))? {
+            if parse_pack_file(&name).is_some_and(|id| known.contains(&id)) {
+                continue;
+            }
+            let path = dir.join(&name);
+            layout
+                .move_to_lost_found(storage, &path, "no pack of this name was ever committed")
+                .map_err(io_at(&path))?;
+        }
+        Ok(store)
     }
 
-    fn pack(&self, id: u32) -> StoreResult<Arc<PackFile>> {
+    fn open_pack(&self, id: u32, committed: u64) -> StoreResult<()> {
+        let path = self.layout.pack(id);
+        let on_disk = self.storage.file_len(&path).map_err(io_at(&path))?;
+        let Some(on_disk) = on_disk else {
+            if committed == 0 {
+                // Its row committed, its file never made: nothing was ever in it.
+                debug!("pack {id} was never written; not using it");
+            } else {
+                self.mark_damaged(id, "the pack file is missing".into());
+            }
+            return Ok(());
+        };
+        let pack = PackFile::open(&self.storage, path.clone(), id).map_err(io_at(&path))?;
+        if let Err(reason) = pack.verify_header().map_err(io_at(&path))? {
+            if committed == 0 {
+                // Created but never committed to: its header may not have reached the disk.
+                let pack =
+                    PackFile::create(&self.storage, path.clone(), id).map_err(io_at(&path))?;
+                lock(&self.packs).insert(id, Arc::new(pack));
+                lock(&self.idle).push((id, 0));
+            } else {
+                self.mark_damaged(id, reason);
+            }
+            return Ok(());
+        }
+        let committed_end = committed.max(pack::HEADER_BYTES);
+        if on_disk > committed_end {
+            info!(
+                "pack {id}: dropping {} bytes no commit references",
+                on_disk - committed_end
+            );
+            pack.truncate(committed_end).map_err(io_at(&path))?;
+        } else if on_disk < committed {
+            let reason = format!(
+                "it is {on_disk} bytes but {committed} were committed: chunks past its end are lost"
+            );
+            warn!("pack {id}: {reason} (run `ebsfs check`)");
+            lock(&self.damaged_packs).insert(id, reason);
+            lock(&self.packs).insert(id, Arc::new(pack));
+            return Ok(());
+        }
+        if committed < PACK_TARGET_BYTES {
+            lock(&self.idle).push((id, committed));
+        }
+        lock(&self.packs).insert(id, Arc::new(pack));
+        Ok(())
+    }
+
+    fn mark_damaged(&self, id: u32, reason: String) {
+        error!("pack {id} is damaged: {reason}; its chunks cannot be read (run `ebsfs check`)");
+        lock(&self.damaged_packs).insert(id, reason);
+    }
+
+    /// Packs found damaged at start-up, and why.
+    pub fn damaged_packs(&self) -> BTreeMap<u32, String> {
+        lock(&self.damaged_packs).clone()
+    }
+
+    fn pack(&self, id: u32) -> StoreResult<Arc<PackFile<S>>> {
         if let Some(pack) = lock(&self.packs).get(&id) {
             return Ok(pack.clone());
         }
-        let path = pack::pack_path(&self.dir, id);
-        if !path.exists() {
-            return Err(StoreError::Io {
-                path,
-                source: io::Error::new(io::ErrorKind::NotFound, "pack file is missing"),
-            });
+        let reason = lock(&self.damaged_packs)
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| "no such pack".into());
+        Err(StoreError::DamagedPack { pack: id, reason })
+    }
+
+    /// Whether chunk `hash` failed to read or verify since the daemon started.
+    pub fn is_bad(&self, hash: &ChunkHash) -> bool {
+        lock(&self.bad_chunks).contains(hash)
+    }
+
+    fn note_bad(&self, chunks: &[(ChunkHash, ChunkLocation)], why: &StoreError) {
+        let mut bad = lock(&self.bad_chunks);
+        for (hash, loc) in chunks {
+            if bad.insert(*hash) {
+                error!(
+                    "chunk {hash} (pack {} offset {}) is unreadable: {why}",
+                    loc.pack, loc.offset
+                );
+            }
         }
-        let pack = Arc::new(PackFile::open(&self.dir, id).map_err(io_at(&path))?);
-        lock(&self.packs).insert(id, pack.clone());
-        Ok(pack)
+    }
+
+    /// Whether the stored copy of `hash` at `loc` reads back and verifies (a cached
+    /// copy was verified when it was cached). Used before dedup reuses a chunk.
+    pub fn verify(&self, hash: &ChunkHash, loc: ChunkLocation) -> bool {
+        if self.is_bad(hash) {
+            return false;
+        }
+        self.cache.get(hash).is_some()
+            || self
+                .read_chunks(&[(*hash, loc)], |_| false, |_, _| {})
+                .is_ok()
     }
 
     /// Reads, verifies and decompresses `chunks`, handing each one's plain bytes to
     /// `sink(i, bytes)` in order. `keep(i)` says whether chunk `i` is worth caching (a
     /// block read whole by a sequential reader is not). Chunks missing from the cache
     /// that lie back to back in a pack (as a snapshot written in one go does) are read
-    /// with one `pread`, into a buffer each thread reuses.
+    /// with one read, into a buffer each thread reuses.
     pub fn read_chunks(
         &self,
         chunks: &[(ChunkHash, ChunkLocation)],
@@ -169,31 +260,44 @@ impl ChunkStore {
             {
                 run_end += 1;
             }
-            let first = chunks[i].1;
-            let last = chunks[run_end - 1].1;
-            let len = (last.offset + u64::from(last.stored_len) - first.offset) as usize;
-            let pack = self.pack(first.pack)?;
-            PACK_BUF.with_borrow_mut(|bytes| -> StoreResult<()> {
-                if bytes.len() < len {
-                    bytes.resize(len, 0);
-                }
-                pack.read_into(&mut bytes[..len], first.offset)
-                    .map_err(io_at(&pack::pack_path(&self.dir, first.pack)))?;
-                for (n, (hash, loc)) in chunks.iter().enumerate().take(run_end).skip(i) {
-                    let at = (loc.offset - first.offset) as usize;
-                    let payload = &bytes[at..at + loc.stored_len as usize];
-                    let plain = codec::decode(payload, loc.codec, loc.plain_len as usize, *hash)
-                        .inspect_err(|e| error!("{e} (pack {} offset {})", loc.pack, loc.offset))?;
-                    sink(n, &plain);
-                    if keep(n) {
-                        self.cache.insert(*hash, Arc::new(plain.into_owned()));
-                    }
-                }
-                Ok(())
-            })?;
+            let run = &chunks[i..run_end];
+            self.read_run(run, |n, plain| {
+                sink(i + n, plain);
+                keep(i + n)
+            })
+            .inspect_err(|e| self.note_bad(run, e))?;
             i = run_end;
         }
         Ok(())
+    }
+
+    /// Reads one run of chunks lying back to back in a pack; `sink(n, plain)` returns
+    /// whether to cache chunk `n`.
+    fn read_run(
+        &self,
+        run: &[(ChunkHash, ChunkLocation)],
+        mut sink: impl FnMut(usize, &[u8]) -> bool,
+    ) -> StoreResult<()> {
+        let first = run[0].1;
+        let last = run[run.len() - 1].1;
+        let len = (last.offset + u64::from(last.stored_len) - first.offset) as usize;
+        let pack = self.pack(first.pack)?;
+        PACK_BUF.with_borrow_mut(|bytes| -> StoreResult<()> {
+            if bytes.len() < len {
+                bytes.resize(len, 0);
+            }
+            pack.read_into(&mut bytes[..len], first.offset)
+                .map_err(io_at(&pack.path))?;
+            for (n, (hash, loc)) in run.iter().enumerate() {
+                let at = (loc.offset - first.offset) as usize;
+                let payload = &bytes[at..at + loc.stored_len as usize];
+                let plain = codec::decode(payload, loc.codec, loc.plain_len as usize, *hash)?;
+                if sink(n, &plain) {
+                    self.cache.insert(*hash, Arc::new(plain.into_owned()));
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Registers a running capture: until it ends, freed space is only queued, so
@@ -203,38 +307,38 @@ impl ChunkStore {
     }
 
     /// Ends a capture; the last one out frees the queued space whose rows are still gone.
-    pub fn end_capture(&self, meta: &Meta) {
+    pub fn end_capture(&self, ns: &Namespace) {
         let mut reclaim = lock(&self.reclaim);
         reclaim.active_captures -= 1;
         if reclaim.active_captures == 0 && !reclaim.deferred.is_empty() {
             let deferred = std::mem::take(&mut reclaim.deferred);
             // Still under the lock: no capture can start and look these up meanwhile.
-            if let Err(e) = self.free_unless_revived(meta, &deferred) {
+            if let Err(e) = self.free_unless_revived(ns, &deferred) {
                 warn!("freeing chunk space: {e}");
             }
         }
     }
 
     /// Frees the space of chunks whose index rows a committed transaction removed.
-    pub fn release(&self, meta: &Meta, freed: Vec<(ChunkHash, ChunkLocation)>) {
+    pub fn release(&self, ns: &Namespace, freed: Vec<(ChunkHash, ChunkLocation)>) {
         if freed.is_empty() {
             return;
         }
         let mut reclaim = lock(&self.reclaim);
         if reclaim.active_captures > 0 {
             reclaim.deferred.extend(freed);
-        } else if let Err(e) = self.free_unless_revived(meta, &freed) {
+        } else if let Err(e) = self.free_unless_revived(ns, &freed) {
             warn!("freeing chunk space: {e}");
         }
     }
 
     fn free_unless_revived(
         &self,
-        meta: &Meta,
+        ns: &Namespace,
         freed: &[(ChunkHash, ChunkLocation)],
     ) -> StoreResult<()> {
-        let txn = meta.db.begin_read().map_err(MetaError::from)?;
-        let table = txn.open_table(CHUNKS).map_err(MetaError::from)?;
+        let txn = ns.read()?;
+        let table = txn.open_table(CHUNKS).map_err(NamespaceError::from)?;
         let mut extents = Vec::with_capacity(freed.len());
         for (hash, loc) in freed {
             if index::lookup(&table, hash)?.is_some_and(|(now, _)| now == *loc) {
@@ -258,58 +362,64 @@ impl ChunkStore {
             }
         }
         for (pack_id, start, end) in merged {
-            let pack = self.pack(pack_id)?;
-            pack.punch(start, end - start)
-                .map_err(io_at(&pack::pack_path(&self.dir, pack_id)))?;
+            let Ok(pack) = self.pack(pack_id) else {
+                continue;
+            };
+            pack.punch(start, end - start).map_err(io_at(&pack.path))?;
         }
         Ok(())
     }
 
-    /// Hands out a pack for one capture to append to.
-    pub fn checkout_writer(&self, meta: &Meta) -> StoreResult<PackWriter> {
+    /// Hands out a pack for one capture to append to. A new pack's row is committed
+    /// before its file is created, so a pack file always has a row.
+    pub fn checkout_writer(&self, ns: &Namespace) -> StoreResult<PackWriter<S>> {
         if let Some((id, len)) = lock(&self.idle).pop() {
             return Ok(PackWriter::new(self.pack(id)?, len));
         }
-        let txn = meta.begin_write()?;
-        let id = meta::next_pack_id(&txn)?;
-        txn.open_table(PACKS)
-            .map_err(MetaError::from)?
-            .insert(id, 0)
-            .map_err(MetaError::from)?;
-        let path = pack::pack_path(&self.dir, id);
-        let pack = Arc::new(PackFile::open(&self.dir, id).map_err(io_at(&path))?);
-        txn.commit().map_err(MetaError::from)?;
+        let id = ns.change_data(|data| -> Result<u32, NamespaceError> {
+            let id = data.next_pack_id()?;
+            data.set_pack_len(id, 0)?;
+            Ok(id)
+        })?;
+        let path = self.layout.pack(id);
+        let pack =
+            Arc::new(PackFile::create(&self.storage, path.clone(), id).map_err(io_at(&path))?);
         lock(&self.packs).insert(id, pack.clone());
         Ok(PackWriter::new(pack, 0))
     }
 
     /// Returns a writer's pack for later captures to append to.
-    pub fn return_writer(&self, writer: PackWriter) {
+    pub fn return_writer(&self, writer: PackWriter<S>) {
         let len = writer.end();
         if len < PACK_TARGET_BYTES {
             lock(&self.idle).push((writer.pack.id, len));
         }
     }
 
-    /// Punches every byte of every pack that no index row references: space leaked by
-    /// a crash between a commit and the freeing of what it released.
-    pub fn reclaim_unreferenced(&self, meta: &Meta) -> StoreResult<u64> {
-        let txn = meta.begin_read()?;
-        let table = txn.open_table(CHUNKS).map_err(MetaError::from)?;
+    /// Punches every byte of every pack that no index row references (the header
+    /// excepted): space leaked by a crash between a commit and the freeing of what it
+    /// released. The database proves these bytes garbage. Returns the bytes punched.
+    pub fn reclaim_unreferenced(&self, ns: &Namespace) -> StoreResult<u64> {
+        let txn = ns.read()?;
+        let table = txn.open_table(CHUNKS).map_err(NamespaceError::from)?;
         let mut live: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
-        for row in redb::ReadableTable::range::<&[u8; 32]>(&table, ..).map_err(MetaError::from)? {
-            let (_, row) = row.map_err(MetaError::from)?;
+        for row in table.range::<&[u8; 32]>(..).map_err(NamespaceError::from)? {
+            let (_, row) = row.map_err(NamespaceError::from)?;
             let (pack, offset, stored_len, ..) = row.value();
             live.entry(pack)
                 .or_default()
                 .push((offset, pack::align_up(offset + u64::from(stored_len))));
         }
+        let damaged = self.damaged_packs();
         let mut punched = 0;
         let mut gaps = Vec::new();
-        for (&id, &len) in &meta.load_packs()? {
+        for (id, len) in ns.packs()? {
+            if damaged.contains_key(&id) {
+                continue;
+            }
             let mut extents = live.remove(&id).unwrap_or_default();
             extents.sort_unstable();
-            let mut cursor = 0;
+            let mut cursor = pack::HEADER_BYTES;
             for (start, end) in extents.into_iter().chain([(len, len)]) {
                 if start > cursor {
                     gaps.push((id, cursor, start));

@@ -1,19 +1,18 @@
 //! Pack files: append-only files holding chunk payloads.
 //!
-//! Layout: `chunks/pack-<id>.dat`, payloads back to back, each starting on a 4 KiB
+//! Layout (`chunks/pack-<id>.dat`, docs/FORMAT.md): a [`HEADER_BYTES`] header — magic,
+//! format version, the pack's own id — then payloads, each starting on a 4 KiB
 //! boundary so that freeing a chunk can punch its pages out of the file and give the
-//! space back at once. Nothing in a pack describes itself: the chunk index in the
+//! space back at once. Payloads do not describe themselves: the chunk index in the
 //! metadata database records where each chunk lives, and the pack's committed length.
-//! Bytes past the committed length belong to a capture that never committed and are
-//! cut off when the store opens.
+//! Bytes past the committed length belong to a capture that never committed.
 
-use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::storage::{Allocate, OpenOptions, Storage, StorageFile, parent_of};
 
 /// Every payload starts at a multiple of this.
 pub const PACK_ALIGN: u64 = 4096;
@@ -21,46 +20,102 @@ pub const PACK_ALIGN: u64 = 4096;
 /// A pack at or past this size takes no new captures.
 pub const PACK_TARGET_BYTES: u64 = 1 << 30;
 
+/// Magic at offset 0 of a pack.
+pub const MAGIC: &[u8; 8] = b"EBSPACK\0";
+/// Format version at [`VERSION_OFFSET`] (little-endian u32).
+pub const VERSION: u32 = 1;
+pub const VERSION_OFFSET: usize = 8;
+/// The pack's id at [`ID_OFFSET`] (little-endian u32), so a renamed pack is noticed.
+pub const ID_OFFSET: usize = 12;
+/// Payloads start here: one aligned page.
+pub const HEADER_BYTES: u64 = PACK_ALIGN;
+
+/// How much appended data may sit in the page cache before writeback starts.
+pub const WRITEBACK_STEP: u64 = 16 << 20;
+
 pub fn align_up(value: u64) -> u64 {
     value.div_ceil(PACK_ALIGN) * PACK_ALIGN
 }
 
-pub fn pack_path(dir: &Path, id: u32) -> PathBuf {
-    dir.join(format!("pack-{id:08}.dat"))
+fn header(id: u32) -> Vec<u8> {
+    let mut header = vec![0u8; HEADER_BYTES as usize];
+    header[..8].copy_from_slice(MAGIC);
+    header[VERSION_OFFSET..VERSION_OFFSET + 4].copy_from_slice(&VERSION.to_le_bytes());
+    header[ID_OFFSET..ID_OFFSET + 4].copy_from_slice(&id.to_le_bytes());
+    header
 }
 
-/// Parses `pack-<id>.dat`.
-pub fn pack_id_of(file_name: &str) -> Option<u32> {
-    file_name
-        .strip_prefix("pack-")?
-        .strip_suffix(".dat")?
-        .parse()
-        .ok()
+/// Checks the header of pack `id` (its first bytes, `bytes`).
+pub fn check_header(bytes: &[u8], id: u32) -> Result<(), String> {
+    if bytes.len() < ID_OFFSET + 4 {
+        return Err("shorter than its header".into());
+    }
+    if &bytes[..8] != MAGIC {
+        return Err("bad magic".into());
+    }
+    let word =
+        |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    let version = word(VERSION_OFFSET);
+    if version != VERSION {
+        return Err(format!(
+            "format version {version}, this ebsfs reads {VERSION}"
+        ));
+    }
+    let found = word(ID_OFFSET);
+    if found != id {
+        return Err(format!("header names pack {found}"));
+    }
+    Ok(())
 }
 
-#[derive(Debug)]
-pub struct PackFile {
+pub struct PackFile<S: Storage> {
     pub id: u32,
-    file: File,
+    pub path: PathBuf,
+    file: S::File,
 }
 
-impl PackFile {
-    pub fn open(dir: &Path, id: u32) -> io::Result<PackFile> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(pack_path(dir, id))?;
-        Ok(PackFile { id, file })
+impl<S: Storage> PackFile<S> {
+    /// Opens an existing pack (never creates one: a missing pack is damage).
+    pub fn open(storage: &S, path: PathBuf, id: u32) -> io::Result<PackFile<S>> {
+        let file = storage.open(&path, OpenOptions::EXISTING)?;
+        Ok(PackFile { id, path, file })
     }
 
+    /// Creates pack `id` with its header, synced, its name durable.
+    pub fn create(storage: &S, path: PathBuf, id: u32) -> io::Result<PackFile<S>> {
+        let file = storage.open(&path, OpenOptions::TRUNCATE)?;
+        file.write_all_at(&header(id), 0)?;
+        file.sync_data()?;
+        storage.sync_dir(parent_of(&path))?;
+        Ok(PackFile { id, path, file })
+    }
+
+    /// Reads and checks the header.
+    pub fn verify_header(&self) -> io::Result<Result<(), String>> {
+        let mut head = [0u8; 16];
+        let n = self.file.read_at(&mut head, 0)?;
+        Ok(check_header(&head[..n], self.id))
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`; a pack cut short is an error.
     pub fn read_into(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        let n = self.file.read_at(buf, offset)?;
+        if n < buf.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "pack {} ends at {} (needed {})",
+                    self.id,
+                    offset + n as u64,
+                    offset + buf.len() as u64
+                ),
+            ));
+        }
+        Ok(())
     }
 
     pub fn file_len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        self.file.len()
     }
 
     pub fn truncate(&self, len: u64) -> io::Result<()> {
@@ -75,64 +130,32 @@ impl PackFile {
     /// widened to the page the next payload starts on, so only this chunk's pages go.
     pub fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
         let end = align_up(offset + len);
-        punch_hole(&self.file, offset, end - offset)
+        self.file
+            .allocate(Allocate::PunchHole, offset, end - offset)
     }
-}
 
-/// `fallocate(PUNCH_HOLE | KEEP_SIZE)`: the range reads as zeros and frees its blocks.
-pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    if len == 0 {
-        return Ok(());
-    }
-    // SAFETY: fallocate only reads its integer arguments; the fd is owned by `file`.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// How much appended data may sit in the page cache before writeback starts.
-pub const WRITEBACK_STEP: u64 = 16 << 20;
-
-/// Asks the kernel to start writing a range back (without waiting for it).
-fn start_writeback(file: &File, offset: u64, len: u64) {
-    // SAFETY: sync_file_range only reads its integer arguments; the fd is owned.
-    // A failure only means the final fsync has more to do.
-    unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            offset as libc::off64_t,
-            len as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
+    /// Hint that `[offset, offset + len)` will be read soon.
+    pub fn will_need(&self, offset: u64, len: u64) {
+        self.file.will_need(offset, len);
     }
 }
 
 /// Exclusive appender on one pack for the lifetime of one capture. Appends may run
 /// from several threads at once: each reserves its aligned range atomically.
-#[derive(Debug)]
-pub struct PackWriter {
-    pub pack: Arc<PackFile>,
+pub struct PackWriter<S: Storage> {
+    pub pack: Arc<PackFile<S>>,
     /// The pack's committed length when the writer was handed out.
     pub start: u64,
     next: AtomicU64,
 }
 
-impl PackWriter {
-    pub fn new(pack: Arc<PackFile>, committed_len: u64) -> PackWriter {
+impl<S: Storage> PackWriter<S> {
+    pub fn new(pack: Arc<PackFile<S>>, committed_len: u64) -> PackWriter<S> {
+        let start = committed_len.max(HEADER_BYTES);
         PackWriter {
             pack,
-            start: committed_len,
-            next: AtomicU64::new(committed_len),
+            start,
+            next: AtomicU64::new(start),
         }
     }
 
@@ -150,7 +173,7 @@ impl PackWriter {
         );
         if to > from {
             let from = from.max(self.start);
-            start_writeback(&self.pack.file, from, to - from);
+            self.pack.file.start_writeback(from, to - from);
         }
         Ok(offset)
     }
@@ -161,44 +184,50 @@ impl PackWriter {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(feature = "shuttle")))]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
+    use crate::storage::memory::MemStorage;
+    use std::path::Path;
 
-    #[test]
-    fn appends_are_aligned_and_read_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let pack = Arc::new(PackFile::open(dir.path(), 3).unwrap());
-        let writer = PackWriter::new(pack.clone(), 0);
-        let a = writer.append(&[1u8; 100]).unwrap();
-        let b = writer.append(&[2u8; 5000]).unwrap();
-        assert_eq!((a, b), (0, 4096));
-        assert_eq!(writer.end(), 4096 + 8192);
-        let mut back = vec![0u8; 5000];
-        pack.read_into(&mut back, b).unwrap();
-        assert_eq!(back, vec![2u8; 5000]);
-        assert_eq!(pack_id_of("pack-00000003.dat"), Some(3));
-        assert!(pack_path(dir.path(), 3).exists());
+    fn setup() -> (MemStorage, PathBuf) {
+        let storage = MemStorage::new();
+        storage.create_dir_all(Path::new("/c")).unwrap();
+        (storage, PathBuf::from("/c/pack-00000003.dat"))
     }
 
     #[test]
-    fn punch_frees_space_and_reads_zero() {
-        let dir = tempfile::tempdir().unwrap();
-        let pack = Arc::new(PackFile::open(dir.path(), 1).unwrap());
+    fn appends_are_aligned_after_the_header_and_read_back() {
+        let (storage, path) = setup();
+        let pack = Arc::new(PackFile::create(&storage, path.clone(), 3).unwrap());
+        let writer = PackWriter::new(pack.clone(), 0);
+        let a = writer.append(&[1u8; 100]).unwrap();
+        let b = writer.append(&[2u8; 5000]).unwrap();
+        assert_eq!((a, b), (HEADER_BYTES, HEADER_BYTES + 4096));
+        assert_eq!(writer.end(), HEADER_BYTES + 4096 + 8192);
+        let mut back = vec![0u8; 5000];
+        pack.read_into(&mut back, b).unwrap();
+        assert_eq!(back, vec![2u8; 5000]);
+        assert_eq!(pack.verify_header().unwrap(), Ok(()));
+        let renamed = PackFile::<MemStorage>::open(&storage, path, 4).unwrap();
+        assert!(renamed.verify_header().unwrap().is_err());
+    }
+
+    #[test]
+    fn punch_frees_space_and_short_reads_are_errors() {
+        let (storage, path) = setup();
+        let pack = Arc::new(PackFile::create(&storage, path, 3).unwrap());
         let writer = PackWriter::new(pack.clone(), 0);
         let offset = writer.append(&vec![7u8; 1 << 20]).unwrap();
-        pack.sync_data().unwrap();
-        let before = std::fs::metadata(pack_path(dir.path(), 1))
-            .unwrap()
-            .blocks();
         pack.punch(offset, 1 << 20).unwrap();
-        let after = std::fs::metadata(pack_path(dir.path(), 1))
-            .unwrap()
-            .blocks();
-        assert!(after < before, "blocks {before} -> {after}");
         let mut back = [1u8; 16];
-        pack.read_into(&mut back, 0).unwrap();
+        pack.read_into(&mut back, offset).unwrap();
         assert_eq!(back, [0u8; 16]);
+        pack.truncate(offset + 100).unwrap();
+        let mut long = vec![0u8; 200];
+        assert_eq!(
+            pack.read_into(&mut long, offset).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
     }
 }

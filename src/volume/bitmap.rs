@@ -5,17 +5,22 @@
 //! volume costs one page, not a bit for every block before it. Bit operations are
 //! lock-free once a page exists; allocating a page takes a short write lock.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{RwLock, RwLockReadGuard};
+use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::{RwLock, RwLockReadGuard, read, write};
 
 /// Words per page: 512 words = 32768 bits = 4 KiB.
 pub const PAGE_WORDS: usize = 512;
 
 type Page = Box<[AtomicU64]>;
 
-#[derive(Default)]
 pub struct Bitmap {
     pages: RwLock<Vec<Option<Page>>>,
+}
+
+impl Default for Bitmap {
+    fn default() -> Bitmap {
+        Bitmap::new()
+    }
 }
 
 fn new_page() -> Page {
@@ -24,18 +29,20 @@ fn new_page() -> Page {
 
 impl Bitmap {
     pub fn new() -> Bitmap {
-        Bitmap::default()
+        Bitmap {
+            pages: RwLock::new(Vec::new()),
+        }
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Vec<Option<Page>>> {
-        self.pages.read().unwrap_or_else(|p| p.into_inner())
+        read(&self.pages)
     }
 
     fn ensure_page(&self, page: usize) {
         if self.read().get(page).is_some_and(Option::is_some) {
             return;
         }
-        let mut pages = self.pages.write().unwrap_or_else(|p| p.into_inner());
+        let mut pages = write(&self.pages);
         if pages.len() <= page {
             pages.resize_with(page + 1, || None);
         }
@@ -95,6 +102,39 @@ impl Bitmap {
             .sum()
     }
 
+    /// The set bits in `range`, in order, visiting only allocated pages.
+    pub fn ones_in(&self, range: std::ops::Range<u64>) -> Vec<u64> {
+        let pages = self.read();
+        let mut out = Vec::new();
+        if range.is_empty() {
+            return out;
+        }
+        let first_word = (range.start / 64) as usize;
+        let last_word = ((range.end - 1) / 64) as usize;
+        for (p, page) in pages.iter().enumerate() {
+            let Some(words) = page else { continue };
+            let page_first = p * PAGE_WORDS;
+            if page_first + PAGE_WORDS <= first_word || page_first > last_word {
+                continue;
+            }
+            for (i, word) in words.iter().enumerate() {
+                let w = page_first + i;
+                if w < first_word || w > last_word {
+                    continue;
+                }
+                let mut bits = word.load(Ordering::Acquire);
+                while bits != 0 {
+                    let bit = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    if range.contains(&bit) {
+                        out.push(bit);
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Number of words that memory is reserved for (a multiple of the page size).
     pub fn allocated_words(&self) -> usize {
         self.read().iter().flatten().count() * PAGE_WORDS
@@ -116,5 +156,8 @@ mod tests {
         assert_eq!(map.count_ones(), 2);
         assert_eq!(map.nonzero_words(), vec![0, (1usize << 30) / 64]);
         assert_eq!(map.word(12345), 0);
+        assert_eq!(map.ones_in(0..1 << 31), vec![5, 1 << 30]);
+        assert_eq!(map.ones_in(6..1 << 30), Vec::<u64>::new());
+        assert_eq!(map.ones_in(5..6), vec![5]);
     }
 }

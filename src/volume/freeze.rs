@@ -8,8 +8,8 @@
 //!
 //! Nobody waits on anybody:
 //! - a writer about to change pages of a block not yet captured first copies those
-//!   4 KiB pages (only those) to the preservation file (`captures/<id>.cow`), records
-//!   them, then writes;
+//!   4 KiB pages (only those) to the preservation file (`captures/<v>-<s>.cow`),
+//!   records them, then writes;
 //! - the capture worker reads the block from the live file, *then* lays the recorded
 //!   pages over it, then marks the block done; writers stop preserving it.
 //!
@@ -19,17 +19,22 @@
 //! Each block's records are guarded by one lock (of [`SHARDS`]), held across "is this
 //! page recorded? copy it, record it", so a page is copied once, before any write.
 //!
+//! Re-examined ranges skip holes ([`Freeze::plan_reexamine`]): a block that is a hole
+//! of the live file when the plan is made, and that no writer has touched since the
+//! freeze, read as zeros at the freeze (a punch that made it a hole after the freeze
+//! went through [`Freeze::protect`] first, which marks it touched before it happens).
+//!
 //! Bytes at or past the frozen size read as zeros, so a capture never sees data
 //! written after the freeze beyond the old end of the volume.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
 use std::io;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+
+use crate::storage::{Storage, StorageFile};
+use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::{Mutex, MutexGuard, lock};
 
 use super::bitmap::Bitmap;
 use super::dirty::DirtyMap;
@@ -40,21 +45,37 @@ pub const PAGE: u64 = 4096;
 /// Locks over the preservation records; a block always uses the same one.
 const SHARDS: usize = 64;
 
+/// Blocks handed to a capture worker at a time.
+pub const UNIT_BLOCKS: u64 = 64;
+
 /// Page index (byte offset / [`PAGE`]) → offset of its preserved copy.
 type Records = HashMap<u64, u64>;
 
-pub struct Freeze {
-    /// The blocks this snapshot captures (file `captures/<id>.set`).
-    pub blocks: DirtyMap,
+/// Where the re-examined blocks' work stands.
+#[derive(Default)]
+struct ReexaminePlan {
+    /// Runs of blocks to read, sorted, disjoint, none set in the capture set.
+    runs: Vec<Range<u64>>,
+    /// Next run to hand out, and the next block within it.
+    cursor: (usize, u64),
+    planned: bool,
+}
+
+pub struct Freeze<S: Storage> {
+    /// The blocks this snapshot captures (file `captures/<v>-<s>.set`).
+    pub blocks: DirtyMap<S>,
     /// Blocks captured whether or not their bit is set.
     pub reexamine: Range<u64>,
     pub size_bytes: u64,
     pub block_size: u64,
     /// Blocks the worker has read: writers no longer preserve them.
     done: Bitmap,
+    /// Blocks of `reexamine` a writer has changed since the freeze.
+    touched: Bitmap,
     /// Words of `blocks` with bits set, fixed at the freeze: the first work units.
     words: Vec<usize>,
-    cow: File,
+    plan: Mutex<ReexaminePlan>,
+    cow: S::File,
     cow_path: PathBuf,
     cow_next: AtomicU64,
     preserved: Vec<Mutex<Records>>,
@@ -62,25 +83,15 @@ pub struct Freeze {
     failure: Mutex<Option<String>>,
 }
 
-impl Freeze {
-    /// Creates the (empty) preservation file for a freeze.
-    pub fn create_cow_file(cow_path: &Path) -> io::Result<File> {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(cow_path)
-    }
-
+impl<S: Storage> Freeze<S> {
     pub fn new(
-        blocks: DirtyMap,
+        blocks: DirtyMap<S>,
         reexamine: Range<u64>,
         size_bytes: u64,
         block_size: u64,
-        cow: File,
+        cow: S::File,
         cow_path: &Path,
-    ) -> Freeze {
+    ) -> Freeze<S> {
         let words = blocks.nonzero_words();
         Freeze {
             blocks,
@@ -88,7 +99,9 @@ impl Freeze {
             size_bytes,
             block_size,
             done: Bitmap::new(),
+            touched: Bitmap::new(),
             words,
+            plan: Mutex::new(ReexaminePlan::default()),
             cow,
             cow_path: cow_path.to_path_buf(),
             cow_next: AtomicU64::new(0),
@@ -102,68 +115,104 @@ impl Freeze {
     }
 
     pub fn failure(&self) -> Option<String> {
-        self.failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        lock(&self.failure).clone()
     }
 
-    pub fn in_set(&self, block: u64) -> bool {
-        self.reexamine.contains(&block) || self.blocks.is_set(block)
+    /// Blocks of the capture set proper (not counting re-examined ones).
+    pub fn marked_blocks(&self) -> u64 {
+        self.blocks.count()
     }
 
-    /// Work is handed out in units: first one per word of set bits, then one per 64
-    /// blocks of the re-examined range (minus blocks already covered by bits).
-    pub fn unit_count(&self) -> usize {
-        self.words.len() + (self.reexamine.end - self.reexamine.start).div_ceil(64) as usize
-    }
-
-    pub fn unit_blocks(&self, unit: usize) -> Vec<u64> {
-        if let Some(&w) = self.words.get(unit) {
-            return self.blocks.blocks_in_word(w).collect();
+    /// Decides which re-examined blocks the capture reads: the live file's data
+    /// extents, the blocks writers touched since the freeze, and `also` (blocks an
+    /// older snapshot holds data in, which a hole now may have replaced). Every other
+    /// block of the range read as zeros at the freeze and is skipped without I/O.
+    /// Returns how many blocks the capture reads in all.
+    pub fn plan_reexamine(
+        &self,
+        live: &S::File,
+        also: impl IntoIterator<Item = u64>,
+    ) -> io::Result<u64> {
+        let range = self.reexamine.clone();
+        let mut runs: Vec<Range<u64>> = Vec::new();
+        if !range.is_empty() {
+            let bs = self.block_size;
+            let end_bytes = (range.end * bs).min(self.size_bytes);
+            let mut pos = range.start * bs;
+            // The extents first, the touched blocks after: see the module documentation.
+            while pos < end_bytes {
+                let Some(data) = live.seek_data(pos)? else {
+                    break;
+                };
+                if data >= end_bytes {
+                    break;
+                }
+                let hole = live.seek_hole(data)?.min(end_bytes);
+                runs.push(data / bs..hole.div_ceil(bs));
+                pos = hole.max(data + 1);
+            }
+            let extra = self
+                .touched
+                .ones_in(range.clone())
+                .into_iter()
+                .chain(also.into_iter().filter(|b| range.contains(b)))
+                .map(|b| b..b + 1);
+            runs.extend(extra);
         }
-        let start = self.reexamine.start + 64 * (unit - self.words.len()) as u64;
-        let end = (start + 64).min(self.reexamine.end);
-        (start..end).filter(|&b| !self.blocks.is_set(b)).collect()
+        let runs = split_out_marked(merge_runs(runs), &self.blocks);
+        let count = runs.iter().map(|r| r.end - r.start).sum::<u64>() + self.blocks.count();
+        let mut plan = lock(&self.plan);
+        *plan = ReexaminePlan {
+            runs,
+            cursor: (0, 0),
+            planned: true,
+        };
+        Ok(count)
     }
 
-    /// Asks the kernel to start reading unit `unit`'s blocks from the live file, so
-    /// that a capture of data that is not cached overlaps disk reads with hashing.
-    pub fn prefetch_unit(&self, live: &File, unit: usize) {
-        let blocks = if unit < self.unit_count() {
-            self.unit_blocks(unit)
-        } else {
-            return;
+    /// Number of work units of the capture set proper: one per word of set bits.
+    pub fn marked_units(&self) -> usize {
+        self.words.len()
+    }
+
+    /// The blocks of marked unit `unit` (one word of the capture set).
+    pub fn marked_unit_blocks(&self, unit: usize) -> Vec<u64> {
+        self.words
+            .get(unit)
+            .map(|&w| self.blocks.blocks_in_word(w).collect())
+            .unwrap_or_default()
+    }
+
+    /// The next re-examined blocks to read (at most [`UNIT_BLOCKS`]), or an empty
+    /// list when none are left. [`Freeze::plan_reexamine`] must have run.
+    pub fn next_reexamined(&self) -> Vec<u64> {
+        let mut plan = lock(&self.plan);
+        debug_assert!(plan.planned || self.reexamine.is_empty());
+        let (index, next) = plan.cursor;
+        let Some(run) = plan.runs.get(index).cloned() else {
+            return Vec::new();
         };
+        let start = next.max(run.start);
+        let end = (start + UNIT_BLOCKS).min(run.end);
+        plan.cursor = if end == run.end {
+            (index + 1, 0)
+        } else {
+            (index, end)
+        };
+        (start..end).collect()
+    }
+
+    /// Asks for `blocks` (sorted) to be read from the live file ahead of need, so a
+    /// capture of data that is not cached overlaps disk reads with hashing.
+    pub fn prefetch(&self, live: &S::File, blocks: &[u64]) {
         let (Some(first), Some(last)) = (blocks.first(), blocks.last()) else {
             return;
         };
         let start = first * self.block_size;
         let end = ((last + 1) * self.block_size).min(self.size_bytes);
         if end > start {
-            // SAFETY: posix_fadvise only reads its integer arguments; the fd is owned
-            // by `live`. It is a hint: failure costs nothing but speed.
-            unsafe {
-                libc::posix_fadvise(
-                    std::os::unix::io::AsRawFd::as_raw_fd(live),
-                    start as libc::off_t,
-                    (end - start) as libc::off_t,
-                    libc::POSIX_FADV_WILLNEED,
-                );
-            }
+            live.will_need(start, end - start);
         }
-    }
-
-    /// Number of blocks this freeze captures.
-    pub fn block_count(&self) -> u64 {
-        let range = &self.reexamine;
-        let bits_in_range = self
-            .words
-            .iter()
-            .flat_map(|&w| self.blocks.blocks_in_word(w))
-            .filter(|b| range.contains(b))
-            .count() as u64;
-        self.blocks.count() + (range.end - range.start) - bits_in_range
     }
 
     /// The captured blocks in `first..=last`, without visiting every block of a
@@ -182,16 +231,14 @@ impl Freeze {
     }
 
     fn records(&self, block: u64) -> MutexGuard<'_, Records> {
-        self.preserved[(block % SHARDS as u64) as usize]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        lock(&self.preserved[(block % SHARDS as u64) as usize])
     }
 
     /// Reads `[offset, offset + buf.len())` of the live file as the frozen view shows
     /// it: zeros past the frozen size (and past the live end of file).
-    fn read_frozen(&self, live: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    fn read_frozen(&self, live: &S::File, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let valid = self.size_bytes.saturating_sub(offset).min(buf.len() as u64) as usize;
-        let read = read_full_at(live, &mut buf[..valid], offset)?;
+        let read = live.read_at(&mut buf[..valid], offset)?;
         buf[read..].fill(0);
         Ok(())
     }
@@ -200,7 +247,7 @@ impl Freeze {
     /// frozen contents of every page they touch in a block not yet captured are
     /// safe. A failure to preserve is recorded (the snapshot will end in error) but
     /// never fails the write: the volume comes first.
-    pub fn protect(&self, live: &File, start: u64, end: u64) {
+    pub fn protect(&self, live: &S::File, start: u64, end: u64) {
         if end <= start {
             return;
         }
@@ -209,12 +256,14 @@ impl Freeze {
             if self.done.get(block) {
                 continue;
             }
+            if self.reexamine.contains(&block) {
+                self.touched.set(block);
+            }
             let block_start = block * bs;
             let first_page = start.max(block_start) / PAGE;
             let end_page = end.min(block_start + bs).div_ceil(PAGE);
             if let Err(e) = self.preserve(live, block, first_page..end_page) {
-                let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner());
-                failure.get_or_insert_with(|| {
+                lock(&self.failure).get_or_insert_with(|| {
                     format!("cannot preserve block {block} before a write: {e}")
                 });
             }
@@ -222,7 +271,7 @@ impl Freeze {
     }
 
     /// Copies the pages of `pages` (all in `block`) not yet preserved.
-    fn preserve(&self, live: &File, block: u64, pages: Range<u64>) -> io::Result<()> {
+    fn preserve(&self, live: &S::File, block: u64, pages: Range<u64>) -> io::Result<()> {
         let mut records = self.records(block);
         let mut page = pages.start;
         while page < pages.end {
@@ -250,7 +299,7 @@ impl Freeze {
 
     /// The frozen contents of `block`, for the capture worker, into `buf` (resized
     /// to one block). Each block of the set is taken once.
-    pub fn take_into(&self, live: &File, block: u64, buf: &mut Vec<u8>) -> io::Result<()> {
+    pub fn take_into(&self, live: &S::File, block: u64, buf: &mut Vec<u8>) -> io::Result<()> {
         let bs = self.block_size;
         buf.resize(bs as usize, 0);
         self.read_frozen(live, buf, block * bs)?;
@@ -264,75 +313,112 @@ impl Freeze {
         };
         for (page, offset) in overlay {
             let at = ((page - first_page) * PAGE) as usize;
-            self.cow
-                .read_exact_at(&mut buf[at..at + PAGE as usize], offset)?;
+            let n = self.cow.read_at(&mut buf[at..at + PAGE as usize], offset)?;
+            if n != PAGE as usize {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("preserved page {page} is cut short"),
+                ));
+            }
         }
         self.done.set(block);
         Ok(())
     }
 
     /// [`Freeze::take_into`] a new buffer.
-    pub fn take(&self, live: &File, block: u64) -> io::Result<Vec<u8>> {
+    pub fn take(&self, live: &S::File, block: u64) -> io::Result<Vec<u8>> {
         let mut buf = Vec::new();
         self.take_into(live, block, &mut buf)?;
         Ok(buf)
     }
 }
 
-/// `pread` until `buf` is full or the file ends; the rest of `buf` is left as is.
-pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read_at(&mut buf[filled..], offset + filled as u64) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+/// Sorts and merges overlapping or adjacent runs.
+fn merge_runs(mut runs: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    runs.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(runs.len());
+    for run in runs {
+        match merged.last_mut() {
+            Some(last) if run.start <= last.end => last.end = last.end.max(run.end),
+            _ => merged.push(run),
         }
     }
-    Ok(filled)
+    merged
 }
 
-#[cfg(test)]
+/// Cuts the blocks set in `marked` out of `runs`: they are captured as marked blocks.
+fn split_out_marked<S: Storage>(runs: Vec<Range<u64>>, marked: &DirtyMap<S>) -> Vec<Range<u64>> {
+    let mut out = Vec::new();
+    for run in runs {
+        let mut start = run.start;
+        for b in run.clone() {
+            if marked.is_set(b) {
+                if b > start {
+                    out.push(start..b);
+                }
+                start = b + 1;
+            }
+        }
+        if start < run.end {
+            out.push(start..run.end);
+        }
+    }
+    out
+}
+
+#[cfg(all(test, not(feature = "shuttle")))]
 mod tests {
     use super::*;
+    use crate::storage::OpenOptions;
+    use crate::storage::memory::{MemFile, MemStorage};
     use std::sync::Arc;
 
     /// Four pages per block, to exercise partial preservation.
     const BS: u64 = 4 * PAGE;
 
-    fn setup(blocks: &[u64]) -> (tempfile::TempDir, File, Freeze) {
-        let dir = tempfile::tempdir().unwrap();
-        let live = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("live"))
+    fn setup(blocks: &[u64]) -> (MemFile, Freeze<MemStorage>) {
+        setup_with(blocks, 0..0, |live| {
+            for b in 0..8u64 {
+                live.write_all_at(&vec![b as u8 + 1; BS as usize], b * BS)
+                    .unwrap();
+            }
+        })
+    }
+
+    fn setup_with(
+        blocks: &[u64],
+        reexamine: Range<u64>,
+        fill: impl FnOnce(&MemFile),
+    ) -> (MemFile, Freeze<MemStorage>) {
+        let storage = MemStorage::new();
+        storage.create_dir_all(Path::new("/t")).unwrap();
+        let live = storage
+            .open(Path::new("/t/live"), OpenOptions::CREATE)
             .unwrap();
-        for b in 0..8u64 {
-            live.write_all_at(&vec![b as u8 + 1; BS as usize], b * BS)
-                .unwrap();
-        }
-        let set =
-            DirtyMap::create(&dir.path().join("set"), crate::volume::dirty::NEVER_SHRUNK).unwrap();
+        fill(&live);
+        let set = DirtyMap::create(
+            &storage,
+            Path::new("/t/set"),
+            crate::volume::dirty::NEVER_SHRUNK,
+        )
+        .unwrap();
         for &b in blocks {
             set.mark(b, b).unwrap();
         }
-        let cow_path = dir.path().join("cow");
-        let cow = Freeze::create_cow_file(&cow_path).unwrap();
-        let freeze = Freeze::new(set, 0..0, 7 * BS + 100, BS, cow, &cow_path);
-        (dir, live, freeze)
+        let cow_path = Path::new("/t/cow");
+        let cow = storage.open(cow_path, OpenOptions::TRUNCATE).unwrap();
+        let freeze = Freeze::new(set, reexamine, 7 * BS + 100, BS, cow, cow_path);
+        (live, freeze)
     }
 
-    fn write(live: &File, freeze: &Freeze, offset: u64, data: &[u8]) {
+    fn write(live: &MemFile, freeze: &Freeze<MemStorage>, offset: u64, data: &[u8]) {
         freeze.protect(live, offset, offset + data.len() as u64);
         live.write_all_at(data, offset).unwrap();
     }
 
     #[test]
     fn writes_before_the_capture_keep_the_old_pages_only() {
-        let (_dir, live, freeze) = setup(&[1, 2]);
+        let (live, freeze) = setup(&[1, 2]);
         // One unaligned write over pages 1 and 2 of block 1.
         write(&live, &freeze, BS + PAGE + 10, &[0xaa; 5000]);
         assert_eq!(freeze.cow_next.load(Ordering::Relaxed), 2 * PAGE);
@@ -348,7 +434,7 @@ mod tests {
 
     #[test]
     fn bytes_past_the_frozen_size_read_as_zero() {
-        let (_dir, live, freeze) = setup(&[7]);
+        let (live, freeze) = setup(&[7]);
         write(&live, &freeze, 7 * BS + 50, &[9; 200]);
         let data = freeze.take(&live, 7).unwrap();
         assert_eq!(&data[..100], &[8u8; 100][..]);
@@ -356,9 +442,37 @@ mod tests {
     }
 
     #[test]
+    fn reexamined_ranges_skip_holes_but_not_punched_or_older_data() {
+        // Blocks 1 and 5 hold data; block 6 is a hole now but an older snapshot holds
+        // data there; block 3 is punched after the freeze (it had data then).
+        let (live, freeze) = setup_with(&[2], 0..8, |live| {
+            for b in [1u64, 3, 5] {
+                live.write_all_at(&vec![b as u8; BS as usize], b * BS)
+                    .unwrap();
+            }
+        });
+        freeze.protect(&live, 3 * BS, 4 * BS);
+        live.allocate(crate::storage::Allocate::PunchHole, 3 * BS, BS)
+            .unwrap();
+        let total = freeze.plan_reexamine(&live, [6]).unwrap();
+        let mut planned = Vec::new();
+        loop {
+            let unit = freeze.next_reexamined();
+            if unit.is_empty() {
+                break;
+            }
+            planned.extend(unit);
+        }
+        // Block 2 is marked (captured as such), so it is not re-examined as well.
+        assert_eq!(planned, vec![1, 3, 5, 6]);
+        assert_eq!(total, 5);
+        assert_eq!(freeze.take(&live, 3).unwrap(), vec![3u8; BS as usize]);
+    }
+
+    #[test]
     fn racing_writers_and_worker_always_see_the_frozen_block() {
         for round in 0..50u8 {
-            let (_dir, live, freeze) = setup(&[0, 1, 2, 3, 4, 5, 6]);
+            let (live, freeze) = setup(&[0, 1, 2, 3, 4, 5, 6]);
             let (live, freeze) = (Arc::new(live), Arc::new(freeze));
             let writers: Vec<_> = (0..3u64)
                 .map(|t| {

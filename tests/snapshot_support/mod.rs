@@ -132,6 +132,11 @@ pub fn chmod_path(path: &Path, mode: u32) -> io::Result<()> {
 }
 
 pub fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
+    set_xattr_flags(path, name, value, 0)
+}
+
+/// `setxattr(2)` with `flags` (`XATTR_CREATE`, `XATTR_REPLACE`).
+pub fn set_xattr_flags(path: &Path, name: &str, value: &[u8], flags: i32) -> io::Result<()> {
     let (p, n) = (c_path(path), CString::new(name).unwrap());
     // SAFETY: valid strings; value is valid for its length.
     check(unsafe {
@@ -140,7 +145,7 @@ pub fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
             n.as_ptr(),
             value.as_ptr().cast(),
             value.len(),
-            0,
+            flags,
         )
     })
 }

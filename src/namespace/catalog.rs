@@ -1,0 +1,105 @@
+//! [`Records`]: the in-memory catalog of volume and snapshot records.
+//!
+//! The database is the truth; a `Records` value is an immutable view of it, replaced
+//! as a whole after each committed change (see [`super::Namespace`]), so readers never
+//! see a state that a crash could take back. Name indexes hold only what users can
+//! see: a hidden snapshot (deleted, kept as the base of its volume's next capture or
+//! for readers that still have it open) has no name.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::records::{SnapshotId, SnapshotRecord, SnapshotStatus, VolumeId, VolumeRecord};
+
+#[derive(Clone, Default, Debug)]
+pub struct Records {
+    pub volumes: BTreeMap<VolumeId, VolumeRecord>,
+    pub snapshots: BTreeMap<SnapshotId, SnapshotRecord>,
+    volume_names: HashMap<String, VolumeId>,
+    snapshot_names: HashMap<String, SnapshotId>,
+}
+
+impl Records {
+    pub fn new(volumes: Vec<VolumeRecord>, snapshots: Vec<SnapshotRecord>) -> Records {
+        let mut records = Records::default();
+        for v in volumes {
+            records.upsert_volume(v);
+        }
+        for s in snapshots {
+            records.upsert_snapshot(s);
+        }
+        records
+    }
+
+    pub fn volume_id(&self, name: &str) -> Option<VolumeId> {
+        self.volume_names.get(name).copied()
+    }
+
+    pub fn volume_by_name(&self, name: &str) -> Option<&VolumeRecord> {
+        self.volumes.get(&self.volume_id(name)?)
+    }
+
+    pub fn snapshot_id(&self, name: &str) -> Option<SnapshotId> {
+        self.snapshot_names.get(name).copied()
+    }
+
+    pub fn upsert_volume(&mut self, record: VolumeRecord) {
+        if let Some(old) = self.volumes.get(&record.id) {
+            self.volume_names.remove(&old.name);
+        }
+        self.volume_names.insert(record.name.clone(), record.id);
+        self.volumes.insert(record.id, record);
+    }
+
+    pub fn remove_volume(&mut self, id: VolumeId) -> Option<VolumeRecord> {
+        let old = self.volumes.remove(&id)?;
+        self.volume_names.remove(&old.name);
+        Some(old)
+    }
+
+    pub fn upsert_snapshot(&mut self, record: SnapshotRecord) {
+        let name = record.name();
+        if self.snapshot_names.get(&name) == Some(&record.id) {
+            self.snapshot_names.remove(&name);
+        }
+        if !record.hidden {
+            self.snapshot_names.insert(name, record.id);
+        }
+        self.snapshots.insert(record.id, record);
+    }
+
+    pub fn remove_snapshot(&mut self, id: SnapshotId) -> Option<SnapshotRecord> {
+        let old = self.snapshots.remove(&id)?;
+        let name = old.name();
+        if self.snapshot_names.get(&name) == Some(&id) {
+            self.snapshot_names.remove(&name);
+        }
+        Some(old)
+    }
+
+    /// Visible snapshots, in creation order.
+    pub fn visible_snapshots(&self) -> impl Iterator<Item = &SnapshotRecord> {
+        self.snapshots.values().filter(|s| !s.hidden)
+    }
+
+    /// Name of the newest visible, completed snapshot of `lineage` older than `id`:
+    /// what a user sees as the parent of snapshot `id`.
+    pub fn visible_parent(&self, lineage: VolumeId, id: SnapshotId) -> Option<String> {
+        self.lineage(lineage)
+            .filter(|s| s.id < id && !s.hidden && s.status == SnapshotStatus::Completed)
+            .last()
+            .map(SnapshotRecord::name)
+    }
+
+    /// Snapshots of a lineage, in order, hidden ones included.
+    pub fn lineage(&self, lineage: VolumeId) -> impl Iterator<Item = &SnapshotRecord> {
+        self.snapshots
+            .values()
+            .filter(move |s| s.lineage == lineage)
+    }
+
+    /// The snapshot of `lineage` being captured, if any.
+    pub fn pending_in(&self, lineage: VolumeId) -> Option<&SnapshotRecord> {
+        self.lineage(lineage)
+            .find(|s| s.status == SnapshotStatus::Pending)
+    }
+}

@@ -1,0 +1,250 @@
+//! The records the namespace keeps: volumes and snapshots, their owners and
+//! attributes, and the ids that name them.
+//!
+//! Records are stored as TOML text (see [`super::tables`]): they are small, rarely
+//! written, and readable when debugging. Ids are never reused, so an id (and the inode
+//! number derived from it) always means the same object.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::NamespaceError;
+
+/// A volume's id; also the id of its snapshots' manifest lineage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct VolumeId(pub u64);
+
+/// A snapshot's id: increasing, so it also orders snapshots within a lineage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SnapshotId(pub u64);
+
+impl fmt::Display for VolumeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Wall-clock time as nanoseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Timestamp(pub i64);
+
+impl Timestamp {
+    pub fn now() -> Timestamp {
+        let since = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Timestamp(since.as_nanos().min(i64::MAX as u128) as i64)
+    }
+
+    pub fn to_system_time(self) -> SystemTime {
+        UNIX_EPOCH + std::time::Duration::from_nanos(self.0.max(0) as u64)
+    }
+
+    /// RFC 3339 in UTC with millisecond precision, e.g. `2026-11-25T08:40:00.123Z`.
+    pub fn to_rfc3339(self) -> String {
+        let secs = self.0.div_euclid(1_000_000_000);
+        let millis = self.0.rem_euclid(1_000_000_000) / 1_000_000;
+        let (days, day_secs) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+        let (year, month, day) = civil_from_days(days);
+        format!(
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+            day_secs / 3600,
+            day_secs / 60 % 60,
+            day_secs % 60
+        )
+    }
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's method).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Extended attributes of a volume or snapshot (`user.*` only), values hex-encoded so
+/// arbitrary bytes survive the TOML text form.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Xattrs(BTreeMap<String, String>);
+
+impl Xattrs {
+    pub fn get(&self, name: &str) -> Option<Vec<u8>> {
+        self.0.get(name).and_then(|hex| decode_hex(hex))
+    }
+
+    pub fn set(&mut self, name: &str, value: &[u8]) {
+        self.0.insert(name.to_string(), encode_hex(value));
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+
+    pub fn remove(&mut self, name: &str) -> bool {
+        self.0.remove(name).is_some()
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+
+    /// Each attribute's name and the length of its value in bytes.
+    pub fn sizes(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.0
+            .iter()
+            .map(|(name, hex)| (name.as_str(), hex.len() / 2))
+    }
+}
+
+fn encode_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Ownership and permission bits of a volume or snapshot directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub id: VolumeId,
+    pub name: String,
+    pub block_size: u32,
+    pub created: Timestamp,
+    pub owner: Owner,
+    #[serde(default)]
+    pub xattrs: Xattrs,
+    /// The snapshot the next capture is incremental against: the latest completed one,
+    /// possibly already deleted by the user and kept hidden for this purpose.
+    pub base_snapshot: Option<SnapshotId>,
+    /// Set when the dirty map cannot be trusted (after a host crash): the next capture
+    /// compares every block with `base_snapshot` instead.
+    #[serde(default)]
+    pub full_compare: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotStatus {
+    Pending,
+    Completed,
+    Error,
+}
+
+impl SnapshotStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotStatus::Pending => "pending",
+            SnapshotStatus::Completed => "completed",
+            SnapshotStatus::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub id: SnapshotId,
+    pub volume: String,
+    pub label: String,
+    /// The volume it was taken of (the volume may be gone).
+    pub lineage: VolumeId,
+    pub size_bytes: u64,
+    pub block_size: u32,
+    pub created: Timestamp,
+    pub completed: Option<Timestamp>,
+    pub status: SnapshotStatus,
+    /// Deleted by the user but kept, invisible, because its volume's next snapshot
+    /// will be incremental against it.
+    #[serde(default)]
+    pub hidden: bool,
+    /// Name of the snapshot this one is incremental against.
+    pub parent: Option<String>,
+    pub changed_blocks: u64,
+    pub stored_bytes: u64,
+    pub owner: Owner,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub xattrs: Xattrs,
+    pub error: Option<String>,
+}
+
+impl SnapshotRecord {
+    pub fn name(&self) -> String {
+        format!("{}@{}", self.volume, self.label)
+    }
+}
+
+pub(super) fn encode_record<T: Serialize>(record: &T) -> String {
+    // Records hold only strings, integers, booleans and maps: serialization cannot fail.
+    toml::to_string(record).unwrap_or_else(|e| panic!("record serialization: {e}"))
+}
+
+pub(super) fn decode_record<T: for<'de> Deserialize<'de>>(
+    what: &str,
+    text: &str,
+) -> Result<T, NamespaceError> {
+    toml::from_str(text).map_err(|e| NamespaceError::Corrupt {
+        what: what.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_format_as_rfc3339() {
+        assert_eq!(Timestamp(0).to_rfc3339(), "1970-01-01T00:00:00.000Z");
+        // 2026-11-25T08:40:00.123Z
+        let t = Timestamp(1_795_596_000_123_000_000);
+        assert_eq!(t.to_rfc3339(), "2026-11-25T08:40:00.123Z");
+        assert_eq!(
+            Timestamp(951_782_400 * 1_000_000_000).to_rfc3339(),
+            "2000-02-29T00:00:00.000Z"
+        );
+    }
+
+    #[test]
+    fn xattr_values_survive_any_bytes() {
+        let mut x = Xattrs::default();
+        x.set("user.bin", &[0, 255, 10, 13]);
+        let text = encode_record(&x);
+        let back: Xattrs = decode_record("x", &text).unwrap();
+        assert_eq!(back.get("user.bin").unwrap(), vec![0, 255, 10, 13]);
+        assert!(back.names().eq(["user.bin"]));
+    }
+}
