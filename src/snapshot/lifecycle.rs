@@ -375,6 +375,13 @@ impl<S: Storage> SnapshotEngine<S> {
             } else if let Some(progress) = self.progress(id) {
                 progress.cancelled.store(true, Ordering::Relaxed);
                 progress.wait();
+            } else {
+                // Pending with no capture left to cancel: its end could not be
+                // recorded (the failure is logged); the next start marks it.
+                return Err(SnapshotError::CaptureFailed(format!(
+                    "snapshot {name} was cancelled but its record could not be updated; \
+                     it is cleaned up at the next start"
+                )));
             }
             // It may have completed before the cancel took effect: look again.
             cancelled = true;

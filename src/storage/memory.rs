@@ -255,6 +255,11 @@ impl MemStorage {
         state.crash_at = Some(state.ops + n.max(1));
     }
 
+    /// Cancels an armed crash that has not happened yet.
+    pub fn disarm(&self) {
+        self.state().crash_at = None;
+    }
+
     /// Crashes now: every operation of this process fails from here on.
     pub fn crash(&self) {
         self.state().crashed = true;

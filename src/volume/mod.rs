@@ -14,6 +14,8 @@
 pub mod bitmap;
 pub mod dirty;
 pub mod freeze;
+#[cfg(all(test, feature = "shuttle"))]
+mod shuttle_tests;
 
 use std::io;
 use std::sync::Arc;

@@ -1,0 +1,811 @@
+//! Reference-model test of the whole core, in-process: no FUSE, no root.
+//!
+//! proptest generates sequences of what users and crashes do — create volumes,
+//! write, truncate, punch holes, fsync, `mkdir` snapshots, let captures run, `rmdir`,
+//! read images (also through handles opened before the `rmdir`), delete volumes —
+//! interleaved with crashes of the process (`kill -9`: everything written survives)
+//! or of the host (power loss: only what was synced survives) at any storage
+//! operation, and restarts. The core runs on [`MemStorage`] with manual scheduling,
+//! so every run is deterministic and a failure shrinks to a short printed sequence.
+//!
+//! The model holds each volume's bytes and each snapshot's point-in-time image and
+//! checks DESIGN.md's guarantees after every step that can break them:
+//! 1. point in time: a completed snapshot reads exactly the volume as it was at its
+//!    `mkdir`, whatever was written after (captures run later, so writes between
+//!    `mkdir` and the capture exercise copy-on-write);
+//! 2. incremental: checked elsewhere (stored bytes); here, that an incremental
+//!    snapshot still reads whole;
+//! 3. independent: deleting any snapshot or volume leaves every other snapshot whole;
+//! 4. durable: acknowledged writes survive a process crash, fsynced ones a power
+//!    loss; `completed` survives both; a capture cut off ends `completed` (exact) or
+//!    `error`, and the next snapshot still holds every change;
+//! 5. verified: reads never return wrong bytes (a mismatch is an error here);
+//! 7. nothing destroyed: every restart opens the data directory.
+//!
+//! `EBSFS_MODEL_CASES` sets the number of cases (default 96: about 20 s).
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::path::PathBuf;
+
+use ebsfs::config::Settings;
+use ebsfs::fs::inode::{SNAPSHOTS_DIR, VOLUMES_DIR};
+use ebsfs::fs::{Caller, FsCore, SetAttr};
+use ebsfs::snapshot::Scheduling;
+use ebsfs::storage::memory::{CrashMode, MemStorage};
+use proptest::prelude::*;
+
+const PAGE: usize = 4096;
+const MAX_VOLUME: u64 = 256 << 10;
+const VOLUMES: u8 = 3;
+
+#[derive(Clone, Debug)]
+enum Op {
+    CreateVolume(u8),
+    Write {
+        v: u8,
+        offset: u32,
+        len: u16,
+        seed: u8,
+    },
+    Truncate {
+        v: u8,
+        size: u32,
+    },
+    Punch {
+        v: u8,
+        offset: u32,
+        len: u32,
+    },
+    Fsync(u8),
+    Snapshot(u8),
+    RunCaptures,
+    DeleteSnapshot(prop::sample::Index),
+    DeleteVolume(u8),
+    OpenImage(prop::sample::Index),
+    ReadOpenImages,
+    CloseImage(prop::sample::Index),
+    /// The `n`-th storage operation from now crashes the process or the host.
+    ArmCrash {
+        after: u16,
+        power_loss: bool,
+    },
+    /// Crash now (kill -9 or power loss) and restart.
+    CrashNow {
+        power_loss: bool,
+    },
+    CleanRestart,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let v = 0..VOLUMES;
+    prop_oneof![
+        2 => v.clone().prop_map(Op::CreateVolume),
+        8 => (v.clone(), 0..MAX_VOLUME as u32 - 1, 1u16..20_000, any::<u8>())
+            .prop_map(|(v, offset, len, seed)| Op::Write { v, offset, len, seed }),
+        2 => (v.clone(), 0..MAX_VOLUME as u32).prop_map(|(v, size)| Op::Truncate { v, size }),
+        2 => (v.clone(), 0..MAX_VOLUME as u32, 1..64u32 << 10)
+            .prop_map(|(v, offset, len)| Op::Punch { v, offset, len }),
+        2 => v.clone().prop_map(Op::Fsync),
+        5 => v.clone().prop_map(Op::Snapshot),
+        4 => Just(Op::RunCaptures),
+        2 => any::<prop::sample::Index>().prop_map(Op::DeleteSnapshot),
+        1 => v.prop_map(Op::DeleteVolume),
+        1 => any::<prop::sample::Index>().prop_map(Op::OpenImage),
+        1 => Just(Op::ReadOpenImages),
+        1 => any::<prop::sample::Index>().prop_map(Op::CloseImage),
+        2 => (1u16..400, any::<bool>()).prop_map(|(after, power_loss)| Op::ArmCrash { after, power_loss }),
+        1 => any::<bool>().prop_map(|power_loss| Op::CrashNow { power_loss }),
+        1 => Just(Op::CleanRestart),
+    ]
+}
+
+fn pattern(len: usize, seed: u8, offset: u32) -> Vec<u8> {
+    let mut state =
+        (u64::from(seed) << 32 | u64::from(offset)).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// A volume as the model knows it.
+#[derive(Clone, Debug, Default)]
+struct VolumeModel {
+    bytes: Vec<u8>,
+    /// Its deletion failed in a crash: it may be gone.
+    deleting: bool,
+    /// Since the last fsync: every version of each page and every length it had, one
+    /// of which a power loss may leave.
+    page_versions: BTreeMap<usize, Vec<Vec<u8>>>,
+    len_versions: Vec<usize>,
+}
+
+impl VolumeModel {
+    fn page(&self, p: usize) -> Vec<u8> {
+        let mut page = vec![0u8; PAGE];
+        let start = p * PAGE;
+        if start < self.bytes.len() {
+            let end = self.bytes.len().min(start + PAGE);
+            page[..end - start].copy_from_slice(&self.bytes[start..end]);
+        }
+        page
+    }
+
+    /// Applies `change` to the bytes, remembering the versions of pages `pages`.
+    fn change(&mut self, pages: std::ops::Range<usize>, change: impl FnOnce(&mut Vec<u8>)) {
+        let touched: Vec<usize> = pages.collect();
+        for &p in &touched {
+            if !self.page_versions.contains_key(&p) {
+                let before = self.page(p);
+                self.page_versions.insert(p, vec![before]);
+            }
+        }
+        if self.len_versions.is_empty() {
+            self.len_versions.push(self.bytes.len());
+        }
+        change(&mut self.bytes);
+        for &p in &touched {
+            let after = self.page(p);
+            self.page_versions
+                .get_mut(&p)
+                .expect("recorded")
+                .push(after);
+        }
+        self.len_versions.push(self.bytes.len());
+    }
+
+    fn synced(&mut self) {
+        self.page_versions.clear();
+        self.len_versions.clear();
+    }
+
+    /// After a power loss: `actual` must be made of versions the model allows.
+    fn accept_power_loss(&mut self, name: &str, actual: Vec<u8>) {
+        let len_ok = actual.len() == self.bytes.len() || self.len_versions.contains(&actual.len());
+        assert!(
+            len_ok,
+            "{name}: length {} after power loss, model allows {} or {:?}",
+            actual.len(),
+            self.bytes.len(),
+            self.len_versions
+        );
+        for p in 0..actual.len().div_ceil(PAGE) {
+            let start = p * PAGE;
+            let end = actual.len().min(start + PAGE);
+            let got = &actual[start..end];
+            let allowed = match self.page_versions.get(&p) {
+                Some(versions) => versions.iter().any(|v| &v[..end - start] == got),
+                None => self.page(p)[..end - start] == *got,
+            };
+            assert!(
+                allowed,
+                "{name}: page {p} after power loss matches no version written since the last fsync"
+            );
+        }
+        self.bytes = actual;
+        self.synced();
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SnapState {
+    Pending,
+    Completed,
+    Error,
+    /// Its `mkdir` failed in a crash: it may exist (and then ends in error) or not.
+    Unsure,
+}
+
+#[derive(Clone, Debug)]
+struct SnapModel {
+    name: String,
+    volume: String,
+    image: Vec<u8>,
+    state: SnapState,
+    /// Its `rmdir` failed in a crash: it may be gone.
+    deleting: bool,
+}
+
+struct Harness {
+    storage: MemStorage,
+    settings: Settings,
+    core: Option<FsCore<MemStorage>>,
+    volumes: BTreeMap<String, VolumeModel>,
+    snapshots: Vec<SnapModel>,
+    /// Open images: (snapshot name, file handle, expected bytes).
+    open_images: Vec<(String, u64, Vec<u8>)>,
+    armed: Option<CrashMode>,
+    next_label: u32,
+}
+
+fn root() -> Caller {
+    Caller::with_groups(0, 0, vec![])
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let mut settings = Settings::embedded();
+        settings.data_dir = PathBuf::from("/data");
+        settings.block_size_bytes = 16 << 10;
+        settings.max_volume_size_bytes = MAX_VOLUME;
+        settings.capture_threads = 1;
+        settings.cache_size_bytes = 1 << 20;
+        let storage = MemStorage::new();
+        let core = FsCore::start(settings.clone(), storage.clone(), Scheduling::Manual)
+            .expect("a new data directory opens");
+        Harness {
+            storage,
+            settings,
+            core: Some(core),
+            volumes: BTreeMap::new(),
+            snapshots: Vec::new(),
+            open_images: Vec::new(),
+            armed: None,
+            next_label: 0,
+        }
+    }
+
+    fn core(&self) -> &FsCore<MemStorage> {
+        self.core.as_ref().expect("core running")
+    }
+
+    fn volume_ino(&self, name: &str) -> Option<u64> {
+        self.core()
+            .lookup(VOLUMES_DIR, OsStr::new(&format!("{name}.img")))
+            .ok()
+            .map(|a| a.ino)
+    }
+
+    /// Reads a whole volume through the core.
+    fn read_volume(&self, name: &str) -> Vec<u8> {
+        let ino = self
+            .volume_ino(name)
+            .unwrap_or_else(|| panic!("volume {name} is gone"));
+        let (fh, _) = self.core().open(ino, false).expect("open volume");
+        let size = self.core().getattr(ino).expect("stat volume").size as usize;
+        let mut buf = vec![0u8; size];
+        let n = self.core().read(ino, fh, 0, &mut buf).expect("read volume");
+        self.core().release(fh);
+        assert_eq!(n, size, "short read of volume {name}");
+        buf
+    }
+
+    fn snapshot_image_ino(&self, name: &str) -> Option<u64> {
+        let dir = self.core().lookup(SNAPSHOTS_DIR, OsStr::new(name)).ok()?;
+        self.core()
+            .lookup(dir.ino, OsStr::new("volume.img"))
+            .ok()
+            .map(|a| a.ino)
+    }
+
+    fn status(&self, name: &str) -> Option<String> {
+        let dir = self.core().lookup(SNAPSHOTS_DIR, OsStr::new(name)).ok()?;
+        let file = self.core().lookup(dir.ino, OsStr::new("status")).ok()?;
+        let (fh, _) = self.core().open(file.ino, false).ok()?;
+        let mut buf = vec![0u8; 64];
+        let n = self.core().read(file.ino, fh, 0, &mut buf).ok()?;
+        self.core().release(fh);
+        Some(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    }
+
+    fn read_image(&self, name: &str) -> Vec<u8> {
+        let ino = self
+            .snapshot_image_ino(name)
+            .unwrap_or_else(|| panic!("snapshot {name} is gone"));
+        let (fh, _) = self
+            .core()
+            .open(ino, false)
+            .unwrap_or_else(|e| panic!("open {name}: {e}"));
+        let image = self.read_handle(ino, fh, name);
+        self.core().release(fh);
+        image
+    }
+
+    fn read_handle(&self, ino: u64, fh: u64, name: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 40_000];
+        loop {
+            let n = self
+                .core()
+                .read(ino, fh, out.len() as u64, &mut buf)
+                .unwrap_or_else(|e| panic!("read snapshot {name} at {}: {e}", out.len()));
+            if n == 0 {
+                return out;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// Runs one op. Returns whether the storage crashed during it.
+    fn apply(&mut self, op: &Op) -> bool {
+        match op {
+            Op::ArmCrash { after, power_loss } => {
+                if self.armed.is_none() {
+                    self.storage.crash_after(u64::from(*after));
+                    self.armed = Some(if *power_loss {
+                        CrashMode::PowerLoss
+                    } else {
+                        CrashMode::Process
+                    });
+                }
+                false
+            }
+            Op::CrashNow { power_loss } => {
+                self.storage.crash();
+                self.armed = Some(if *power_loss {
+                    CrashMode::PowerLoss
+                } else {
+                    CrashMode::Process
+                });
+                true
+            }
+            Op::CleanRestart => {
+                self.core().shutdown();
+                if self.storage.has_crashed() {
+                    return true;
+                }
+                self.restart(None);
+                false
+            }
+            _ => self.apply_user_op(op),
+        }
+    }
+
+    fn apply_user_op(&mut self, op: &Op) -> bool {
+        let name = |v: &u8| format!("v{v}");
+        let result: Result<(), String> = match op {
+            Op::CreateVolume(v) => {
+                let v = name(v);
+                let exists = self.volumes.contains_key(&v);
+                match self.core().create_volume(
+                    VOLUMES_DIR,
+                    OsStr::new(&format!("{v}.img")),
+                    0o644,
+                    &root(),
+                    true,
+                ) {
+                    Ok(_) => {
+                        assert!(!exists, "created {v} twice");
+                        self.volumes.insert(v, VolumeModel::default());
+                        Ok(())
+                    }
+                    Err(e) if exists && e.errno() == libc::EEXIST => Ok(()),
+                    Err(e) => Err(format!("create {v}: {e}")),
+                }
+            }
+            Op::Write {
+                v,
+                offset,
+                len,
+                seed,
+            } => {
+                let v = name(v);
+                let Some(ino) = self.volume_ino(&v) else {
+                    return self.gone(&v);
+                };
+                let data = pattern(usize::from(*len), *seed, *offset);
+                let end = (*offset as u64 + data.len() as u64).min(MAX_VOLUME) as usize;
+                let data = &data[..end - *offset as usize];
+                let (fh, _) = match self.core().open(ino, true) {
+                    Ok(h) => h,
+                    Err(e) => return self.failed(&format!("open {v}: {e}")),
+                };
+                let result = self.core().write(ino, fh, u64::from(*offset), data);
+                self.core().release(fh);
+                match result {
+                    Ok(_) => {
+                        let model = self.volumes.get_mut(&v).expect("model volume");
+                        let start = *offset as usize;
+                        model.change(start / PAGE..end.div_ceil(PAGE), |bytes| {
+                            if bytes.len() < end {
+                                bytes.resize(end, 0);
+                            }
+                            bytes[start..end].copy_from_slice(data);
+                        });
+                        Ok(())
+                    }
+                    Err(e) => Err(format!("write {v}: {e}")),
+                }
+            }
+            Op::Truncate { v, size } => {
+                let v = name(v);
+                let Some(ino) = self.volume_ino(&v) else {
+                    return self.gone(&v);
+                };
+                let changes = SetAttr {
+                    size: Some(u64::from(*size)),
+                    ..SetAttr::default()
+                };
+                match self.core().setattr(ino, changes, &root()) {
+                    Ok(_) => {
+                        let model = self.volumes.get_mut(&v).expect("model volume");
+                        let (old, new) = (model.bytes.len(), *size as usize);
+                        model.change(old.min(new) / PAGE..old.max(new).div_ceil(PAGE), |bytes| {
+                            bytes.resize(new, 0)
+                        });
+                        Ok(())
+                    }
+                    Err(e) => Err(format!("truncate {v}: {e}")),
+                }
+            }
+            Op::Punch { v, offset, len } => {
+                let v = name(v);
+                let Some(ino) = self.volume_ino(&v) else {
+                    return self.gone(&v);
+                };
+                let (fh, _) = match self.core().open(ino, true) {
+                    Ok(h) => h,
+                    Err(e) => return self.failed(&format!("open {v}: {e}")),
+                };
+                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                let result =
+                    self.core()
+                        .fallocate(ino, fh, u64::from(*offset), u64::from(*len), mode);
+                self.core().release(fh);
+                match result {
+                    Ok(()) => {
+                        let model = self.volumes.get_mut(&v).expect("model volume");
+                        let size = model.bytes.len();
+                        let start = (*offset as usize).min(size);
+                        let end = (*offset as usize + *len as usize).min(size);
+                        if start < end {
+                            model.change(start / PAGE..end.div_ceil(PAGE), |bytes| {
+                                bytes[start..end].fill(0)
+                            });
+                        }
+                        Ok(())
+                    }
+                    Err(e) => Err(format!("punch {v}: {e}")),
+                }
+            }
+            Op::Fsync(v) => {
+                let v = name(v);
+                let Some(ino) = self.volume_ino(&v) else {
+                    return self.gone(&v);
+                };
+                let (fh, _) = match self.core().open(ino, true) {
+                    Ok(h) => h,
+                    Err(e) => return self.failed(&format!("open {v}: {e}")),
+                };
+                let result = self.core().fsync(ino, fh, false);
+                self.core().release(fh);
+                match result {
+                    Ok(()) => {
+                        self.volumes.get_mut(&v).expect("model volume").synced();
+                        Ok(())
+                    }
+                    Err(e) => Err(format!("fsync {v}: {e}")),
+                }
+            }
+            Op::Snapshot(v) => {
+                let v = name(v);
+                self.next_label += 1;
+                let snap = format!("{v}@s{}", self.next_label);
+                let busy = self
+                    .snapshots
+                    .iter()
+                    .any(|s| s.volume == v && s.state == SnapState::Pending);
+                match self.core().mkdir(SNAPSHOTS_DIR, OsStr::new(&snap), &root()) {
+                    Ok(_) => {
+                        let image = self
+                            .volumes
+                            .get(&v)
+                            .expect("snapshot of a known volume")
+                            .bytes
+                            .clone();
+                        self.snapshots.push(SnapModel {
+                            name: snap,
+                            volume: v,
+                            image,
+                            state: SnapState::Pending,
+                            deleting: false,
+                        });
+                        Ok(())
+                    }
+                    Err(e) if !self.volumes.contains_key(&v) && e.errno() == libc::ENOENT => Ok(()),
+                    Err(e) if busy && e.errno() == libc::EBUSY => Ok(()),
+                    Err(e) => {
+                        if self.storage.has_crashed() {
+                            let image = self
+                                .volumes
+                                .get(&v)
+                                .map(|m| m.bytes.clone())
+                                .unwrap_or_default();
+                            self.snapshots.push(SnapModel {
+                                name: snap.clone(),
+                                volume: v,
+                                image,
+                                state: SnapState::Unsure,
+                                deleting: false,
+                            });
+                        }
+                        Err(format!("mkdir {snap}: {e}"))
+                    }
+                }
+            }
+            Op::RunCaptures => {
+                self.core().engine().run_queued();
+                if !self.storage.has_crashed() {
+                    for s in &mut self.snapshots {
+                        if s.state == SnapState::Pending {
+                            s.state = SnapState::Completed;
+                        }
+                    }
+                    self.check_snapshots();
+                }
+                Ok(())
+            }
+            Op::DeleteSnapshot(pick) => {
+                if self.snapshots.is_empty() {
+                    return false;
+                }
+                let i = pick.index(self.snapshots.len());
+                let snap = self.snapshots[i].name.clone();
+                match self.core().rmdir(SNAPSHOTS_DIR, OsStr::new(&snap), &root()) {
+                    Ok(()) => {
+                        self.snapshots.remove(i);
+                        Ok(())
+                    }
+                    Err(e)
+                        if self.snapshots[i].state == SnapState::Unsure
+                            && e.errno() == libc::ENOENT =>
+                    {
+                        self.snapshots.remove(i);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        self.snapshots[i].deleting = self.storage.has_crashed();
+                        Err(format!("rmdir {snap}: {e}"))
+                    }
+                }
+            }
+            Op::DeleteVolume(v) => {
+                let v = name(v);
+                match self
+                    .core()
+                    .unlink(VOLUMES_DIR, OsStr::new(&format!("{v}.img")))
+                {
+                    Ok(()) => {
+                        assert!(
+                            self.volumes.remove(&v).is_some(),
+                            "deleted unknown volume {v}"
+                        );
+                        Ok(())
+                    }
+                    Err(e) if !self.volumes.contains_key(&v) && e.errno() == libc::ENOENT => Ok(()),
+                    Err(e) => {
+                        if let Some(model) = self.volumes.get_mut(&v) {
+                            model.deleting = self.storage.has_crashed();
+                        }
+                        Err(format!("unlink {v}: {e}"))
+                    }
+                }
+            }
+            Op::OpenImage(pick) => {
+                let completed: Vec<SnapModel> = self
+                    .snapshots
+                    .iter()
+                    .filter(|s| s.state == SnapState::Completed)
+                    .cloned()
+                    .collect();
+                if completed.is_empty() {
+                    return false;
+                }
+                let s = &completed[pick.index(completed.len())];
+                let ino = self
+                    .snapshot_image_ino(&s.name)
+                    .expect("completed snapshot is visible");
+                match self.core().open(ino, false) {
+                    Ok((fh, _)) => {
+                        self.open_images.push((s.name.clone(), fh, s.image.clone()));
+                        Ok(())
+                    }
+                    Err(e) => Err(format!("open {}: {e}", s.name)),
+                }
+            }
+            Op::ReadOpenImages => {
+                for (name, fh, image) in &self.open_images {
+                    // The handle needs no name: the snapshot may be deleted by now.
+                    let got = self.read_handle(0, *fh, name);
+                    assert!(got == *image, "open image of {name} reads wrong bytes");
+                }
+                Ok(())
+            }
+            Op::CloseImage(pick) => {
+                if !self.open_images.is_empty() {
+                    let (_, fh, _) = self.open_images.remove(pick.index(self.open_images.len()));
+                    self.core().release(fh);
+                }
+                Ok(())
+            }
+            Op::ArmCrash { .. } | Op::CrashNow { .. } | Op::CleanRestart => unreachable!(),
+        };
+        match result {
+            Ok(()) => self.storage.has_crashed(),
+            Err(why) => self.failed(&why),
+        }
+    }
+
+    /// An operation failed: fine if the storage crashed under it, a bug otherwise.
+    fn failed(&mut self, why: &str) -> bool {
+        assert!(self.storage.has_crashed(), "failed without a crash: {why}");
+        true
+    }
+
+    /// A volume the model has is gone from the core.
+    fn gone(&mut self, v: &str) -> bool {
+        assert!(
+            !self.volumes.contains_key(v) || self.storage.has_crashed(),
+            "volume {v} is gone"
+        );
+        self.storage.has_crashed()
+    }
+
+    /// Restarts after a crash in `mode` (or a clean stop: `None`) and checks everything.
+    fn restart(&mut self, mode: Option<CrashMode>) {
+        if let Some(core) = self.core.take() {
+            if mode.is_none() {
+                core.shutdown();
+            }
+            drop(core);
+        }
+        self.open_images.clear();
+        self.storage = self.storage.restart(mode.unwrap_or(CrashMode::Process));
+        self.armed = None;
+        let core = FsCore::start(
+            self.settings.clone(),
+            self.storage.clone(),
+            Scheduling::Manual,
+        )
+        .unwrap_or_else(|e| panic!("restart after {mode:?} fails: {e}"));
+        self.core = Some(core);
+        self.reconcile(mode);
+    }
+
+    /// Takes in what a crash may have decided either way, then checks every guarantee.
+    fn reconcile(&mut self, mode: Option<CrashMode>) {
+        let names: Vec<String> = self.volumes.keys().cloned().collect();
+        for v in names {
+            if self.volume_ino(&v).is_none() {
+                // Only a deletion that a crash interrupted may have gone through.
+                assert!(
+                    self.volumes[&v].deleting,
+                    "volume {v} vanished after {mode:?}"
+                );
+                self.volumes.remove(&v);
+                continue;
+            }
+            self.volumes.get_mut(&v).expect("model volume").deleting = false;
+            let actual = self.read_volume(&v);
+            let model = self.volumes.get_mut(&v).expect("model volume");
+            match mode {
+                Some(CrashMode::PowerLoss) => model.accept_power_loss(&v, actual),
+                _ => assert!(
+                    actual == model.bytes,
+                    "volume {v} differs from the model after {mode:?}"
+                ),
+            }
+        }
+        // Volumes the model does not have: a creation whose commit survived its crash.
+        for v in (0..VOLUMES).map(|v| format!("v{v}")) {
+            if !self.volumes.contains_key(&v) && self.volume_ino(&v).is_some() {
+                let actual = self.read_volume(&v);
+                assert!(actual.is_empty(), "unexpected volume {v} holds data");
+                self.volumes.insert(v, VolumeModel::default());
+            }
+        }
+        let mut kept = Vec::new();
+        for mut s in std::mem::take(&mut self.snapshots) {
+            let status = self.status(&s.name);
+            if status.is_none() && s.deleting {
+                continue;
+            }
+            s.deleting = false;
+            s.state = match (s.state, status.as_deref()) {
+                (SnapState::Completed, Some("completed")) => SnapState::Completed,
+                (SnapState::Completed, other) => {
+                    panic!("completed snapshot {} is {other:?} after {mode:?}", s.name)
+                }
+                (SnapState::Pending, Some("completed")) => SnapState::Completed,
+                (SnapState::Pending | SnapState::Unsure | SnapState::Error, Some("error")) => {
+                    SnapState::Error
+                }
+                (SnapState::Unsure, None) => continue,
+                (state, other) => panic!(
+                    "snapshot {} ({state:?}) is {other:?} after {mode:?}",
+                    s.name
+                ),
+            };
+            kept.push(s);
+        }
+        self.snapshots = kept;
+        self.check_snapshots();
+    }
+
+    /// Every completed snapshot reads back exactly its point-in-time image.
+    fn check_snapshots(&self) {
+        for s in self
+            .snapshots
+            .iter()
+            .filter(|s| s.state == SnapState::Completed)
+        {
+            let got = self.read_image(&s.name);
+            if got != s.image {
+                let first = got.iter().zip(&s.image).position(|(a, b)| a != b);
+                panic!(
+                    "snapshot {} reads wrong bytes: {} bytes, expected {}, first difference at {first:?}",
+                    s.name,
+                    got.len(),
+                    s.image.len()
+                );
+            }
+        }
+    }
+
+    fn run(ops: &[Op]) {
+        let trace = std::env::var_os("EBSFS_MODEL_TRACE").is_some();
+        if trace {
+            eprintln!("--- case");
+        }
+        let mut h = Harness::new();
+        for op in ops {
+            if trace {
+                eprintln!("{op:?}");
+            }
+            if h.apply(op) {
+                let mode = h.armed.unwrap_or(CrashMode::Process);
+                h.restart(Some(mode));
+            }
+        }
+        // The end, without crashes: captures run, a snapshot of every volume equals it.
+        h.storage.disarm();
+        if h.storage.has_crashed() {
+            let mode = h.armed.unwrap_or(CrashMode::Process);
+            h.restart(Some(mode));
+        }
+        h.apply(&Op::RunCaptures);
+        let names: Vec<String> = h.volumes.keys().cloned().collect();
+        for v in names {
+            let before = h.snapshots.len();
+            h.apply(&Op::Snapshot(v[1..].parse().expect("volume number")));
+            h.apply(&Op::RunCaptures);
+            assert_eq!(
+                h.snapshots.len(),
+                before + 1,
+                "final snapshot of {v} not taken"
+            );
+            let last = h.snapshots.last().expect("final snapshot");
+            assert_eq!(
+                h.read_image(&last.name),
+                h.read_volume(&v),
+                "final snapshot of {v} differs from it"
+            );
+        }
+        h.restart(None);
+    }
+}
+
+fn cases() -> u32 {
+    std::env::var("EBSFS_MODEL_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(96)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: cases(),
+        max_shrink_iters: 4096,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn the_core_keeps_every_guarantee_through_crashes(ops in prop::collection::vec(op(), 1..48)) {
+        Harness::run(&ops);
+    }
+}
