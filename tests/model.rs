@@ -24,14 +24,15 @@
 //!
 //! `EBSFS_MODEL_CASES` sets the number of cases (default 96: about 20 s).
 
+mod core_support;
+
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
-use std::path::PathBuf;
 
+use core_support::{CoreOps, root};
 use ebsfs::config::Settings;
 use ebsfs::fs::inode::{SNAPSHOTS_DIR, VOLUMES_DIR};
-use ebsfs::fs::{Caller, FsCore, SetAttr};
-use ebsfs::snapshot::Scheduling;
+use ebsfs::fs::{FsCore, SetAttr};
 use ebsfs::storage::memory::{CrashMode, MemStorage};
 use proptest::prelude::*;
 
@@ -223,21 +224,18 @@ struct Harness {
     next_label: u32,
 }
 
-fn root() -> Caller {
-    Caller::with_groups(0, 0, vec![])
+impl CoreOps for Harness {
+    fn core(&self) -> &FsCore<MemStorage> {
+        self.core.as_ref().expect("core running")
+    }
 }
 
 impl Harness {
     fn new() -> Harness {
-        let mut settings = Settings::embedded();
-        settings.data_dir = PathBuf::from("/data");
-        settings.block_size_bytes = 16 << 10;
+        let mut settings = core_support::settings();
         settings.max_volume_size_bytes = MAX_VOLUME;
-        settings.capture_threads = 1;
-        settings.cache_size_bytes = 1 << 20;
         let storage = MemStorage::new();
-        let core = FsCore::start(settings.clone(), storage.clone(), Scheduling::Manual)
-            .expect("a new data directory opens");
+        let core = core_support::start(&storage, &settings).expect("a new data directory opens");
         Harness {
             storage,
             settings,
@@ -247,77 +245,6 @@ impl Harness {
             open_images: Vec::new(),
             armed: None,
             next_label: 0,
-        }
-    }
-
-    fn core(&self) -> &FsCore<MemStorage> {
-        self.core.as_ref().expect("core running")
-    }
-
-    fn volume_ino(&self, name: &str) -> Option<u64> {
-        self.core()
-            .lookup(VOLUMES_DIR, OsStr::new(&format!("{name}.img")))
-            .ok()
-            .map(|a| a.ino)
-    }
-
-    /// Reads a whole volume through the core.
-    fn read_volume(&self, name: &str) -> Vec<u8> {
-        let ino = self
-            .volume_ino(name)
-            .unwrap_or_else(|| panic!("volume {name} is gone"));
-        let (fh, _) = self.core().open(ino, false).expect("open volume");
-        let size = self.core().getattr(ino).expect("stat volume").size as usize;
-        let mut buf = vec![0u8; size];
-        let n = self.core().read(ino, fh, 0, &mut buf).expect("read volume");
-        self.core().release(fh);
-        assert_eq!(n, size, "short read of volume {name}");
-        buf
-    }
-
-    fn snapshot_image_ino(&self, name: &str) -> Option<u64> {
-        let dir = self.core().lookup(SNAPSHOTS_DIR, OsStr::new(name)).ok()?;
-        self.core()
-            .lookup(dir.ino, OsStr::new("volume.img"))
-            .ok()
-            .map(|a| a.ino)
-    }
-
-    fn status(&self, name: &str) -> Option<String> {
-        let dir = self.core().lookup(SNAPSHOTS_DIR, OsStr::new(name)).ok()?;
-        let file = self.core().lookup(dir.ino, OsStr::new("status")).ok()?;
-        let (fh, _) = self.core().open(file.ino, false).ok()?;
-        let mut buf = vec![0u8; 64];
-        let n = self.core().read(file.ino, fh, 0, &mut buf).ok()?;
-        self.core().release(fh);
-        Some(String::from_utf8_lossy(&buf[..n]).trim().to_string())
-    }
-
-    fn read_image(&self, name: &str) -> Vec<u8> {
-        let ino = self
-            .snapshot_image_ino(name)
-            .unwrap_or_else(|| panic!("snapshot {name} is gone"));
-        let (fh, _) = self
-            .core()
-            .open(ino, false)
-            .unwrap_or_else(|e| panic!("open {name}: {e}"));
-        let image = self.read_handle(ino, fh, name);
-        self.core().release(fh);
-        image
-    }
-
-    fn read_handle(&self, ino: u64, fh: u64, name: &str) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; 40_000];
-        loop {
-            let n = self
-                .core()
-                .read(ino, fh, out.len() as u64, &mut buf)
-                .unwrap_or_else(|e| panic!("read snapshot {name} at {}: {e}", out.len()));
-            if n == 0 {
-                return out;
-            }
-            out.extend_from_slice(&buf[..n]);
         }
     }
 
@@ -598,7 +525,7 @@ impl Harness {
                 }
                 let s = &completed[pick.index(completed.len())];
                 let ino = self
-                    .snapshot_image_ino(&s.name)
+                    .snapshot_file(&s.name, "volume.img")
                     .expect("completed snapshot is visible");
                 match self.core().open(ino, false) {
                     Ok((fh, _)) => {
@@ -611,7 +538,9 @@ impl Harness {
             Op::ReadOpenImages => {
                 for (name, fh, image) in &self.open_images {
                     // The handle needs no name: the snapshot may be deleted by now.
-                    let got = self.read_handle(0, *fh, name);
+                    let got = self
+                        .read_handle(0, *fh)
+                        .unwrap_or_else(|e| panic!("read open image of {name}: {e}"));
                     assert!(got == *image, "open image of {name} reads wrong bytes");
                 }
                 Ok(())
@@ -657,12 +586,8 @@ impl Harness {
         self.open_images.clear();
         self.storage = self.storage.restart(mode.unwrap_or(CrashMode::Process));
         self.armed = None;
-        let core = FsCore::start(
-            self.settings.clone(),
-            self.storage.clone(),
-            Scheduling::Manual,
-        )
-        .unwrap_or_else(|e| panic!("restart after {mode:?} fails: {e}"));
+        let core = core_support::start(&self.storage, &self.settings)
+            .unwrap_or_else(|e| panic!("restart after {mode:?} fails: {e}"));
         self.core = Some(core);
         self.reconcile(mode);
     }
@@ -681,7 +606,9 @@ impl Harness {
                 continue;
             }
             self.volumes.get_mut(&v).expect("model volume").deleting = false;
-            let actual = self.read_volume(&v);
+            let actual = self
+                .read_volume(&v)
+                .unwrap_or_else(|e| panic!("read volume {v}: {e}"));
             let model = self.volumes.get_mut(&v).expect("model volume");
             match mode {
                 Some(CrashMode::PowerLoss) => model.accept_power_loss(&v, actual),
@@ -694,7 +621,9 @@ impl Harness {
         // Volumes the model does not have: a creation whose commit survived its crash.
         for v in (0..VOLUMES).map(|v| format!("v{v}")) {
             if !self.volumes.contains_key(&v) && self.volume_ino(&v).is_some() {
-                let actual = self.read_volume(&v);
+                let actual = self
+                    .read_volume(&v)
+                    .unwrap_or_else(|e| panic!("read volume {v}: {e}"));
                 assert!(actual.is_empty(), "unexpected volume {v} holds data");
                 self.volumes.insert(v, VolumeModel::default());
             }
@@ -734,7 +663,9 @@ impl Harness {
             .iter()
             .filter(|s| s.state == SnapState::Completed)
         {
-            let got = self.read_image(&s.name);
+            let got = self
+                .read_image(&s.name)
+                .unwrap_or_else(|e| panic!("read snapshot {}: {e}", s.name));
             if got != s.image {
                 let first = got.iter().zip(&s.image).position(|(a, b)| a != b);
                 panic!(
@@ -780,11 +711,9 @@ impl Harness {
                 "final snapshot of {v} not taken"
             );
             let last = h.snapshots.last().expect("final snapshot");
-            assert_eq!(
-                h.read_image(&last.name),
-                h.read_volume(&v),
-                "final snapshot of {v} differs from it"
-            );
+            let image = h.read_image(&last.name).expect("final snapshot");
+            let volume = h.read_volume(&v).expect("volume");
+            assert!(image == volume, "final snapshot of {v} differs from it");
         }
         h.restart(None);
     }

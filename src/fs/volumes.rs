@@ -147,6 +147,7 @@ impl<S: Storage> FsCore<S> {
                 xattrs: Xattrs::default(),
                 base_snapshot: None,
                 full_compare: false,
+                high_water_bytes: 0,
             })?;
             self.volumes.insert(id, VolumeSlot::Live(Arc::new(volume)));
             Ok(id)

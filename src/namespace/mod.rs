@@ -385,6 +385,7 @@ mod tests {
             xattrs: Xattrs::default(),
             base_snapshot: None,
             full_compare: false,
+            high_water_bytes: 0,
         }
     }
 

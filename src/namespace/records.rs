@@ -153,6 +153,12 @@ pub struct VolumeRecord {
     /// compares every block with `base_snapshot` instead.
     #[serde(default)]
     pub full_compare: bool,
+    /// The largest size any completed snapshot of the volume ever had, deleted ones
+    /// included: blocks a shrink cut off below it may still show through from older
+    /// entries (a deleted snapshot's entries move to its successor), so captures
+    /// re-examine them.
+    #[serde(default)]
+    pub high_water_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

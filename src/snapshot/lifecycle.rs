@@ -65,14 +65,13 @@ impl<S: Storage> SnapshotEngine<S> {
         if view.pending_in(vol.id).is_some() {
             return Err(SnapshotError::Busy(vol.name.clone()));
         }
-        // The largest image any earlier snapshot of the volume holds: blocks past it
-        // cannot show through from older snapshots.
+        // The largest image any earlier snapshot of the volume held: blocks past it
+        // cannot show through from older entries.
         let high_water = view
             .lineage(vol.id)
             .filter(|s| s.status == SnapshotStatus::Completed)
             .map(|s| s.size_bytes)
-            .max()
-            .unwrap_or(0);
+            .fold(vol.high_water_bytes, u64::max);
         let rescan = if vol.full_compare {
             Rescan::All
         } else {
@@ -232,6 +231,7 @@ impl<S: Storage> SnapshotEngine<S> {
                 if let Some(mut volume) = c.records().volumes.get(&job.lineage).cloned() {
                     volume.base_snapshot = Some(job.snapshot);
                     volume.full_compare = false;
+                    volume.high_water_bytes = volume.high_water_bytes.max(record.size_bytes);
                     c.put_volume(volume)?;
                 }
                 settle.collect_hidden(c, job.lineage, &pins)?;

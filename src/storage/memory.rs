@@ -146,6 +146,8 @@ struct State {
     boot: u64,
     crashed: bool,
     ops: u64,
+    /// Bytes returned by reads, for tests that bound the work done.
+    bytes_read: u64,
     crash_at: Option<u64>,
     inodes: HashMap<u64, Inode>,
     next_inode: u64,
@@ -235,6 +237,7 @@ impl MemStorage {
                 boot: 0,
                 crashed: false,
                 ops: 0,
+                bytes_read: 0,
                 crash_at: None,
                 inodes: HashMap::new(),
                 next_inode: 1,
@@ -268,6 +271,11 @@ impl MemStorage {
     /// Whether an armed crash has happened.
     pub fn has_crashed(&self) -> bool {
         self.state().crashed
+    }
+
+    /// Bytes read from files so far (holes included).
+    pub fn bytes_read(&self) -> u64 {
+        self.state().bytes_read
     }
 
     /// State-changing operations so far.
@@ -353,7 +361,11 @@ impl MemFile {
 
 impl StorageFile for MemFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.read_with(|inode| inode.current.read(buf, offset))
+        let mut state = self.storage.state();
+        state.alive(self.storage.generation)?;
+        let n = state.inode(self.inode).current.read(buf, offset);
+        state.bytes_read += n as u64;
+        Ok(n)
     }
 
     fn write_all_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
