@@ -81,10 +81,32 @@ pub struct SnapshotEngine<S: Storage> {
     /// Captures waiting for [`SnapshotEngine::run_queued`] (manual scheduling).
     queued: Mutex<Vec<CaptureJob<S>>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
-    /// Set (and signalled) when deleted snapshots are left for the settler.
-    settle_signal: (Mutex<bool>, Condvar),
+    /// Wakes the settler thread: deleted snapshots are left to settle, or the engine
+    /// is gone. Shared with the thread, which holds no reference to the engine while
+    /// it waits, so dropping the engine ends it.
+    settle_signal: Arc<SettleSignal>,
     /// Open images per snapshot: a deleted snapshot stays whole while pinned.
     pins: Mutex<HashMap<SnapshotId, usize>>,
+}
+
+/// What the settler thread waits for.
+#[derive(Default)]
+struct SettleSignal {
+    state: Mutex<SettleState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct SettleState {
+    pending: bool,
+    stopped: bool,
+}
+
+impl<S: Storage> Drop for SnapshotEngine<S> {
+    fn drop(&mut self) {
+        lock(&self.settle_signal.state).stopped = true;
+        self.settle_signal.changed.notify_all();
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -144,7 +166,7 @@ impl<S: Storage> SnapshotEngine<S> {
             running: Mutex::new(HashMap::new()),
             queued: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
-            settle_signal: (Mutex::new(false), Condvar::new()),
+            settle_signal: Arc::new(SettleSignal::default()),
             pins: Mutex::new(HashMap::new()),
         }
     }

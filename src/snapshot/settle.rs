@@ -103,9 +103,8 @@ impl<S: Storage> SnapshotEngine<S> {
             }
             return;
         }
-        let (pending, signal) = &self.settle_signal;
-        *lock(pending) = true;
-        signal.notify_one();
+        lock(&self.settle_signal.state).pending = true;
+        self.settle_signal.changed.notify_one();
     }
 
     /// Starts the thread that settles large deletions in the background, one bounded
@@ -115,22 +114,28 @@ impl<S: Storage> SnapshotEngine<S> {
             return;
         }
         let engine = Arc::downgrade(self);
+        let signal = self.settle_signal.clone();
         let spawned = std::thread::Builder::new()
             .name("settler".into())
             .spawn(move || {
                 lower_thread_priority();
                 loop {
+                    {
+                        let mut state = lock(&signal.state);
+                        while !state.pending && !state.stopped {
+                            state = signal
+                                .changed
+                                .wait(state)
+                                .unwrap_or_else(|p| p.into_inner());
+                        }
+                        if state.stopped {
+                            return;
+                        }
+                        state.pending = false;
+                    }
                     let Some(engine) = engine.upgrade() else {
                         return;
                     };
-                    {
-                        let (pending, signal) = &engine.settle_signal;
-                        let mut pending = lock(pending);
-                        while !*pending {
-                            pending = signal.wait(pending).unwrap_or_else(|p| p.into_inner());
-                        }
-                        *pending = false;
-                    }
                     if let Err(e) = engine.settle_all() {
                         error!("settling deleted snapshots: {e}");
                     }
