@@ -3,6 +3,7 @@
 //! change only inside the caller's write transaction, together with the manifest
 //! entries that account for the references.
 
+use log::error;
 use redb::{ReadableTable, Table};
 
 use super::codec::{ChunkHash, Codec};
@@ -88,15 +89,19 @@ pub fn add_refs(
 
 /// Drops one reference. Returns the location when that was the last one: the row is
 /// gone and the caller frees the space once its transaction has committed.
+///
+/// An entry naming a chunk that has no row (damage `ebsfs check` reports as a dangling
+/// reference) holds nothing to drop: its entry can still go. Refusing would make the
+/// snapshot undeletable, and fail every capture and start-up that settles it.
 pub fn drop_ref(
     table: &mut Table<'_, &'static [u8; 32], ChunkRow>,
     hash: &ChunkHash,
 ) -> NsResult<Option<ChunkLocation>> {
     let Some((loc, refs)) = lookup(table, hash)? else {
-        return Err(NamespaceError::Corrupt {
-            what: format!("chunk {hash}"),
-            reason: "a manifest entry references a chunk that is not in the index".into(),
-        });
+        error!(
+            "chunk {hash} is named by a manifest entry but not in the index (run `ebsfs check`)"
+        );
+        return Ok(None);
     };
     if refs <= 1 {
         table.remove(&hash.0)?;
