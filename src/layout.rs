@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use log::warn;
 
 use crate::namespace::{SnapshotId, VolumeId};
-use crate::storage::{Storage, publish_file};
+use crate::storage::{OpenOptions, Storage, StorageFile, publish_file};
 
 /// Version of the data directory layout this build reads and writes.
 pub const FORMAT_VERSION: u64 = 1;
@@ -97,6 +97,16 @@ pub enum FormatError {
     Io { dir: String, source: io::Error },
 }
 
+/// Why [`Layout::claim`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    /// Another process holds the lock; `holder` names it for messages (`pid 42`).
+    #[error("in use by another ebsfs ({holder})")]
+    InUse { holder: String },
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
 impl Layout {
     pub fn new(root: impl Into<PathBuf>) -> Layout {
         Layout { root: root.into() }
@@ -158,6 +168,30 @@ impl Layout {
 
     pub fn pack(&self, id: u32) -> PathBuf {
         self.chunks_dir().join(format!("pack-{id:08}.dat"))
+    }
+
+    /// Claims the data directory for this process (one daemon or `ebsfs check` at a
+    /// time) and writes this process's pid into the lock file for messages.
+    pub fn claim<S: Storage>(&self, storage: &S) -> Result<S::Lock, ClaimError> {
+        let path = self.lock_file();
+        match storage.try_lock(&path) {
+            Ok(lock) => {
+                let pid = format!("{}\n", std::process::id());
+                let file = storage.open(&path, OpenOptions::CREATE)?;
+                file.set_len(0)?;
+                file.write_all_at(pid.as_bytes(), 0)?;
+                Ok(lock)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let holder = crate::storage::read_file(storage, &path)
+                    .ok()
+                    .flatten()
+                    .and_then(|b| String::from_utf8_lossy(&b).trim().parse::<u32>().ok())
+                    .map_or_else(|| "pid unknown".to_string(), |pid| format!("pid {pid}"));
+                Err(ClaimError::InUse { holder })
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Creates the directories of a data directory.
@@ -333,7 +367,6 @@ fn parse_id(text: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::OpenOptions;
     use crate::storage::memory::MemStorage;
 
     #[test]
@@ -396,7 +429,7 @@ mod tests {
         for round in 0..2 {
             let path = layout.volume_file(VolumeId(1), VolumeFile::Data);
             let f = storage.open(&path, OpenOptions::CREATE).unwrap();
-            crate::storage::StorageFile::write_all_at(&f, &[round], 0).unwrap();
+            f.write_all_at(&[round], 0).unwrap();
             layout.move_to_lost_found(&storage, &path, "test").unwrap();
         }
         let names = storage.list_dir(&layout.lost_found_dir()).unwrap();

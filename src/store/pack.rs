@@ -37,6 +37,21 @@ pub fn align_up(value: u64) -> u64 {
     value.div_ceil(PACK_ALIGN) * PACK_ALIGN
 }
 
+/// The ranges between the header and `committed_len` that no extent in `extents`
+/// (sorted `(start, end)` pairs, see [`super::index::live_extents`]) covers: space
+/// nothing references.
+pub fn unreferenced_ranges(extents: &[(u64, u64)], committed_len: u64) -> Vec<(u64, u64)> {
+    let mut gaps = Vec::new();
+    let mut cursor = HEADER_BYTES;
+    for &(start, end) in extents.iter().chain([&(committed_len, committed_len)]) {
+        if start > cursor {
+            gaps.push((cursor, start));
+        }
+        cursor = cursor.max(end);
+    }
+    gaps
+}
+
 fn header(id: u32) -> Vec<u8> {
     let mut header = vec![0u8; HEADER_BYTES as usize];
     header[..8].copy_from_slice(MAGIC);
