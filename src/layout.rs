@@ -211,17 +211,8 @@ impl Layout {
             dir: dir.clone(),
             source,
         };
-        match crate::storage::read_file(storage, &self.marker()).map_err(io_err)? {
-            Some(bytes) => {
-                let found = parse_marker(&bytes).map_err(|reason| FormatError::BadMarker {
-                    dir: dir.clone(),
-                    reason,
-                })?;
-                if found > FORMAT_VERSION {
-                    return Err(FormatError::Newer { dir, found });
-                }
-                Ok(false)
-            }
+        match self.read_format(storage)? {
+            Some(_) => Ok(false),
             None => {
                 let found = self.ebsfs_files(storage).map_err(io_err)?;
                 if !found.is_empty() {
@@ -235,6 +226,29 @@ impl Layout {
                 Ok(true)
             }
         }
+    }
+
+    /// The format the marker names, `None` when there is no marker; a damaged marker
+    /// or a newer format is an error. Writes nothing.
+    pub fn read_format<S: Storage>(&self, storage: &S) -> Result<Option<u64>, FormatError> {
+        let dir = self.root.display().to_string();
+        let bytes = crate::storage::read_file(storage, &self.marker()).map_err(|source| {
+            FormatError::Io {
+                dir: dir.clone(),
+                source,
+            }
+        })?;
+        let Some(bytes) = bytes else {
+            return Ok(None);
+        };
+        let found = parse_marker(&bytes).map_err(|reason| FormatError::BadMarker {
+            dir: dir.clone(),
+            reason,
+        })?;
+        if found > FORMAT_VERSION {
+            return Err(FormatError::Newer { dir, found });
+        }
+        Ok(Some(found))
     }
 
     /// Writes the format marker (for `ebsfs check --repair`).

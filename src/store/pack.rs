@@ -149,6 +149,16 @@ impl<S: Storage> PackFile<S> {
             .allocate(Allocate::PunchHole, offset, end - offset)
     }
 
+    /// The first offset at or after `offset` that holds data (see [`StorageFile::seek_data`]).
+    pub fn seek_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        self.file.seek_data(offset)
+    }
+
+    /// The first offset at or after `offset` that starts a hole.
+    pub fn seek_hole(&self, offset: u64) -> io::Result<u64> {
+        self.file.seek_hole(offset)
+    }
+
     /// Hint that `[offset, offset + len)` will be read soon.
     pub fn will_need(&self, offset: u64, len: u64) {
         self.file.will_need(offset, len);
