@@ -288,24 +288,8 @@ impl<S: Storage> Checker<'_, S> {
                 .max(HEADER_BYTES)
                 .max(scan.past_committed.get(&id).copied().unwrap_or(0));
             if file_len > keep {
-                let outcome = self.fix(|| {
-                    pack.truncate(keep)
-                        .and_then(|()| pack.sync_data())
-                        .map(|()| format!("cut back to {keep} bytes"))
-                });
-                self.push(
-                    Problem::new(
-                        Severity::Leak,
-                        format!("pack {id}"),
-                        format!(
-                            "{} past its committed length {} (written by a capture that never \
-                             committed)",
-                            ByteSize(file_len - keep),
-                            info.committed
-                        ),
-                    )
-                    .with(outcome),
-                );
+                self.check_tail(&pack, id, info.committed, keep, file_len)
+                    .map_err(io_error(format!("reading {}", path.display())))?;
             }
             let extents = live.remove(&id).unwrap_or_default();
             let gaps = pack::unreferenced_ranges(&extents, info.committed.min(file_len));
@@ -338,6 +322,52 @@ impl<S: Storage> Checker<'_, S> {
                 .with(outcome),
             );
         }
+        Ok(())
+    }
+}
+
+impl<S: Storage> Checker<'_, S> {
+    /// Bytes past the committed length (`keep` with rows reaching past it) belong to
+    /// a capture that never committed. Once its space was punched (a cancelled or
+    /// failed capture frees what it wrote) only the length remains, which the next
+    /// mount cuts: not worth a problem.
+    fn check_tail(
+        &mut self,
+        pack: &PackFile<S>,
+        id: u32,
+        committed: u64,
+        keep: u64,
+        file_len: u64,
+    ) -> std::io::Result<()> {
+        let allocated: u64 = allocated_within(pack, &[(keep, file_len)])?
+            .iter()
+            .map(|(start, end)| end - start)
+            .sum();
+        let tail = ByteSize(file_len - keep);
+        if allocated == 0 {
+            self.note(format!(
+                "pack {id}: its file runs {tail} past its committed length, all holes (what a \
+                 cancelled capture leaves); the next mount cuts it"
+            ));
+            return Ok(());
+        }
+        let outcome = self.fix(|| {
+            pack.truncate(keep)
+                .and_then(|()| pack.sync_data())
+                .map(|()| format!("cut back to {keep} bytes"))
+        });
+        self.push(
+            Problem::new(
+                Severity::Leak,
+                format!("pack {id}"),
+                format!(
+                    "{tail} past its committed length {committed} ({} of it allocated), written \
+                     by a capture that never committed",
+                    ByteSize(allocated)
+                ),
+            )
+            .with(outcome),
+        );
         Ok(())
     }
 }

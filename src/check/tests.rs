@@ -396,6 +396,22 @@ fn pack_space_no_row_covers_is_a_leak_and_is_given_back() {
 }
 
 #[test]
+fn a_tail_already_punched_is_only_a_note() {
+    // What a cancelled capture leaves after a clean stop: its chunks were freed, the
+    // file length stays until the next mount.
+    let storage = build();
+    let (_, loc) = chunk_of(&storage, 0, 1);
+    let pack = pack_file(&storage, loc.pack);
+    let committed = pack.len().unwrap();
+    pack.write_all_at(&pattern(BLOCK, 9), committed).unwrap();
+    pack.allocate(crate::storage::Allocate::PunchHole, committed, BLOCK as u64)
+        .unwrap();
+    let report = check(&storage, false);
+    assert_eq!(report.exit_code(), EXIT_CLEAN, "{report}");
+    assert!(report.notes[0].contains("all holes"), "{report}");
+}
+
+#[test]
 fn orphan_files_are_leaks_and_go_to_lost_found() {
     let storage = build();
     let layout = layout();
