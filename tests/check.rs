@@ -284,6 +284,49 @@ fn leaked_pack_space_is_a_leak_and_repair_gives_it_back() {
 }
 
 #[test]
+fn a_daemon_killed_during_a_capture_leaves_leaks_only() {
+    if !require_fuse() {
+        return;
+    }
+    let mut fs = Ebsfs::start();
+    let volume = fs.volume("db");
+    let size = 256 << 20;
+    fs::write(&volume, pattern(size, 1)).unwrap();
+    take_snapshot(&fs, "db@one");
+    // Rewrite everything and kill the daemon while the capture is under way.
+    fs::write(&volume, pattern(size, 2)).unwrap();
+    fs::create_dir(fs.snapshot("db@two")).unwrap();
+    wait_until(
+        "the capture to start",
+        std::time::Duration::from_secs(60),
+        || {
+            fs::read_to_string(fs.snapshot("db@two").join("progress"))
+                .is_ok_and(|p| p.trim() != "0%")
+        },
+    );
+    fs.kill9();
+    let out = check(&fs.data, false);
+    // An interrupted capture leaves its uncommitted chunks and its files: leaks, never
+    // corruption (unless it completed before the kill: then nothing at all).
+    assert!(
+        matches!(out.status.code(), Some(0 | 3)),
+        "{}",
+        describe_output(&out)
+    );
+    let (repaired, again) = repair_mount_recheck(&mut fs);
+    assert_exit(&repaired, 0);
+    assert_exit(&again, 0);
+    fs.restart();
+    take_snapshot(&fs, "db@three");
+    assert_eq!(
+        sha256(&fs.snapshot("db@three").join("volume.img")),
+        sha256(&volume)
+    );
+    fs.stop();
+    assert_exit(&check(&fs.data, false), 0);
+}
+
+#[test]
 fn an_orphan_file_is_a_leak_and_repair_moves_it_to_lost_found() {
     if !require_fuse() {
         return;

@@ -33,9 +33,9 @@ use std::path::Path;
 use crate::layout::{ClaimError, FormatError, Layout};
 use crate::namespace::{Namespace, NamespaceError};
 use crate::storage::Storage;
-use report::counted;
 pub use report::{
-    EXIT_CLEAN, EXIT_CORRUPTION, EXIT_ERROR, EXIT_LEAKS, Outcome, Problem, Report, Severity, Totals,
+    EXIT_CLEAN, EXIT_CORRUPTION, EXIT_ERROR, EXIT_LEAKS, Outcome, Problem, Report, Severity,
+    Totals, counted,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -127,7 +127,7 @@ impl Report {
 }
 
 /// `1 volume`, `2 volumes`, `3 manifest entries`.
-pub(super) fn counted(n: u64, what: &str) -> String {
+pub fn counted(n: u64, what: &str) -> String {
     match (n, what.strip_suffix('y')) {
         (1, _) => format!("1 {what}"),
         (_, Some(stem)) => format!("{n} {stem}ies"),

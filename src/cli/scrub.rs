@@ -55,7 +55,7 @@ pub fn run(args: ScrubArgs) -> i32 {
     let total: u64 = targets.iter().map(|t| t.size_bytes).sum();
     let tty = std::io::stderr().is_terminal();
     let mut before = 0;
-    let mut failed = 0;
+    let (mut failed, mut skipped) = (0, names.len() - targets.len());
     for t in &targets {
         let image = snapshot_dir(&mnt, &t.name).join("volume.img");
         let mut show = |done: u64| {
@@ -94,6 +94,16 @@ pub fn run(args: ScrubArgs) -> i32 {
                     ranges.join(", ")
                 );
             }
+            // Another user's private snapshot, or one deleted meanwhile.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::NotFound
+                ) =>
+            {
+                skipped += 1;
+                println!("{}: skipped ({e})", t.name);
+            }
             Err(e) => {
                 failed += 1;
                 println!("{}: FAILED: {e}", t.name);
@@ -101,10 +111,8 @@ pub fn run(args: ScrubArgs) -> i32 {
         }
     }
     println!(
-        "{} snapshots read, {} failed, {} skipped",
-        targets.len(),
-        failed,
-        names.len() - targets.len()
+        "{} read, {failed} failed, {skipped} skipped",
+        crate::check::counted((names.len() - skipped) as u64, "snapshot")
     );
     if failed > 0 {
         EXIT_CORRUPTION
