@@ -213,6 +213,22 @@ impl<S: Storage> Checker<'_, S> {
                 Some(_) => "a database with no tables".to_string(),
             },
             Err(e) if database_damaged(&e) => format!("damaged ({e})"),
+            Err(e @ NamespaceError::Corrupt { .. }) => {
+                // A valid database with a record that does not decode: rebuilding would
+                // throw away every snapshot for one record, so that is left to the user.
+                let problem = Problem::new(
+                    Severity::Corruption,
+                    "metadata database ebsfs.redb",
+                    format!("{e}: a mount refuses the directory"),
+                )
+                .with(self.cannot_fix(
+                    "a damaged record is not rebuilt automatically; moving ebsfs.redb aside \
+                     and running `ebsfs check --repair` again recovers the volumes (not the \
+                     snapshots)",
+                ));
+                self.push(problem);
+                return Ok(Database::Lost { rebuilt: false });
+            }
             Err(e) => return Err(e.into()),
         };
         let has_data = self

@@ -572,6 +572,27 @@ fn a_lost_database_is_rebuilt_with_the_volumes_it_had() {
 }
 
 #[test]
+fn a_record_that_does_not_decode_is_corruption_left_to_the_user() {
+    let storage = build();
+    with_ns(&storage, |ns| {
+        ns.change_data(|d| -> NsResult<()> {
+            d.txn()
+                .open_table(crate::namespace::tables::SNAPSHOTS)?
+                .insert(1, "not = [a record")?;
+            Ok(())
+        })
+        .unwrap()
+    });
+    let report = check(&storage, true);
+    assert_eq!(report.exit_code(), EXIT_CORRUPTION, "{report}");
+    assert!(report.problems[0].detail.contains("snapshot 1"), "{report}");
+    assert!(
+        matches!(report.problems[0].outcome, Some(Outcome::NotRepaired(_))),
+        "{report}"
+    );
+}
+
+#[test]
 fn a_missing_format_marker_is_written_back() {
     let storage = build();
     storage.remove_file(&layout().marker()).unwrap();
