@@ -145,23 +145,9 @@ impl<S: Storage> Checker<'_, S> {
                         );
                     }
                     let pack = open.as_ref().expect("opened above");
-                    payload.resize(loc.stored_len as usize, 0);
-                    let verified = pack
-                        .read_into(&mut payload, loc.offset)
-                        .map_err(|e| e.to_string())
-                        .and_then(|()| {
-                            codec::decode(&payload, loc.codec, loc.plain_len as usize, hash)
-                                .map(|_| ())
-                                .map_err(|e| match e {
-                                    CodecError::HashMismatch { actual, .. } => format!(
-                                        "fails its hash check: its contents hash to {actual}"
-                                    ),
-                                    CodecError::Undecodable { reason, .. } => {
-                                        format!("does not decode: {reason}")
-                                    }
-                                })
-                        });
-                    verified.err().map(Damage::Own)
+                    verify_chunk(pack, hash, loc, &mut payload)
+                        .err()
+                        .map(Damage::Own)
                 }
             };
             match damage {
@@ -370,6 +356,27 @@ impl<S: Storage> Checker<'_, S> {
         );
         Ok(())
     }
+}
+
+/// Reads chunk `hash` at `loc` from `pack` (into `payload`) and checks it decodes to
+/// its hash; `Err` says what is wrong.
+fn verify_chunk<S: Storage>(
+    pack: &PackFile<S>,
+    hash: ChunkHash,
+    loc: ChunkLocation,
+    payload: &mut Vec<u8>,
+) -> Result<(), String> {
+    payload.resize(loc.stored_len as usize, 0);
+    pack.read_into(payload, loc.offset)
+        .map_err(|e| e.to_string())?;
+    codec::decode(payload, loc.codec, loc.plain_len as usize, hash)
+        .map(|_| ())
+        .map_err(|e| match e {
+            CodecError::HashMismatch { actual, .. } => {
+                format!("fails its hash check: its contents hash to {actual}")
+            }
+            CodecError::Undecodable { reason, .. } => format!("does not decode: {reason}"),
+        })
 }
 
 /// The parts of `ranges` where `pack` has storage allocated (not holes).

@@ -84,46 +84,14 @@ impl<S: Storage> Checker<'_, S> {
             ));
             self.push(problem);
         }
-        let dirty = self.layout.volume_file(record.id, VolumeFile::Dirty);
-        if let Err(e) = DirtyMap::open(self.storage, &dirty) {
-            let fresh = self.layout.volume_file(record.id, VolumeFile::DirtyNew);
-            if e.is_missing() && DirtyMap::open(self.storage, &fresh).is_ok() {
-                self.note(format!(
-                    "{subject}: a snapshot's freeze was interrupted; the next mount puts its \
-                     fresh dirty map in place"
-                ));
-            } else {
-                let outcome = self.fix(|| self.replace_dirty_map(ns, record.id, !e.is_missing()));
-                self.push(
-                    Problem::new(
-                        Severity::Corruption,
-                        subject.clone(),
-                        format!(
-                            "its dirty map is {}: the volume cannot be opened, and which \
-                             blocks changed since its last snapshot is unknown",
-                            if e.is_missing() {
-                                "missing".to_string()
-                            } else {
-                                format!("damaged ({e})")
-                            }
-                        ),
-                    )
-                    .with(outcome),
-                );
-            }
-        }
+        self.check_dirty_map(ns, record.id, &subject);
         if let Some(base) = record.base_snapshot
             && !view.snapshots.contains_key(&base)
         {
             let outcome = self.fix(|| -> Result<String, NamespaceError> {
-                let guard = ns.lock();
-                ns.change(&guard, |c| -> Result<(), NamespaceError> {
-                    if let Some(mut v) = c.records().volumes.get(&record.id).cloned() {
-                        v.base_snapshot = None;
-                        v.full_compare = true;
-                        c.put_volume(v)?;
-                    }
-                    Ok(())
+                update_volume(ns, record.id, |v| {
+                    v.base_snapshot = None;
+                    v.full_compare = true;
                 })?;
                 Ok("base cleared: the next snapshot stores every block".into())
             });
@@ -142,6 +110,37 @@ impl<S: Storage> Checker<'_, S> {
         Ok(())
     }
 
+    fn check_dirty_map(&mut self, ns: &Namespace, volume: VolumeId, subject: &str) {
+        let dirty = self.layout.volume_file(volume, VolumeFile::Dirty);
+        let Err(e) = DirtyMap::open(self.storage, &dirty) else {
+            return;
+        };
+        let fresh = self.layout.volume_file(volume, VolumeFile::DirtyNew);
+        if e.is_missing() && DirtyMap::open(self.storage, &fresh).is_ok() {
+            self.note(format!(
+                "{subject}: a snapshot's freeze was interrupted; the next mount puts its fresh \
+                 dirty map in place"
+            ));
+            return;
+        }
+        let state = match e.is_missing() {
+            true => "missing".to_string(),
+            false => format!("damaged ({e})"),
+        };
+        let outcome = self.fix(|| self.replace_dirty_map(ns, volume, !e.is_missing()));
+        self.push(
+            Problem::new(
+                Severity::Corruption,
+                subject,
+                format!(
+                    "its dirty map is {state}: the volume cannot be opened, and which blocks \
+                     changed since its last snapshot is unknown"
+                ),
+            )
+            .with(outcome),
+        );
+    }
+
     /// Puts an empty dirty map in place of a missing or damaged one (which moves to
     /// `lost+found/`), and has the volume's next snapshot compare every block.
     fn replace_dirty_map(
@@ -158,23 +157,11 @@ impl<S: Storage> Checker<'_, S> {
                 .map_err(|e| e.to_string())?;
             done = format!("the damaged map {moved}; ");
         }
-        self.set_full_compare(ns, volume)
-            .map_err(|e| e.to_string())?;
+        update_volume(ns, volume, |v| v.full_compare = true).map_err(|e| e.to_string())?;
         DirtyMap::create(self.storage, &path, NEVER_SHRUNK).map_err(|e| e.to_string())?;
         Ok(format!(
             "{done}an empty map is in place and the volume's next snapshot compares every block"
         ))
-    }
-
-    fn set_full_compare(&self, ns: &Namespace, volume: VolumeId) -> Result<(), NamespaceError> {
-        let guard = ns.lock();
-        ns.change(&guard, |c| -> Result<(), NamespaceError> {
-            if let Some(mut v) = c.records().volumes.get(&volume).cloned() {
-                v.full_compare = true;
-                c.put_volume(v)?;
-            }
-            Ok(())
-        })
     }
 
     /// Accounts for every file in `volumes/`, `captures/` and `chunks/`.
@@ -279,8 +266,7 @@ impl<S: Storage> Checker<'_, S> {
                 .to_lost_found(path, "damaged capture set")
                 .map_err(|e| e.to_string())?;
             if let Some(volume) = volume {
-                self.set_full_compare(ns, volume)
-                    .map_err(|e| e.to_string())?;
+                update_volume(ns, volume, |v| v.full_compare = true).map_err(|e| e.to_string())?;
             }
             Ok(format!(
                 "{moved}; the volume's next snapshot compares every block"
@@ -308,4 +294,20 @@ impl<S: Storage> Checker<'_, S> {
         };
         self.push(Problem::new(Severity::Leak, self.shown(path), detail).with(outcome));
     }
+}
+
+/// Changes volume `id`'s record, if it still has one.
+fn update_volume(
+    ns: &Namespace,
+    id: VolumeId,
+    change: impl FnOnce(&mut VolumeRecord),
+) -> Result<(), NamespaceError> {
+    let guard = ns.lock();
+    ns.change(&guard, |c| -> Result<(), NamespaceError> {
+        if let Some(mut volume) = c.records().volumes.get(&id).cloned() {
+            change(&mut volume);
+            c.put_volume(volume)?;
+        }
+        Ok(())
+    })
 }

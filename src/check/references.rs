@@ -354,26 +354,40 @@ impl<S: Storage> Checker<'_, S> {
             Some(Ok(changed)) => changed.iter().map(|&(h, _, new)| (h, new)).collect(),
             _ => HashMap::new(),
         };
+        self.report_miscounted(&scan, &changed, &outcome);
+        Ok(References {
+            readers: scan.readers,
+        })
+    }
+
+    /// Reports reference counts that differ from their entries; `changed` holds the
+    /// counts a repair set.
+    fn report_miscounted(
+        &mut self,
+        scan: &Scan,
+        changed: &HashMap<ChunkHash, u64>,
+        outcome: &dyn Fn(String) -> Option<Outcome>,
+    ) {
         for &(hash, refs, entries) in &scan.miscounted {
+            let recorded = counted(refs, "reference");
+            let naming = counted(entries, "manifest entry");
             let (severity, detail) = if refs < entries {
                 (
                     Severity::Corruption,
                     format!(
-                        "{refs} references recorded but {entries} manifest entries name it: \
-                         deleting snapshots would free it while others still read it"
+                        "{recorded} recorded but named by {naming}: deleting snapshots would \
+                         free it while others still read it"
                     ),
                 )
             } else if entries == 0 {
                 (
                     Severity::Leak,
-                    format!("{refs} references recorded but no manifest entry names it"),
+                    format!("{recorded} recorded but no manifest entry names it"),
                 )
             } else {
                 (
                     Severity::Leak,
-                    format!(
-                        "{refs} references recorded but only {entries} manifest entries name it"
-                    ),
+                    format!("{recorded} recorded but named by only {naming}"),
                 )
             };
             let done = match changed.get(&hash) {
@@ -383,9 +397,6 @@ impl<S: Storage> Checker<'_, S> {
             };
             self.push(Problem::new(severity, format!("chunk {hash}"), detail).with(outcome(done)));
         }
-        Ok(References {
-            readers: scan.readers,
-        })
     }
 
     fn report_strays(

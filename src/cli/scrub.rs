@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::MountLocation;
 use super::snapshot::{info_value, read_field, snapshot_dir, snapshot_names};
-use crate::check::scrub::scrub_image;
+use crate::check::scrub::{ImageScrub, scrub_image};
 use crate::check::{EXIT_CLEAN, EXIT_CORRUPTION, EXIT_ERROR};
 use crate::config::ByteSize;
 
@@ -79,35 +79,10 @@ pub fn run(args: ScrubArgs) -> i32 {
             ByteSize(total),
             t.name
         );
-        match result {
-            Ok(scrub) if scrub.failed.is_empty() => println!("{}: OK", t.name),
-            Ok(scrub) => {
-                failed += 1;
-                let ranges: Vec<String> = scrub
-                    .failed
-                    .iter()
-                    .map(|(start, end)| format!("{start}..{end}"))
-                    .collect();
-                println!(
-                    "{}: FAILED: reads failed with EIO at bytes {}",
-                    t.name,
-                    ranges.join(", ")
-                );
-            }
-            // Another user's private snapshot, or one deleted meanwhile.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::NotFound
-                ) =>
-            {
-                skipped += 1;
-                println!("{}: skipped ({e})", t.name);
-            }
-            Err(e) => {
-                failed += 1;
-                println!("{}: FAILED: {e}", t.name);
-            }
+        match verdict(&t.name, result) {
+            Verdict::Ok => {}
+            Verdict::Failed => failed += 1,
+            Verdict::Skipped => skipped += 1,
         }
     }
     println!(
@@ -118,6 +93,48 @@ pub fn run(args: ScrubArgs) -> i32 {
         EXIT_CORRUPTION
     } else {
         EXIT_CLEAN
+    }
+}
+
+enum Verdict {
+    Ok,
+    Failed,
+    Skipped,
+}
+
+/// Prints the result line of snapshot `name`.
+fn verdict(name: &str, result: std::io::Result<ImageScrub>) -> Verdict {
+    match result {
+        Ok(scrub) if scrub.failed.is_empty() => {
+            println!("{name}: OK");
+            Verdict::Ok
+        }
+        Ok(scrub) => {
+            let ranges: Vec<String> = scrub
+                .failed
+                .iter()
+                .map(|(start, end)| format!("{start}..{end}"))
+                .collect();
+            println!(
+                "{name}: FAILED: reads failed with EIO at bytes {}",
+                ranges.join(", ")
+            );
+            Verdict::Failed
+        }
+        // Another user's private snapshot, or one deleted meanwhile.
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::NotFound
+            ) =>
+        {
+            println!("{name}: skipped ({e})");
+            Verdict::Skipped
+        }
+        Err(e) => {
+            println!("{name}: FAILED: {e}");
+            Verdict::Failed
+        }
     }
 }
 
