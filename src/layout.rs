@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use log::warn;
 
 use crate::namespace::{SnapshotId, VolumeId};
-use crate::storage::{Storage, publish_file};
+use crate::storage::{OpenOptions, Storage, StorageFile, publish_file};
 
 /// Version of the data directory layout this build reads and writes.
 pub const FORMAT_VERSION: u64 = 1;
@@ -97,6 +97,16 @@ pub enum FormatError {
     Io { dir: String, source: io::Error },
 }
 
+/// Why [`Layout::claim`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    /// Another process holds the lock; `holder` names it for messages (`pid 42`).
+    #[error("in use by another ebsfs ({holder})")]
+    InUse { holder: String },
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
 impl Layout {
     pub fn new(root: impl Into<PathBuf>) -> Layout {
         Layout { root: root.into() }
@@ -160,6 +170,30 @@ impl Layout {
         self.chunks_dir().join(format!("pack-{id:08}.dat"))
     }
 
+    /// Claims the data directory for this process (one daemon or `ebsfs check` at a
+    /// time) and writes this process's pid into the lock file for messages.
+    pub fn claim<S: Storage>(&self, storage: &S) -> Result<S::Lock, ClaimError> {
+        let path = self.lock_file();
+        match storage.try_lock(&path) {
+            Ok(lock) => {
+                let pid = format!("{}\n", std::process::id());
+                let file = storage.open(&path, OpenOptions::CREATE)?;
+                file.set_len(0)?;
+                file.write_all_at(pid.as_bytes(), 0)?;
+                Ok(lock)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let holder = crate::storage::read_file(storage, &path)
+                    .ok()
+                    .flatten()
+                    .and_then(|b| String::from_utf8_lossy(&b).trim().parse::<u32>().ok())
+                    .map_or_else(|| "pid unknown".to_string(), |pid| format!("pid {pid}"));
+                Err(ClaimError::InUse { holder })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Creates the directories of a data directory.
     pub fn create_dirs<S: Storage>(&self, storage: &S) -> io::Result<()> {
         for dir in [self.volumes_dir(), self.captures_dir(), self.chunks_dir()] {
@@ -177,17 +211,8 @@ impl Layout {
             dir: dir.clone(),
             source,
         };
-        match crate::storage::read_file(storage, &self.marker()).map_err(io_err)? {
-            Some(bytes) => {
-                let found = parse_marker(&bytes).map_err(|reason| FormatError::BadMarker {
-                    dir: dir.clone(),
-                    reason,
-                })?;
-                if found > FORMAT_VERSION {
-                    return Err(FormatError::Newer { dir, found });
-                }
-                Ok(false)
-            }
+        match self.read_format(storage)? {
+            Some(_) => Ok(false),
             None => {
                 let found = self.ebsfs_files(storage).map_err(io_err)?;
                 if !found.is_empty() {
@@ -201,6 +226,29 @@ impl Layout {
                 Ok(true)
             }
         }
+    }
+
+    /// The format the marker names, `None` when there is no marker; a damaged marker
+    /// or a newer format is an error. Writes nothing.
+    pub fn read_format<S: Storage>(&self, storage: &S) -> Result<Option<u64>, FormatError> {
+        let dir = self.root.display().to_string();
+        let bytes = crate::storage::read_file(storage, &self.marker()).map_err(|source| {
+            FormatError::Io {
+                dir: dir.clone(),
+                source,
+            }
+        })?;
+        let Some(bytes) = bytes else {
+            return Ok(None);
+        };
+        let found = parse_marker(&bytes).map_err(|reason| FormatError::BadMarker {
+            dir: dir.clone(),
+            reason,
+        })?;
+        if found > FORMAT_VERSION {
+            return Err(FormatError::Newer { dir, found });
+        }
+        Ok(Some(found))
     }
 
     /// Writes the format marker (for `ebsfs check --repair`).
@@ -333,7 +381,6 @@ fn parse_id(text: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::OpenOptions;
     use crate::storage::memory::MemStorage;
 
     #[test]
@@ -396,7 +443,7 @@ mod tests {
         for round in 0..2 {
             let path = layout.volume_file(VolumeId(1), VolumeFile::Data);
             let f = storage.open(&path, OpenOptions::CREATE).unwrap();
-            crate::storage::StorageFile::write_all_at(&f, &[round], 0).unwrap();
+            f.write_all_at(&[round], 0).unwrap();
             layout.move_to_lost_found(&storage, &path, "test").unwrap();
         }
         let names = storage.list_dir(&layout.lost_found_dir()).unwrap();

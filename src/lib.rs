@@ -7,6 +7,7 @@
 //! through a [`storage::Storage`]: the data directory on a mount, memory in tests.
 //! [`layout`] names every file of the data directory; [`check`] verifies one offline.
 
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod fs;

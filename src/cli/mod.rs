@@ -1,10 +1,13 @@
-//! Command line: `ebsfs mount`, `ebsfs snapshot …`, and the `mount -t fuse.ebsfs`
-//! helper form (`ebsfs DATA_DIR MOUNTPOINT -o OPTIONS`).
+//! Command line: `ebsfs mount`, `ebsfs snapshot …`, `ebsfs check`, `ebsfs scrub`, and
+//! the `mount -t fuse.ebsfs` helper form (`ebsfs DATA_DIR MOUNTPOINT -o OPTIONS`).
 //!
-//! Every subcommand but `mount` is a thin layer over the mounted filesystem: anything
-//! it does can be done with `mkdir`, `cat` and `rmdir`.
+//! `snapshot` and `scrub` are thin layers over the mounted filesystem: anything they
+//! do can be done with `mkdir`, `cat`, `rmdir` and `dd`. `check` works on a stopped
+//! data directory through [`crate::check`].
 
+pub mod check;
 pub mod mount;
+pub mod scrub;
 pub mod snapshot;
 
 use std::ffi::OsString;
@@ -32,6 +35,11 @@ enum Command {
     /// Create, list, wait for and delete snapshots of a mounted ebsfs.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
+    /// Verify a stopped data directory (every chunk's hash, every reference, every
+    /// file) and, with --repair, fix what is safe to fix.
+    Check(check::CheckArgs),
+    /// Read every snapshot image of a mounted ebsfs in full, verifying every chunk.
+    Scrub(scrub::ScrubArgs),
 }
 
 /// Where to find the mount: `--mount DIR`, else the config's mountpoint.
@@ -54,6 +62,18 @@ impl MountLocation {
             .map(|s| s.mountpoint)
             .map_err(|e| e.to_string())
     }
+
+    /// The mount, checked to be an ebsfs mount.
+    pub fn resolve_mount(&self) -> Result<PathBuf, String> {
+        let mnt = self.resolve()?;
+        if !mnt.join("snapshots").is_dir() {
+            return Err(format!(
+                "{} is not an ebsfs mount (no snapshots/ directory); pass --mount DIR",
+                mnt.display()
+            ));
+        }
+        Ok(mnt)
+    }
 }
 
 /// Runs the command line; returns the process exit code.
@@ -61,9 +81,39 @@ pub fn run(args: Vec<OsString>) -> i32 {
     if let Some(helper) = mount::HelperArgs::detect(&args) {
         return mount::run_helper(helper);
     }
-    let cli = Cli::parse_from(args);
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return usage_exit_code(&e, &args);
+        }
+    };
     match cli.command {
         Command::Mount(args) => mount::run(args),
         Command::Snapshot(cmd) => snapshot::run(cmd),
+        Command::Check(args) => check::run(args),
+        Command::Scrub(args) => scrub::run(args),
     }
+}
+
+/// `--help` and `--version` exit 0; usage errors 2, except for `check` and `scrub`,
+/// whose 2 means corruption: theirs exit 1, like every failure to run.
+fn usage_exit_code(e: &clap::Error, args: &[OsString]) -> i32 {
+    if !e.use_stderr() {
+        return 0;
+    }
+    match args.get(1).and_then(|a| a.to_str()) {
+        Some("check" | "scrub") => crate::check::EXIT_ERROR,
+        _ => 2,
+    }
+}
+
+/// Logs to stderr (or `target`), filtered by `RUST_LOG`, else by `default_filter`.
+pub(crate) fn init_logging(default_filter: &str, target: Option<std::fs::File>) {
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_filter));
+    if let Some(file) = target {
+        builder.target(env_logger::Target::Pipe(Box::new(file)));
+    }
+    let _ = builder.try_init();
 }

@@ -18,9 +18,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
+use clap::CommandFactory;
 use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
 use log::{error, info, warn};
 
+use super::init_logging;
 use crate::config::Settings;
 use crate::fs::FsCore;
 use crate::fuse::EbsFuse;
@@ -46,17 +48,8 @@ struct MountPlan {
     options: Vec<MountOption>,
 }
 
-fn init_logging(target: Option<fs::File>) {
-    let mut builder =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
-    if let Some(file) = target {
-        builder.target(env_logger::Target::Pipe(Box::new(file)));
-    }
-    let _ = builder.try_init();
-}
-
 pub fn run(args: MountArgs) -> i32 {
-    init_logging(None);
+    init_logging("info", None);
     let mut settings = match Settings::discover(args.config.as_deref()) {
         Ok(s) => s,
         Err(e) => {
@@ -374,7 +367,10 @@ impl HelperArgs {
     /// Recognises the helper form: two positional arguments that are not a subcommand.
     pub fn detect(args: &[OsString]) -> Option<HelperArgs> {
         let first = args.get(1)?.to_str()?;
-        if matches!(first, "mount" | "snapshot" | "help") || first.starts_with('-') {
+        // A subcommand's name is never a data directory here: `ebsfs check --bogus x`
+        // must be refused as a usage error, not mount `check` on `x`.
+        let subcommand = super::Cli::command().find_subcommand(first).is_some();
+        if subcommand || first == "help" || first.starts_with('-') {
             return None;
         }
         let mut positional = Vec::new();
@@ -503,7 +499,7 @@ pub fn run_helper(args: HelperArgs) -> i32 {
                         .open(plan.settings.data_dir.join("ebsfs.log"))
                 })
                 .ok();
-            init_logging(log);
+            init_logging("info", log);
             redirect_stdio_to_null();
             let mut report = fs::File::from(write_end);
             match mount_and_serve(plan, report.try_clone().ok().map(OwnedFd::from)) {
@@ -582,6 +578,10 @@ mod tests {
             ["rw", "noatime", "_netdev", "config=/etc/e.toml"]
         );
         assert!(HelperArgs::detect(&os(&["ebsfs", "mount", "x"])).is_none());
+        // Fault: `ebsfs check --bogus x` mounted data directory `check` on `x`.
+        for sub in ["check", "scrub", "snapshot"] {
+            assert!(HelperArgs::detect(&os(&["ebsfs", sub, "--bogus", "x"])).is_none());
+        }
         assert!(HelperArgs::detect(&os(&["ebsfs", "--help"])).is_none());
         assert!(HelperArgs::detect(&os(&["ebsfs", "one"])).is_none());
     }

@@ -106,20 +106,11 @@ fn with_mount(
     location: &MountLocation,
     f: impl FnOnce(&Path) -> Result<(), Failure>,
 ) -> Result<(), Failure> {
-    let mnt = location.resolve().map_err(|e| Failure(2, e))?;
-    if !mnt.join("snapshots").is_dir() {
-        return Err(Failure(
-            2,
-            format!(
-                "{} is not an ebsfs mount (no snapshots/ directory); pass --mount DIR",
-                mnt.display()
-            ),
-        ));
-    }
+    let mnt = location.resolve_mount().map_err(|e| Failure(2, e))?;
     f(&mnt)
 }
 
-fn snapshot_dir(mnt: &Path, id: &str) -> PathBuf {
+pub(super) fn snapshot_dir(mnt: &Path, id: &str) -> PathBuf {
     mnt.join("snapshots").join(id)
 }
 
@@ -180,7 +171,7 @@ fn pending_snapshot_of(mnt: &Path, volume: &str) -> Option<String> {
 }
 
 /// The ids in `snapshots/`, in directory order.
-fn snapshot_names(mnt: &Path) -> std::io::Result<Vec<String>> {
+pub(super) fn snapshot_names(mnt: &Path) -> std::io::Result<Vec<String>> {
     Ok(fs::read_dir(mnt.join("snapshots"))?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -208,11 +199,11 @@ fn set_xattr(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
     }
 }
 
-fn read_field(dir: &Path, file: &str) -> Result<String, std::io::Error> {
+pub(super) fn read_field(dir: &Path, file: &str) -> Result<String, std::io::Error> {
     fs::read_to_string(dir.join(file)).map(|s| s.trim().to_string())
 }
 
-fn info_value(info: &toml::Table, key: &str) -> String {
+pub(super) fn info_value(info: &toml::Table, key: &str) -> String {
     match info.get(key) {
         Some(toml::Value::String(s)) => s.clone(),
         Some(v) => v.to_string(),

@@ -24,11 +24,11 @@ use log::{error, info, warn};
 use super::recovery::{self, LastStop, Session, data_dir_io_error};
 use super::{FsError, FsResult, VolumeSlot, io_error};
 use crate::config::Settings;
-use crate::layout::{Layout, VolumeFile, parse_volume_file};
+use crate::layout::{ClaimError, Layout, VolumeFile, parse_volume_file};
 use crate::namespace::tables::NEXT_VOLUME_ID;
 use crate::namespace::{Namespace, NamespaceError, VolumeId, VolumeRecord};
 use crate::snapshot::{Scheduling, SnapshotEngine};
-use crate::storage::{OpenOptions, Storage, StorageFile};
+use crate::storage::Storage;
 use crate::store::ChunkStore;
 use crate::volume::dirty::{DirtyMap, NEVER_SHRUNK};
 use crate::volume::{Volume, VolumeError};
@@ -123,33 +123,15 @@ pub(super) fn open<S: Storage>(
 
 /// Takes the data directory's lock and writes this process's pid into it.
 fn take_lock<S: Storage>(storage: &S, layout: &Layout) -> FsResult<S::Lock> {
-    let path = layout.lock_file();
-    let what = format!("locking {}", path.display());
-    match storage.try_lock(&path) {
-        Ok(lock) => {
-            let pid = format!("{}\n", std::process::id());
-            storage
-                .open(&path, OpenOptions::CREATE)
-                .and_then(|f| {
-                    f.set_len(0)
-                        .and_then(|()| f.write_all_at(pid.as_bytes(), 0))
-                })
-                .map_err(data_dir_io_error(layout, what))?;
-            Ok(lock)
+    layout.claim(storage).map_err(|e| match e {
+        ClaimError::InUse { holder } => FsError::DataDirInUse {
+            data_dir: layout.root().display().to_string(),
+            holder,
+        },
+        ClaimError::Io(source) => {
+            data_dir_io_error(layout, format!("locking {}", layout.lock_file().display()))(source)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-            let holder = crate::storage::read_file(storage, &path)
-                .ok()
-                .flatten()
-                .and_then(|b| String::from_utf8_lossy(&b).trim().parse::<u32>().ok())
-                .map_or_else(|| "pid unknown".to_string(), |pid| format!("pid {pid}"));
-            Err(FsError::DataDirInUse {
-                data_dir: layout.root().display().to_string(),
-                holder,
-            })
-        }
-        Err(e) => Err(data_dir_io_error(layout, what)(e)),
-    }
+    })
 }
 
 /// Opens the database. A missing or empty one is created only where nothing could be

@@ -293,6 +293,17 @@ impl Change<'_> {
         next_counter(&self.txn, NEXT_VOLUME_ID).map(VolumeId)
     }
 
+    /// Makes sure the counter never hands out `id` or anything below it (for records
+    /// rebuilt with the ids their files already carry).
+    pub fn reserve_volume_id(&mut self, id: VolumeId) -> NsResult<()> {
+        let mut table = self.txn.open_table(COUNTERS)?;
+        let next = table.get(NEXT_VOLUME_ID)?.map_or(1, |v| v.value());
+        if next <= id.0 {
+            table.insert(NEXT_VOLUME_ID, id.0 + 1)?;
+        }
+        Ok(())
+    }
+
     pub fn next_snapshot_id(&mut self) -> NsResult<SnapshotId> {
         next_counter(&self.txn, NEXT_SNAPSHOT_ID).map(SnapshotId)
     }

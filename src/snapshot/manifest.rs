@@ -392,6 +392,24 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_whose_chunk_row_is_gone_can_still_be_removed() {
+        // Fault: dropping the reference of an entry whose chunk row was lost failed
+        // the whole transaction, so the snapshot could never settle and every capture
+        // and start-up that tried to settle it failed too.
+        let ns = namespace();
+        commit_delta(&ns, 1, 1, &BTreeMap::from([(0, Some(1)), (1, Some(2))]));
+        ns.change_data(|d| -> NsResult<()> {
+            d.txn().open_table(CHUNKS)?.remove(&hash(1).0)?;
+            Ok(())
+        })
+        .unwrap();
+        let freed = remove(&ns, 1, 1, None, usize::MAX).freed;
+        assert_eq!(freed.iter().map(|(h, _)| *h).collect::<Vec<_>>(), [hash(2)]);
+        assert!(chunk_refs(&ns).is_empty());
+        assert_eq!(read_all(&ns, 1, 1, 2), [BlockContent::Zero; 2]);
+    }
+
+    #[test]
     fn deleting_the_only_holder_frees_the_chunk() {
         let ns = namespace();
         commit_delta(

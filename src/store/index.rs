@@ -3,9 +3,13 @@
 //! change only inside the caller's write transaction, together with the manifest
 //! entries that account for the references.
 
+use std::collections::BTreeMap;
+
+use log::error;
 use redb::{ReadableTable, Table};
 
 use super::codec::{ChunkHash, Codec};
+use super::pack::align_up;
 use crate::namespace::tables::ChunkRow;
 use crate::namespace::{NamespaceError, NsResult};
 
@@ -30,7 +34,8 @@ fn row_of(loc: ChunkLocation, refs: u64) -> ChunkRow {
     )
 }
 
-fn location_of(hash: &ChunkHash, row: ChunkRow) -> NsResult<(ChunkLocation, u64)> {
+/// A row's location (its codec checked) and reference count.
+pub fn decode_row(hash: &ChunkHash, row: ChunkRow) -> NsResult<(ChunkLocation, u64)> {
     let (pack, offset, stored_len, plain_len, codec, refs) = row;
     let codec = Codec::from_u8(codec).ok_or_else(|| NamespaceError::Corrupt {
         what: format!("chunk {hash}"),
@@ -54,9 +59,49 @@ pub fn lookup(
     hash: &ChunkHash,
 ) -> NsResult<Option<(ChunkLocation, u64)>> {
     match table.get(&hash.0)? {
-        Some(row) => location_of(hash, row.value()).map(Some),
+        Some(row) => decode_row(hash, row.value()).map(Some),
         None => Ok(None),
     }
+}
+
+/// Where each pack's indexed chunks lie: per pack, sorted `(start, end)` byte ranges,
+/// each widened to the page the next payload starts on (what freeing it would punch).
+pub fn live_extents(
+    table: &impl ReadableTable<&'static [u8; 32], ChunkRow>,
+) -> NsResult<BTreeMap<u32, Vec<(u64, u64)>>> {
+    let mut live: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
+    for row in table.range::<&[u8; 32]>(..)? {
+        let (_, row) = row?;
+        let (pack, offset, stored_len, ..) = row.value();
+        live.entry(pack)
+            .or_default()
+            .push((offset, align_up(offset + u64::from(stored_len))));
+    }
+    for extents in live.values_mut() {
+        extents.sort_unstable();
+    }
+    Ok(live)
+}
+
+/// Sets a chunk's reference count as it is, codec unchecked (for `ebsfs check
+/// --repair`, which counts the entries); at zero the row goes. The caller frees the
+/// space once its transaction has committed.
+pub fn set_refs(
+    table: &mut Table<'_, &'static [u8; 32], ChunkRow>,
+    hash: &ChunkHash,
+    refs: u64,
+) -> NsResult<()> {
+    let row = table.get(&hash.0)?.map(|row| row.value());
+    match row {
+        Some(_) if refs == 0 => {
+            table.remove(&hash.0)?;
+        }
+        Some((pack, offset, stored_len, plain_len, codec, _)) => {
+            table.insert(&hash.0, (pack, offset, stored_len, plain_len, codec, refs))?;
+        }
+        None => {}
+    }
+    Ok(())
 }
 
 /// How [`add_refs`] treats a row that already exists at another location.
@@ -88,15 +133,19 @@ pub fn add_refs(
 
 /// Drops one reference. Returns the location when that was the last one: the row is
 /// gone and the caller frees the space once its transaction has committed.
+///
+/// An entry naming a chunk that has no row (damage `ebsfs check` reports as a dangling
+/// reference) holds nothing to drop: its entry can still go. Refusing would make the
+/// snapshot undeletable, and fail every capture and start-up that settles it.
 pub fn drop_ref(
     table: &mut Table<'_, &'static [u8; 32], ChunkRow>,
     hash: &ChunkHash,
 ) -> NsResult<Option<ChunkLocation>> {
     let Some((loc, refs)) = lookup(table, hash)? else {
-        return Err(NamespaceError::Corrupt {
-            what: format!("chunk {hash}"),
-            reason: "a manifest entry references a chunk that is not in the index".into(),
-        });
+        error!(
+            "chunk {hash} is named by a manifest entry but not in the index (run `ebsfs check`)"
+        );
+        return Ok(None);
     };
     if refs <= 1 {
         table.remove(&hash.0)?;

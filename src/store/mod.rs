@@ -402,14 +402,7 @@ impl<S: Storage> ChunkStore<S> {
     pub fn reclaim_unreferenced(&self, ns: &Namespace) -> StoreResult<u64> {
         let txn = ns.read()?;
         let table = txn.open_table(CHUNKS).map_err(NamespaceError::from)?;
-        let mut live: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
-        for row in table.range::<&[u8; 32]>(..).map_err(NamespaceError::from)? {
-            let (_, row) = row.map_err(NamespaceError::from)?;
-            let (pack, offset, stored_len, ..) = row.value();
-            live.entry(pack)
-                .or_default()
-                .push((offset, pack::align_up(offset + u64::from(stored_len))));
-        }
+        let mut live = index::live_extents(&table)?;
         let damaged = self.damaged_packs();
         let mut punched = 0;
         let mut gaps = Vec::new();
@@ -417,15 +410,10 @@ impl<S: Storage> ChunkStore<S> {
             if damaged.contains_key(&id) {
                 continue;
             }
-            let mut extents = live.remove(&id).unwrap_or_default();
-            extents.sort_unstable();
-            let mut cursor = pack::HEADER_BYTES;
-            for (start, end) in extents.into_iter().chain([(len, len)]) {
-                if start > cursor {
-                    gaps.push((id, cursor, start));
-                    punched += start - cursor;
-                }
-                cursor = cursor.max(end);
+            let extents = live.remove(&id).unwrap_or_default();
+            for (start, end) in pack::unreferenced_ranges(&extents, len) {
+                gaps.push((id, start, end));
+                punched += end - start;
             }
         }
         self.punch_extents(gaps)?;

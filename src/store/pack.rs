@@ -37,6 +37,21 @@ pub fn align_up(value: u64) -> u64 {
     value.div_ceil(PACK_ALIGN) * PACK_ALIGN
 }
 
+/// The ranges between the header and `committed_len` that no extent in `extents`
+/// (sorted `(start, end)` pairs, see [`super::index::live_extents`]) covers: space
+/// nothing references.
+pub fn unreferenced_ranges(extents: &[(u64, u64)], committed_len: u64) -> Vec<(u64, u64)> {
+    let mut gaps = Vec::new();
+    let mut cursor = HEADER_BYTES;
+    for &(start, end) in extents.iter().chain([&(committed_len, committed_len)]) {
+        if start > cursor {
+            gaps.push((cursor, start));
+        }
+        cursor = cursor.max(end);
+    }
+    gaps
+}
+
 fn header(id: u32) -> Vec<u8> {
     let mut header = vec![0u8; HEADER_BYTES as usize];
     header[..8].copy_from_slice(MAGIC);
@@ -132,6 +147,16 @@ impl<S: Storage> PackFile<S> {
         let end = align_up(offset + len);
         self.file
             .allocate(Allocate::PunchHole, offset, end - offset)
+    }
+
+    /// The first offset at or after `offset` that holds data (see [`StorageFile::seek_data`]).
+    pub fn seek_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        self.file.seek_data(offset)
+    }
+
+    /// The first offset at or after `offset` that starts a hole.
+    pub fn seek_hole(&self, offset: u64) -> io::Result<u64> {
+        self.file.seek_hole(offset)
     }
 
     /// Hint that `[offset, offset + len)` will be read soon.
