@@ -154,6 +154,7 @@ impl<S: Storage> Checker<'_, S> {
                 xattrs: Xattrs::default(),
                 base_snapshot: None,
                 full_compare: true,
+                high_water_bytes: 0,
             });
         }
         let guard = ns.lock();
