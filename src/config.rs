@@ -27,6 +27,8 @@ pub struct Settings {
     pub fuse_threads: usize,
     pub cache_size_bytes: u64,
     pub allow_other: bool,
+    /// Copy the snapshot's blocks into volumes made from snapshots in the background.
+    pub hydrate: bool,
 }
 
 /// One config file's keys, all optional so a file may override only some.
@@ -42,6 +44,7 @@ struct ConfigFile {
     fuse_threads: Option<usize>,
     cache_size: Option<ByteSize>,
     allow_other: Option<bool>,
+    hydrate: Option<bool>,
 }
 
 /// What went wrong with a config file, and where.
@@ -110,6 +113,7 @@ impl Settings {
             fuse_threads: 0,
             cache_size_bytes: 0,
             allow_other: false,
+            hydrate: false,
         }
     }
 }
@@ -216,6 +220,9 @@ fn apply_text(
     }
     if let Some(allow) = file.allow_other {
         settings.allow_other = allow;
+    }
+    if let Some(hydrate) = file.hydrate {
+        settings.hydrate = hydrate;
     }
     Ok(())
 }

@@ -9,6 +9,7 @@
 //! volumes/<id>.raw          live volume data, sparse
 //! volumes/<id>.dirty        blocks changed since the volume's last snapshot
 //! volumes/<id>.dirty.new    a fresh dirty map being put in place by a freeze
+//! volumes/<id>.present      blocks a volume made from a snapshot holds itself
 //! captures/<vol>-<snap>.set capture set of a pending snapshot (a former dirty map)
 //! captures/<vol>-<snap>.cow pages preserved for a pending snapshot
 //! chunks/pack-<n>.dat       snapshot chunks
@@ -52,6 +53,8 @@ pub enum VolumeFile {
     Data,
     Dirty,
     DirtyNew,
+    /// Which blocks of a volume made from a snapshot its data file holds.
+    Present,
 }
 
 impl VolumeFile {
@@ -60,6 +63,7 @@ impl VolumeFile {
             VolumeFile::Data => "raw",
             VolumeFile::Dirty => "dirty",
             VolumeFile::DirtyNew => "dirty.new",
+            VolumeFile::Present => "present",
         }
     }
 }
@@ -341,9 +345,14 @@ fn parse_marker(bytes: &[u8]) -> Result<u64, String> {
 /// Parses a name in `volumes/`: `<id>.raw`, `<id>.dirty`, `<id>.dirty.new`.
 pub fn parse_volume_file(name: &OsStr) -> Option<(VolumeId, VolumeFile)> {
     let (id, suffix) = name.to_str()?.split_once('.')?;
-    let kind = [VolumeFile::Data, VolumeFile::Dirty, VolumeFile::DirtyNew]
-        .into_iter()
-        .find(|k| k.suffix() == suffix)?;
+    let kind = [
+        VolumeFile::Data,
+        VolumeFile::Dirty,
+        VolumeFile::DirtyNew,
+        VolumeFile::Present,
+    ]
+    .into_iter()
+    .find(|k| k.suffix() == suffix)?;
     Some((VolumeId(parse_id(id)?), kind))
 }
 

@@ -543,7 +543,8 @@ fn writes_into_a_snapshot_are_erofs() {
 
     let meta = fs::metadata(&snap_img).unwrap();
     assert_eq!(meta.len(), 4 * MIB + 100, "size of volume.img changed");
-    assert_eq!(meta.mode() & 0o777, 0o444, "mode of volume.img changed");
+    // 0644 (owner-writable, so that `cp` makes a writable volume), yet read-only.
+    assert_eq!(meta.mode() & 0o777, 0o644, "mode of volume.img changed");
     assert_eq!(sha256(&snap_img), sum, "contents of volume.img changed");
     let mut entries: Vec<String> = fs::read_dir(&dir)
         .unwrap()

@@ -217,7 +217,7 @@ impl<S: Storage> Checker<'_, S> {
             });
         }
         match kind {
-            VolumeFile::Data | VolumeFile::Dirty => Verdict::Needed,
+            VolumeFile::Data | VolumeFile::Dirty | VolumeFile::Present => Verdict::Needed,
             // Needed only while the map it replaces is missing (an interrupted freeze).
             VolumeFile::DirtyNew => {
                 let dirty = self.layout.volume_file(id, VolumeFile::Dirty);

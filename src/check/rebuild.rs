@@ -155,6 +155,7 @@ impl<S: Storage> Checker<'_, S> {
                 base_snapshot: None,
                 full_compare: true,
                 high_water_bytes: 0,
+                hydrated: false,
             });
         }
         let guard = ns.lock();

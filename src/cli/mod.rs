@@ -9,6 +9,7 @@ pub mod check;
 pub mod mount;
 pub mod scrub;
 pub mod snapshot;
+pub mod volume;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -35,6 +36,9 @@ enum Command {
     /// Create, list, wait for and delete snapshots of a mounted ebsfs.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
+    /// Create volumes (also from snapshots, instantly) and list them.
+    #[command(subcommand)]
+    Volume(volume::VolumeCommand),
     /// Verify a stopped data directory (every chunk's hash, every reference, every
     /// file) and, with --repair, fix what is safe to fix.
     Check(check::CheckArgs),
@@ -91,6 +95,7 @@ pub fn run(args: Vec<OsString>) -> i32 {
     match cli.command {
         Command::Mount(args) => mount::run(args),
         Command::Snapshot(cmd) => snapshot::run(cmd),
+        Command::Volume(cmd) => volume::run(cmd),
         Command::Check(args) => check::run(args),
         Command::Scrub(args) => scrub::run(args),
     }

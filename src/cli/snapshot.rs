@@ -52,7 +52,7 @@ pub enum SnapshotCommand {
 }
 
 /// A failure to report, with the exit code to use.
-struct Failure(i32, String);
+pub(super) struct Failure(pub i32, pub String);
 
 pub fn run(cmd: SnapshotCommand) -> i32 {
     match dispatch(cmd) {
@@ -102,7 +102,7 @@ fn parse_id(id: &str) -> Result<SnapshotName, Failure> {
     SnapshotName::parse(id).map_err(|e| invalid_name(id, e))
 }
 
-fn with_mount(
+pub(super) fn with_mount(
     location: &MountLocation,
     f: impl FnOnce(&Path) -> Result<(), Failure>,
 ) -> Result<(), Failure> {
@@ -176,6 +176,33 @@ pub(super) fn snapshot_names(mnt: &Path) -> std::io::Result<Vec<String>> {
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect())
+}
+
+/// An extended attribute of `path`, `None` if it has none of that name.
+pub(super) fn get_xattr(path: &Path, name: &str) -> std::io::Result<Option<Vec<u8>>> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let c_name = CString::new(name).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: both strings are NUL-terminated; buf is valid for its length.
+    let rc = unsafe {
+        libc::getxattr(
+            c_path.as_ptr(),
+            c_name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if rc >= 0 {
+        buf.truncate(rc as usize);
+        return Ok(Some(buf));
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ENODATA) {
+        Ok(None)
+    } else {
+        Err(err)
+    }
 }
 
 fn set_xattr(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {

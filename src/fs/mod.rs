@@ -8,6 +8,7 @@
 //! directory's layout is in [`crate::layout`].
 
 pub mod access;
+mod clones;
 pub mod error;
 pub mod inode;
 mod recovery;
@@ -19,7 +20,7 @@ mod xattr;
 use std::ffi::OsStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use dashmap::DashMap;
 
@@ -146,6 +147,16 @@ pub struct FsCore<S: Storage> {
     owner_ids: (u32, u32),
     mounted_at: SystemTime,
     stopped: AtomicBool,
+    hydrate_signal: Arc<clones::HydrateSignal>,
+    /// When volume I/O last happened, in ms since `epoch_start` (the hydrator yields).
+    last_io: AtomicU64,
+    epoch_start: Instant,
+}
+
+impl<S: Storage> Drop for FsCore<S> {
+    fn drop(&mut self) {
+        self.hydrate_signal.stop();
+    }
 }
 
 fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> FsError {
@@ -174,6 +185,9 @@ impl<S: Storage> FsCore<S> {
             owner_ids,
             mounted_at: SystemTime::now(),
             stopped: AtomicBool::new(false),
+            hydrate_signal: Arc::default(),
+            last_io: AtomicU64::new(0),
+            epoch_start: Instant::now(),
         })
     }
 
@@ -188,6 +202,7 @@ impl<S: Storage> FsCore<S> {
         if self.stopped.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.hydrate_signal.stop();
         self.engine.wait_all();
         for slot in self.volumes.iter() {
             if let VolumeSlot::Live(volume) = slot.value()
@@ -360,7 +375,10 @@ impl<S: Storage> FsCore<S> {
     pub fn read(&self, ino: u64, fh: u64, offset: u64, buf: &mut [u8]) -> FsResult<usize> {
         let handle = self.handles.get(&fh).map(|h| h.clone());
         let n = match handle {
-            Some(Handle::Volume(volume)) => volume.read_at(buf, offset)?,
+            Some(Handle::Volume(volume)) => {
+                self.note_io();
+                volume.read_at(buf, offset)?
+            }
             Some(Handle::Text(text)) => {
                 let start = (offset as usize).min(text.len());
                 let n = (text.len() - start).min(buf.len());

@@ -107,12 +107,23 @@ impl<S: Storage> FsCore<S> {
             ino: Node::SnapshotFile(id, file).ino(),
             kind: FileKind::RegularFile,
             size,
+            // The image's blocks are shared with other snapshots and volumes: it is
+            // counted at its full size (`stored_bytes` in `info` is what it added).
+            // That also tells `cp` it is not sparse, so that it copies with
+            // `copy_file_range`, which makes the copy by reference; `SEEK_HOLE` still
+            // finds the holes for the tools that ask.
             blocks: if file == SnapshotFile::Image {
-                record.stored_bytes.div_ceil(512)
+                size.div_ceil(512)
             } else {
                 0
             },
-            perm: 0o444,
+            // Owner-writable, so that a copy (`cp` copies the mode) is a writable
+            // volume; writes to the snapshot itself fail with EROFS.
+            perm: if file == SnapshotFile::Image {
+                0o644
+            } else {
+                0o444
+            },
             nlink: 1,
             uid: record.owner.uid,
             gid: record.owner.gid,

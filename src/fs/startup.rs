@@ -31,6 +31,7 @@ use crate::snapshot::{Scheduling, SnapshotEngine};
 use crate::storage::Storage;
 use crate::store::ChunkStore;
 use crate::volume::dirty::{DirtyMap, NEVER_SHRUNK};
+use crate::volume::source::{SnapshotBlocks, Source};
 use crate::volume::{Volume, VolumeError};
 
 pub(super) struct Opened<S: Storage> {
@@ -78,10 +79,12 @@ pub(super) fn open<S: Storage>(
     ));
     let host_crash = session.last_stop == LastStop::HostCrash;
     let mut volumes = HashMap::new();
-    for record in ns.view().volumes.values() {
+    let view = ns.view();
+    for record in view.volumes.values() {
+        let source = super::clones::source_blocks(&engine, &view, record);
         volumes.insert(
             record.id,
-            open_volume(storage, &layout, record, settings, host_crash),
+            open_volume(storage, &layout, record, settings, host_crash, source),
         );
     }
     let swept = sweep_volumes_dir(storage, &layout, &ns, &volumes)?;
@@ -176,18 +179,31 @@ fn open_volume<S: Storage>(
     record: &VolumeRecord,
     settings: &Settings,
     host_crash: bool,
+    source: Option<Arc<dyn SnapshotBlocks>>,
 ) -> VolumeSlot<S> {
     let open = || {
-        Volume::open(
+        let volume = Volume::open(
             storage,
             layout,
             record.id,
             u64::from(record.block_size),
             settings.max_volume_size_bytes,
-        )
+        )?;
+        if let Some(blocks) = source.clone() {
+            // Which blocks the volume holds itself: without it, nothing can be read.
+            let present =
+                DirtyMap::open(storage, &layout.volume_file(record.id, VolumeFile::Present))
+                    .map_err(|source| VolumeError::DirtyMap {
+                        volume: record.id,
+                        source,
+                    })?;
+            volume.reattach_source(Source::new(blocks, present, u64::from(record.block_size)))?;
+        }
+        Ok(volume)
     };
+    let dirty_path = layout.volume_file(record.id, VolumeFile::Dirty);
     let result = match open() {
-        Err(VolumeError::DirtyMap { source, .. }) => {
+        Err(VolumeError::DirtyMap { source, .. }) if source.path() == dirty_path => {
             match repair_dirty_map(storage, layout, record.id, source.is_missing(), host_crash) {
                 Ok(true) => open(),
                 Ok(false) => Err(VolumeError::DirtyMap {
@@ -328,7 +344,7 @@ fn classify<S: Storage>(
         return match kind {
             // Both maps exist: the freeze that wrote the fresh one never used it.
             VolumeFile::DirtyNew => Verdict::Remove("an unused fresh dirty map"),
-            VolumeFile::Data | VolumeFile::Dirty => Verdict::Keep,
+            VolumeFile::Data | VolumeFile::Dirty | VolumeFile::Present => Verdict::Keep,
         };
     }
     if deleted.contains(&id) {
@@ -336,7 +352,7 @@ fn classify<S: Storage>(
     }
     let empty = match kind {
         VolumeFile::Data => storage.file_len(path).ok().flatten() == Some(0),
-        VolumeFile::Dirty | VolumeFile::DirtyNew => {
+        VolumeFile::Dirty | VolumeFile::DirtyNew | VolumeFile::Present => {
             DirtyMap::open(storage, path).is_ok_and(|m| m.count() == 0)
         }
     };

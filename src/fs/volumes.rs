@@ -7,7 +7,9 @@ use log::{info, warn};
 
 use super::inode::Node;
 use super::xattr::{self, XattrFlags, check_xattr_name};
-use super::{Access, Attr, Caller, FileKind, FsCore, FsError, FsResult, SetAttr, VolumeSlot};
+use super::{
+    Access, Attr, Caller, FileKind, FsCore, FsError, FsResult, Handle, SetAttr, VolumeSlot,
+};
 use crate::layout::VolumeFile;
 use crate::names::VolumeName;
 use crate::namespace::{NsGuard, Owner, Timestamp, VolumeId, VolumeRecord, Xattrs};
@@ -148,6 +150,7 @@ impl<S: Storage> FsCore<S> {
                 base_snapshot: None,
                 full_compare: false,
                 high_water_bytes: 0,
+                hydrated: false,
             })?;
             self.volumes.insert(id, VolumeSlot::Live(Arc::new(volume)));
             Ok(id)
@@ -173,6 +176,7 @@ impl<S: Storage> FsCore<S> {
                     Some(v) => v,
                     None => self.live_volume(id)?,
                 };
+                self.note_io();
                 Ok(volume.write_at(data, offset)?)
             }
             Some(Node::SnapshotFile(..)) => Err(FsError::ReadOnly("snapshot files".into())),
@@ -180,7 +184,7 @@ impl<S: Storage> FsCore<S> {
         }
     }
 
-    fn volume_for(&self, ino: u64, fh: Option<u64>) -> FsResult<Arc<Volume<S>>> {
+    pub(super) fn volume_for(&self, ino: u64, fh: Option<u64>) -> FsResult<Arc<Volume<S>>> {
         match Node::from_ino(ino) {
             Some(Node::Volume(id)) => match fh.and_then(|fh| self.handle_volume(fh)) {
                 Some(v) => Ok(v),
@@ -200,9 +204,9 @@ impl<S: Storage> FsCore<S> {
     }
 
     pub fn fallocate(&self, ino: u64, fh: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
-        Ok(self
-            .volume_for(ino, Some(fh))?
-            .fallocate(mode, offset, len)?)
+        let volume = self.volume_for(ino, Some(fh))?;
+        self.note_io();
+        Ok(volume.fallocate(mode, offset, len)?)
     }
 
     /// `SEEK_DATA`/`SEEK_HOLE`: real holes for volumes; other files are all data.
@@ -218,6 +222,15 @@ impl<S: Storage> FsCore<S> {
                 libc::SEEK_HOLE => Err(past_end(size)),
                 _ => Err(FsError::Invalid(format!("lseek whence {whence}"))),
             };
+        }
+        if let Some(Handle::Image(image)) = self.handles.get(&fh).map(|h| h.clone()) {
+            let size = image.record.size_bytes;
+            let found = match whence {
+                libc::SEEK_DATA => image.seek(offset, true)?,
+                libc::SEEK_HOLE => image.seek(offset, false)?,
+                _ => return Err(FsError::Invalid(format!("lseek whence {whence}"))),
+            };
+            return found.ok_or_else(|| past_end(size));
         }
         let size = self.getattr(ino)?.size;
         match whence {
@@ -369,6 +382,16 @@ impl<S: Storage> FsCore<S> {
         // Only user.* attributes exist; the kernel's security.* probes just miss.
         let name = check_xattr_name(name)
             .map_err(|_| FsError::NoAttribute(name.to_string_lossy().into_owned()))?;
+        if let Some(value) = self
+            .copy_info(id)
+            .and_then(|(source, hydrated)| match name {
+                SOURCE_XATTR => Some(source),
+                HYDRATED_XATTR => Some(hydrated),
+                _ => None,
+            })
+        {
+            return Ok(value.into_bytes());
+        }
         self.volume_record(id)?
             .xattrs
             .get(name)
@@ -376,12 +399,16 @@ impl<S: Storage> FsCore<S> {
     }
 
     pub(super) fn volume_xattr_list(&self, id: VolumeId) -> FsResult<Vec<String>> {
-        Ok(self
+        let mut names: Vec<String> = self
             .volume_record(id)?
             .xattrs
             .names()
             .map(str::to_string)
-            .collect())
+            .collect();
+        if self.copy_info(id).is_some() {
+            names.extend([SOURCE_XATTR.to_string(), HYDRATED_XATTR.to_string()]);
+        }
+        Ok(names)
     }
 
     pub(super) fn volume_xattr_set(
@@ -393,6 +420,7 @@ impl<S: Storage> FsCore<S> {
         caller: &Caller,
     ) -> FsResult<()> {
         let name = check_xattr_name(name)?;
+        check_settable(name)?;
         self.update_volume(id, |record| {
             check_volume_write(record, caller)?;
             let owner = format!("volume {}", record.name);
@@ -407,6 +435,7 @@ impl<S: Storage> FsCore<S> {
         caller: &Caller,
     ) -> FsResult<()> {
         let name = check_xattr_name(name)?;
+        check_settable(name)?;
         self.update_volume(id, |record| {
             check_volume_write(record, caller)?;
             if record.xattrs.remove(name) {
@@ -416,6 +445,21 @@ impl<S: Storage> FsCore<S> {
             }
         })
     }
+}
+
+/// Read-only attributes of a volume made from a snapshot: the snapshot's name, and
+/// how much of it the volume holds itself (`ebsfs volume list` shows them).
+pub const SOURCE_XATTR: &str = "user.ebsfs.source";
+pub const HYDRATED_XATTR: &str = "user.ebsfs.hydrated";
+
+/// `user.ebsfs.*` names are the daemon's: nobody sets or removes them.
+fn check_settable(name: &str) -> FsResult<()> {
+    if name.starts_with("user.ebsfs.") {
+        return Err(FsError::NotPermitted(format!(
+            "extended attribute {name} is maintained by ebsfs and read-only"
+        )));
+    }
+    Ok(())
 }
 
 fn check_volume_write(record: &VolumeRecord, caller: &Caller) -> FsResult<()> {

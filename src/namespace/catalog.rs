@@ -10,17 +10,37 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::records::{SnapshotId, SnapshotRecord, SnapshotStatus, VolumeId, VolumeRecord};
 
+/// A point in a lineage: what snapshot `snapshot` of lineage `lineage` holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotRef {
+    pub lineage: VolumeId,
+    pub snapshot: SnapshotId,
+}
+
+/// Where to look for a block, in order: each lineage up to a snapshot, falling back
+/// to the next when it has no entry for the block (see `snapshot::manifest`).
+pub type Chain = Vec<SnapshotRef>;
+
 #[derive(Clone, Default, Debug)]
 pub struct Records {
     pub volumes: BTreeMap<VolumeId, VolumeRecord>,
     pub snapshots: BTreeMap<SnapshotId, SnapshotRecord>,
+    /// Lineages made from a snapshot (volumes from snapshots) → that snapshot.
+    pub lineage_parents: BTreeMap<VolumeId, SnapshotRef>,
     volume_names: HashMap<String, VolumeId>,
     snapshot_names: HashMap<String, SnapshotId>,
 }
 
 impl Records {
-    pub fn new(volumes: Vec<VolumeRecord>, snapshots: Vec<SnapshotRecord>) -> Records {
-        let mut records = Records::default();
+    pub fn new(
+        volumes: Vec<VolumeRecord>,
+        snapshots: Vec<SnapshotRecord>,
+        lineage_parents: BTreeMap<VolumeId, SnapshotRef>,
+    ) -> Records {
+        let mut records = Records {
+            lineage_parents,
+            ..Records::default()
+        };
         for v in volumes {
             records.upsert_volume(v);
         }
@@ -81,13 +101,22 @@ impl Records {
         self.snapshots.values().filter(|s| !s.hidden)
     }
 
-    /// Name of the newest visible, completed snapshot of `lineage` older than `id`:
-    /// what a user sees as the parent of snapshot `id`.
+    /// Name of the newest visible, completed snapshot of `lineage` older than `id`, or
+    /// else the snapshot the lineage's volume was made from: what a user sees as the
+    /// parent of snapshot `id`.
     pub fn visible_parent(&self, lineage: VolumeId, id: SnapshotId) -> Option<String> {
-        self.lineage(lineage)
+        let own = self
+            .lineage(lineage)
             .filter(|s| s.id < id && !s.hidden && s.status == SnapshotStatus::Completed)
             .last()
-            .map(SnapshotRecord::name)
+            .map(SnapshotRecord::name);
+        own.or_else(|| {
+            let source = self.lineage_parents.get(&lineage)?;
+            self.snapshots
+                .get(&source.snapshot)
+                .filter(|s| !s.hidden)
+                .map(SnapshotRecord::name)
+        })
     }
 
     /// Snapshots of a lineage, in order, hidden ones included.
@@ -95,6 +124,38 @@ impl Records {
         self.snapshots
             .values()
             .filter(move |s| s.lineage == lineage)
+    }
+
+    /// The lineages to read through for snapshot `snapshot` of `lineage` (or for the
+    /// live contents of a lineage's volume, with `SnapshotId(u64::MAX)`).
+    pub fn chain(&self, lineage: VolumeId, snapshot: SnapshotId) -> Chain {
+        let mut chain = vec![SnapshotRef { lineage, snapshot }];
+        let mut at = lineage;
+        while let Some(&parent) = self.lineage_parents.get(&at) {
+            chain.push(parent);
+            at = parent.lineage;
+        }
+        chain
+    }
+
+    /// The chain of snapshot `id`, by its record.
+    pub fn chain_of(&self, id: SnapshotId) -> Option<Chain> {
+        let record = self.snapshots.get(&id)?;
+        Some(self.chain(record.lineage, id))
+    }
+
+    /// Whether lineage `lineage` still has a volume or any snapshot (hidden ones too).
+    pub fn lineage_alive(&self, lineage: VolumeId) -> bool {
+        self.volumes.contains_key(&lineage) || self.lineage(lineage).next().is_some()
+    }
+
+    /// Whether a living lineage was made from snapshot `snapshot` of `lineage`: its
+    /// entries must then stay exactly where they are.
+    pub fn has_dependents(&self, lineage: VolumeId, snapshot: SnapshotId) -> bool {
+        let point = SnapshotRef { lineage, snapshot };
+        self.lineage_parents
+            .iter()
+            .any(|(&child, &parent)| parent == point && self.lineage_alive(child))
     }
 
     /// The snapshot of `lineage` being captured, if any.

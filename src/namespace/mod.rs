@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, WriteTransaction};
 
 use crate::storage::Storage;
-pub use catalog::Records;
+pub use catalog::{Chain, Records, SnapshotRef};
 pub use records::{
     Owner, SnapshotId, SnapshotRecord, SnapshotStatus, Timestamp, VolumeId, VolumeRecord, Xattrs,
 };
@@ -223,6 +223,7 @@ fn init_schema(db: &Database) -> NsResult<()> {
         txn.open_table(SNAPSHOT_BLOCKS)?;
         txn.open_table(PACKS)?;
         txn.open_table(DELETED_VOLUMES)?;
+        txn.open_table(LINEAGE_PARENTS)?;
     }
     txn.commit()?;
     Ok(())
@@ -263,7 +264,19 @@ fn load_records(db: &Database) -> NsResult<Records> {
             text.value(),
         )?);
     }
-    Ok(Records::new(volumes, snapshots))
+    let mut parents = std::collections::BTreeMap::new();
+    for row in txn.open_table(LINEAGE_PARENTS)?.range::<u64>(..)? {
+        let (child, parent) = row?;
+        let (lineage, snapshot) = parent.value();
+        parents.insert(
+            VolumeId(child.value()),
+            SnapshotRef {
+                lineage: VolumeId(lineage),
+                snapshot: SnapshotId(snapshot),
+            },
+        );
+    }
+    Ok(Records::new(volumes, snapshots, parents))
 }
 
 fn next_counter(txn: &WriteTransaction, name: &str) -> NsResult<u64> {
@@ -347,6 +360,22 @@ impl Change<'_> {
         Ok(())
     }
 
+    /// Records that lineage `child` was made from `parent`.
+    pub fn put_lineage_parent(&mut self, child: VolumeId, parent: SnapshotRef) -> NsResult<()> {
+        self.txn
+            .open_table(LINEAGE_PARENTS)?
+            .insert(child.0, (parent.lineage.0, parent.snapshot.0))?;
+        self.staged().lineage_parents.insert(child, parent);
+        Ok(())
+    }
+
+    /// Forgets lineage `child`'s parent (the lineage is gone).
+    pub fn remove_lineage_parent(&mut self, child: VolumeId) -> NsResult<()> {
+        self.txn.open_table(LINEAGE_PARENTS)?.remove(child.0)?;
+        self.staged().lineage_parents.remove(&child);
+        Ok(())
+    }
+
     /// Records a pack's committed length (see [`DataTxn::set_pack_len`]).
     pub fn set_pack_len(&self, pack: u32, len: u64) -> NsResult<()> {
         set_pack_len(&self.txn, pack, len)
@@ -397,6 +426,7 @@ mod tests {
             base_snapshot: None,
             full_compare: false,
             high_water_bytes: 0,
+            hydrated: false,
         }
     }
 

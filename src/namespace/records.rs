@@ -159,6 +159,10 @@ pub struct VolumeRecord {
     /// re-examine them.
     #[serde(default)]
     pub high_water_bytes: u64,
+    /// A volume made from a snapshot (see `lineage_parents`) that holds every block
+    /// itself and no longer reads the snapshot.
+    #[serde(default)]
+    pub hydrated: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,6 +12,9 @@
 //! - `packs`:     pack id → committed length in bytes
 //! - `deleted_volumes`: volume id → (): volumes whose record is gone, so that files
 //!   left behind by a crash during the deletion are known to be garbage
+//! - `lineage_parents`: lineage id → (parent lineage, parent snapshot): a volume made
+//!   from a snapshot reads, for every block its own lineage has no entry for, what
+//!   that snapshot holds
 
 use redb::TableDefinition;
 
@@ -33,6 +36,8 @@ pub const SNAPSHOT_BLOCKS: TableDefinition<(u64, u64), ()> =
     TableDefinition::new("snapshot_blocks");
 pub const PACKS: TableDefinition<u32, u64> = TableDefinition::new("packs");
 pub const DELETED_VOLUMES: TableDefinition<u64, ()> = TableDefinition::new("deleted_volumes");
+pub const LINEAGE_PARENTS: TableDefinition<u64, (u64, u64)> =
+    TableDefinition::new("lineage_parents");
 
 /// Manifest value meaning "this block is all zeros": no chunk is stored for it.
 pub const ZERO_BLOCK: [u8; 32] = [0; 32];

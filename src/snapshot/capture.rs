@@ -25,7 +25,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use log::warn;
 
 use crate::namespace::tables::{CHUNKS, MANIFEST};
-use crate::namespace::{Namespace, NamespaceError, SnapshotId, VolumeId};
+use crate::namespace::{Chain, Namespace, NamespaceError, SnapshotId, VolumeId};
 use crate::storage::Storage;
 use crate::store::codec::{ChunkHash, Codec, Compressor};
 use crate::store::index::Existing;
@@ -74,8 +74,9 @@ impl CaptureProgress {
 pub struct CaptureJob<S: Storage> {
     pub snapshot: SnapshotId,
     pub lineage: VolumeId,
-    /// The snapshot this one is incremental against.
-    pub base: Option<SnapshotId>,
+    /// Where the snapshot this one is incremental against reads its blocks (empty:
+    /// no base, everything not zero is a change).
+    pub base: Chain,
     pub volume: Arc<Volume<S>>,
     pub freeze: Arc<Freeze<S>>,
     pub progress: Arc<CaptureProgress>,
@@ -180,13 +181,12 @@ pub fn run<S: Storage>(
 /// file looks like now: a hole there is a change to record.
 fn plan<S: Storage>(job: &CaptureJob<S>, ns: &Namespace) -> Result<(), SnapshotError> {
     let freeze = &job.freeze;
-    let older_data = match job.base {
-        Some(base) if !freeze.reexamine.is_empty() => {
-            let txn = ns.read()?;
-            let table = txn.open_table(MANIFEST).map_err(NamespaceError::from)?;
-            manifest::nonzero_blocks(&table, job.lineage, base, freeze.reexamine.clone())?
-        }
-        _ => Vec::new(),
+    let older_data = if job.base.is_empty() || freeze.reexamine.is_empty() {
+        Vec::new()
+    } else {
+        let txn = ns.read()?;
+        let table = txn.open_table(MANIFEST).map_err(NamespaceError::from)?;
+        manifest::nonzero_blocks(&table, &job.base, freeze.reexamine.clone())?
     };
     let total = freeze
         .plan_reexamine(job.volume.data_file(), older_data)
@@ -245,7 +245,7 @@ fn worker<S: Storage>(workers: &Workers<'_, S>) -> Result<(), SnapshotError> {
         writer,
         ..
     } = *workers;
-    let live = job.volume.data_file();
+    let live = &*job.volume;
     let mut compressor = Compressor::new(store.compression_level)
         .map_err(|e| SnapshotError::CaptureFailed(format!("zstd: {e}")))?;
     let mut data = Vec::new();
@@ -272,12 +272,7 @@ fn worker<S: Storage>(workers: &Workers<'_, S>) -> Result<(), SnapshotError> {
             } else {
                 BlockContent::Chunk(ChunkHash::of(&data))
             };
-            let unchanged = match job.base {
-                Some(base) => {
-                    manifest::resolve(&manifest_table, job.lineage, block, base)? == content
-                }
-                None => content == BlockContent::Zero,
-            };
+            let unchanged = manifest::resolve_chain(&manifest_table, &job.base, block)? == content;
             if !unchanged {
                 if let BlockContent::Chunk(hash) = content {
                     let found = ChunkSources {

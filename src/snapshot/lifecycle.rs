@@ -128,7 +128,10 @@ impl<S: Storage> SnapshotEngine<S> {
         let job = CaptureJob {
             snapshot: id,
             lineage: vol.id,
-            base: vol.base_snapshot,
+            base: vol
+                .base_snapshot
+                .and_then(|base| view.chain_of(base))
+                .unwrap_or_default(),
             volume: volume.clone(),
             freeze,
             progress,

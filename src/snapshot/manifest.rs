@@ -15,7 +15,7 @@
 use redb::{ReadableTable, Table, WriteTransaction};
 
 use crate::namespace::tables::{CHUNKS, ChunkRow, MANIFEST, SNAPSHOT_BLOCKS, ZERO_BLOCK};
-use crate::namespace::{NamespaceError, NsResult, SnapshotId, VolumeId};
+use crate::namespace::{NamespaceError, NsResult, SnapshotId, SnapshotRef, VolumeId};
 use crate::store::ChunkLocation;
 use crate::store::codec::ChunkHash;
 use crate::store::index;
@@ -46,57 +46,93 @@ impl BlockContent {
 
 pub type ManifestTable<'t> = Table<'t, (u64, u64, u64), &'static [u8; 32]>;
 
-/// Block `block` as snapshot `snapshot` of `lineage` sees it.
+/// Block `block` as snapshot `snapshot` of `lineage` sees it, in that lineage alone.
 pub fn resolve(
     table: &impl ReadableTable<(u64, u64, u64), &'static [u8; 32]>,
     lineage: VolumeId,
     block: u64,
     snapshot: SnapshotId,
 ) -> NsResult<BlockContent> {
-    let (lineage, snapshot) = (lineage.0, snapshot.0);
+    Ok(
+        newest_entry(table, SnapshotRef { lineage, snapshot }, block)?
+            .unwrap_or(BlockContent::Zero),
+    )
+}
+
+/// The newest entry for `block` at or before `point`, in `point`'s lineage alone.
+fn newest_entry(
+    table: &impl ReadableTable<(u64, u64, u64), &'static [u8; 32]>,
+    point: SnapshotRef,
+    block: u64,
+) -> NsResult<Option<BlockContent>> {
+    let (lineage, snapshot) = (point.lineage.0, point.snapshot.0);
     let mut range = table.range((lineage, block, 0)..=(lineage, block, snapshot))?;
     match range.next_back() {
-        Some(row) => Ok(BlockContent::from_raw(*row?.1.value())),
-        None => Ok(BlockContent::Zero),
+        Some(row) => Ok(Some(BlockContent::from_raw(*row?.1.value()))),
+        None => Ok(None),
     }
 }
 
-/// The blocks in `range` where snapshot `snapshot` of `lineage` holds anything but
-/// zeros, in order, visiting only the lineage's entries in the range.
+/// Block `block` as the first point of `chain` sees it: each point's lineage is asked
+/// in turn, the first with an entry decides; none means zeros. A volume made from a
+/// snapshot has that snapshot's chain after its own lineage.
+pub fn resolve_chain(
+    table: &impl ReadableTable<(u64, u64, u64), &'static [u8; 32]>,
+    chain: &[SnapshotRef],
+    block: u64,
+) -> NsResult<BlockContent> {
+    for &point in chain {
+        if let Some(content) = newest_entry(table, point, block)? {
+            return Ok(content);
+        }
+    }
+    Ok(BlockContent::Zero)
+}
+
+/// The blocks in `range` where the first point of `chain` holds anything but zeros,
+/// in order, visiting only the chain's entries in the range.
 pub fn nonzero_blocks(
     table: &impl ReadableTable<(u64, u64, u64), &'static [u8; 32]>,
-    lineage: VolumeId,
-    snapshot: SnapshotId,
+    chain: &[SnapshotRef],
     range: std::ops::Range<u64>,
 ) -> NsResult<Vec<u64>> {
-    let mut out = Vec::new();
+    let mut decided: std::collections::BTreeMap<u64, bool> = std::collections::BTreeMap::new();
     if range.is_empty() {
-        return Ok(out);
+        return Ok(Vec::new());
     }
-    // Per block, the newest entry at or before `snapshot` decides.
-    let mut current: Option<(u64, bool)> = None;
-    let rows = table.range((lineage.0, range.start, 0)..=(lineage.0, range.end - 1, u64::MAX))?;
-    for row in rows {
-        let (key, value) = row?;
-        let (_, block, id) = key.value();
-        if id > snapshot.0 {
-            continue;
-        }
-        let nonzero = *value.value() != ZERO_BLOCK;
-        match &mut current {
-            Some((b, state)) if *b == block => *state = nonzero,
-            _ => {
-                if let Some((b, true)) = current {
-                    out.push(b);
+    for &point in chain {
+        // Per block, the newest entry at or before the point decides within the
+        // lineage; a block an earlier point decided keeps that decision.
+        let (lineage, snapshot) = (point.lineage.0, point.snapshot.0);
+        let rows = table.range((lineage, range.start, 0)..=(lineage, range.end - 1, u64::MAX))?;
+        let mut newest: Option<(u64, bool)> = None;
+        let settle = |entry: Option<(u64, bool)>,
+                      decided: &mut std::collections::BTreeMap<u64, bool>| {
+            if let Some((block, nonzero)) = entry {
+                decided.entry(block).or_insert(nonzero);
+            }
+        };
+        for row in rows {
+            let (key, value) = row?;
+            let (_, block, id) = key.value();
+            if id > snapshot {
+                continue;
+            }
+            let nonzero = *value.value() != ZERO_BLOCK;
+            match &mut newest {
+                Some((b, state)) if *b == block => *state = nonzero,
+                _ => {
+                    settle(newest.take(), &mut decided);
+                    newest = Some((block, nonzero));
                 }
-                current = Some((block, nonzero));
             }
         }
+        settle(newest, &mut decided);
     }
-    if let Some((b, true)) = current {
-        out.push(b);
-    }
-    Ok(out)
+    Ok(decided
+        .into_iter()
+        .filter_map(|(block, nonzero)| nonzero.then_some(block))
+        .collect())
 }
 
 /// Records that snapshot `snapshot` holds `content` at `block`. The caller accounts
@@ -382,13 +418,35 @@ mod tests {
         commit_delta(&ns, 1, 3, &BTreeMap::from([(2, None)]));
         let txn = ns.read().unwrap();
         let table = txn.open_table(MANIFEST).unwrap();
-        let at =
-            |snap, range| nonzero_blocks(&table, VolumeId(1), SnapshotId(snap), range).unwrap();
+        let point = |lineage, snapshot| SnapshotRef {
+            lineage: VolumeId(lineage),
+            snapshot: SnapshotId(snapshot),
+        };
+        let at = |snap, range| nonzero_blocks(&table, &[point(1, snap)], range).unwrap();
         assert_eq!(at(1, 0..10), vec![0, 2, 5]);
         assert_eq!(at(2, 0..10), vec![2, 3, 5]);
         assert_eq!(at(3, 0..10), vec![3, 5]);
         assert_eq!(at(2, 3..5), vec![3]);
         assert_eq!(at(2, 4..4), Vec::<u64>::new());
+        drop((table, txn));
+        // A lineage made from snapshot 2: its own entries first, then lineage 1 at 2.
+        commit_delta(
+            &ns,
+            7,
+            4,
+            &BTreeMap::from([(2, None), (3, None), (6, Some(5))]),
+        );
+        let txn = ns.read().unwrap();
+        let table = txn.open_table(MANIFEST).unwrap();
+        let chain = [point(7, 4), point(1, 2)];
+        assert_eq!(nonzero_blocks(&table, &chain, 0..10).unwrap(), vec![5, 6]);
+        let contents: Vec<BlockContent> = (0..7)
+            .map(|b| resolve_chain(&table, &chain, b).unwrap())
+            .collect();
+        assert_eq!(contents[5], BlockContent::Chunk(hash(3)));
+        assert_eq!(contents[6], BlockContent::Chunk(hash(5)));
+        assert_eq!(contents[2], BlockContent::Zero);
+        assert_eq!(contents[0], BlockContent::Zero);
     }
 
     #[test]

@@ -124,7 +124,7 @@ const IOPRIO_IDLE: libc::c_long = 3 << 13;
 const IOPRIO_WHO_PROCESS: libc::c_long = 1;
 
 /// Lowers the calling thread's CPU and I/O priority. Best effort: it only tunes speed.
-fn lower_thread_priority() {
+pub(crate) fn lower_thread_priority() {
     // SAFETY: gettid, setpriority and ioprio_set take integers only; on Linux, a
     // thread id with PRIO_PROCESS / IOPRIO_WHO_PROCESS changes that thread alone.
     let (nice, io) = unsafe {

@@ -51,7 +51,8 @@ impl Settle {
             .iter()
             .any(|s| s.status == SnapshotStatus::Pending);
         for hidden in snapshots.iter().filter(|s| s.hidden) {
-            if pinned.contains(&hidden.id) {
+            // An open image reads it; a volume made from it reads through it.
+            if pinned.contains(&hidden.id) || c.records().has_dependents(lineage, hidden.id) {
                 continue;
             }
             let successor = snapshots
@@ -77,7 +78,26 @@ impl Settle {
                 return Ok(());
             }
         }
-        Ok(())
+        self.release_parent(c, lineage, pinned)
+    }
+
+    /// A lineage made from a snapshot that has nothing left (no volume, no snapshot)
+    /// no longer holds its parent: forget the link and settle the parent's lineage,
+    /// whose deleted snapshot may have been kept only for it.
+    fn release_parent(
+        &mut self,
+        c: &mut Change<'_>,
+        lineage: VolumeId,
+        pinned: &HashSet<SnapshotId>,
+    ) -> SnapshotResult<()> {
+        if c.records().lineage_alive(lineage) {
+            return Ok(());
+        }
+        let Some(parent) = c.records().lineage_parents.get(&lineage).copied() else {
+            return Ok(());
+        };
+        c.remove_lineage_parent(lineage)?;
+        self.collect_hidden(c, parent.lineage, pinned)
     }
 }
 

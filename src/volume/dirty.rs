@@ -54,6 +54,13 @@ pub enum DirtyMapError {
 }
 
 impl DirtyMapError {
+    /// The file the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            DirtyMapError::Damaged { path, .. } | DirtyMapError::Io { path, .. } => path,
+        }
+    }
+
     pub fn is_missing(&self) -> bool {
         matches!(self, DirtyMapError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
     }
@@ -273,6 +280,12 @@ impl<S: Storage> DirtyMap<S> {
 
     pub fn is_set(&self, block: u64) -> bool {
         self.bits.get(block)
+    }
+
+    /// Whether `block`'s bit is in the file, not only in memory: what a decision that
+    /// lets a write go on without taking the bit's lock must look at.
+    pub fn is_set_in_file(&self, block: u64) -> bool {
+        self.persisted.get(block)
     }
 
     pub fn count(&self) -> u64 {

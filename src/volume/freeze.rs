@@ -51,6 +51,19 @@ pub const UNIT_BLOCKS: u64 = 64;
 /// Page index (byte offset / [`PAGE`]) → offset of its preserved copy.
 type Records = HashMap<u64, u64>;
 
+/// The live contents of a volume, as reads see them (a volume made from a snapshot
+/// reads blocks it has not written from the snapshot, not from its data file).
+pub trait LiveRead {
+    /// Reads at `offset` until `buf` is full or the volume ends; returns the bytes read.
+    fn read_live(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+}
+
+impl<F: StorageFile> LiveRead for F {
+    fn read_live(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.read_at(buf, offset)
+    }
+}
+
 /// Where the re-examined blocks' work stands.
 #[derive(Default)]
 struct ReexaminePlan {
@@ -236,9 +249,14 @@ impl<S: Storage> Freeze<S> {
 
     /// Reads `[offset, offset + buf.len())` of the live file as the frozen view shows
     /// it: zeros past the frozen size (and past the live end of file).
-    fn read_frozen(&self, live: &S::File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    fn read_frozen<L: LiveRead + ?Sized>(
+        &self,
+        live: &L,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> io::Result<()> {
         let valid = self.size_bytes.saturating_sub(offset).min(buf.len() as u64) as usize;
-        let read = live.read_at(&mut buf[..valid], offset)?;
+        let read = live.read_live(&mut buf[..valid], offset)?;
         buf[read..].fill(0);
         Ok(())
     }
@@ -247,7 +265,7 @@ impl<S: Storage> Freeze<S> {
     /// frozen contents of every page they touch in a block not yet captured are
     /// safe. A failure to preserve is recorded (the snapshot will end in error) but
     /// never fails the write: the volume comes first.
-    pub fn protect(&self, live: &S::File, start: u64, end: u64) {
+    pub fn protect<L: LiveRead + ?Sized>(&self, live: &L, start: u64, end: u64) {
         if end <= start {
             return;
         }
@@ -271,7 +289,12 @@ impl<S: Storage> Freeze<S> {
     }
 
     /// Copies the pages of `pages` (all in `block`) not yet preserved.
-    fn preserve(&self, live: &S::File, block: u64, pages: Range<u64>) -> io::Result<()> {
+    fn preserve<L: LiveRead + ?Sized>(
+        &self,
+        live: &L,
+        block: u64,
+        pages: Range<u64>,
+    ) -> io::Result<()> {
         let mut records = self.records(block);
         let mut page = pages.start;
         while page < pages.end {
@@ -299,7 +322,12 @@ impl<S: Storage> Freeze<S> {
 
     /// The frozen contents of `block`, for the capture worker, into `buf` (resized
     /// to one block). Each block of the set is taken once.
-    pub fn take_into(&self, live: &S::File, block: u64, buf: &mut Vec<u8>) -> io::Result<()> {
+    pub fn take_into<L: LiveRead + ?Sized>(
+        &self,
+        live: &L,
+        block: u64,
+        buf: &mut Vec<u8>,
+    ) -> io::Result<()> {
         let bs = self.block_size;
         buf.resize(bs as usize, 0);
         self.read_frozen(live, buf, block * bs)?;
@@ -326,7 +354,7 @@ impl<S: Storage> Freeze<S> {
     }
 
     /// [`Freeze::take_into`] a new buffer.
-    pub fn take(&self, live: &S::File, block: u64) -> io::Result<Vec<u8>> {
+    pub fn take<L: LiveRead + ?Sized>(&self, live: &L, block: u64) -> io::Result<Vec<u8>> {
         let mut buf = Vec::new();
         self.take_into(live, block, &mut buf)?;
         Ok(buf)
@@ -487,7 +515,7 @@ mod tests {
                 .collect();
             for b in 0..7u64 {
                 assert_eq!(
-                    freeze.take(&live, b).unwrap(),
+                    freeze.take(&*live, b).unwrap(),
                     vec![b as u8 + 1; BS as usize],
                     "round {round} block {b}"
                 );

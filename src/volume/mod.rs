@@ -16,9 +16,10 @@ pub mod dirty;
 pub mod freeze;
 #[cfg(all(test, feature = "shuttle"))]
 mod shuttle_tests;
+pub mod source;
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use crate::layout::{CaptureFile, Layout, VolumeFile};
@@ -27,7 +28,8 @@ use crate::storage::{Allocate, FileTimes, OpenOptions, Storage, StorageFile};
 use crate::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard, read, write};
 
 use dirty::{DirtyMap, DirtyMapError, NEVER_SHRUNK};
-use freeze::Freeze;
+use freeze::{Freeze, LiveRead};
+use source::Source;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -84,6 +86,8 @@ pub struct Volume<S: Storage> {
     layout: Layout,
     data: S::File,
     epoch: RwLock<Epoch<S>>,
+    /// The snapshot a volume made from one reads its unwritten blocks from.
+    source: OnceLock<Source<S>>,
 }
 
 /// The `fallocate(2)` modes FUSE forwards.
@@ -159,7 +163,75 @@ impl<S: Storage> Volume<S> {
                 dirty,
                 freeze: None,
             }),
+            source: OnceLock::new(),
         })
+    }
+
+    /// Makes this volume, opened after a restart, read its unwritten blocks from a
+    /// snapshot again. A shrink a crash cut short before the source limit followed
+    /// it is completed here.
+    pub fn reattach_source(&self, source: Source<S>) -> VolumeResult<()> {
+        let size = self.size()?;
+        if source.present.low_water() > size {
+            source
+                .present
+                .note_shrink(size)
+                .map_err(self.io_err("record shrink", size))?;
+        }
+        self.attach_source(source)
+    }
+
+    fn attach_source(&self, source: Source<S>) -> VolumeResult<()> {
+        if self.source.set(source).is_err() {
+            return Err(VolumeError::Io {
+                volume: self.id,
+                op: "attach source",
+                offset: 0,
+                source: io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "already made from a snapshot",
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Makes a blank volume (size 0; that it was never snapshotted, the caller
+    /// checks) read its unwritten blocks from a snapshot of `source_size` bytes:
+    /// `commit` records that durably, then the source is attached. All under the
+    /// freeze barrier, so no write races the change. Returns false, doing nothing, if
+    /// the volume is not blank. Blocks past the source's end that the volume grows
+    /// into are re-examined by the next capture (the dirty map's low-water size).
+    pub fn become_copy_of<E: From<VolumeError>>(
+        &self,
+        source: Source<S>,
+        source_size: u64,
+        commit: impl FnOnce() -> Result<(), E>,
+    ) -> Result<bool, E> {
+        let epoch = self.epoch_exclusive();
+        if self.size()? != 0 || self.source.get().is_some() {
+            return Ok(false);
+        }
+        // Before the commit: a crash between the two only costs the first capture a
+        // wider re-examination.
+        epoch
+            .dirty
+            .note_shrink(source_size)
+            .map_err(self.io_err("record change", 0))?;
+        commit()?;
+        drop(epoch);
+        self.attach_source(source)?;
+        Ok(true)
+    }
+
+    /// The snapshot source, while blocks are still read from it.
+    pub fn active_source(&self) -> Option<&Source<S>> {
+        self.source.get().filter(|s| !s.is_hydrated())
+    }
+
+    /// The snapshot source, hydrated or not.
+    pub fn source(&self) -> Option<&Source<S>> {
+        self.source.get()
     }
 
     fn io_err(&self, op: &'static str, offset: u64) -> impl FnOnce(io::Error) -> VolumeError {
@@ -210,9 +282,97 @@ impl<S: Storage> Volume<S> {
 
     /// Reads at `offset`; returns fewer bytes only at the end of the volume.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> VolumeResult<usize> {
-        self.data
-            .read_at(buf, offset)
+        self.read_live(buf, offset)
             .map_err(self.io_err("read", offset))
+    }
+
+    /// Reads a volume made from a snapshot: runs of present blocks from the data file,
+    /// the others from the snapshot.
+    fn read_through(&self, source: &Source<S>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let size = self.data.len()?;
+        let end = offset.saturating_add(buf.len() as u64).min(size);
+        if offset >= end {
+            return Ok(0);
+        }
+        let bs = self.block_size;
+        let mut block_buf = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let own = source.is_own(pos / bs);
+            let mut run_end = ((pos / bs + 1) * bs).min(end);
+            while run_end < end && source.is_own(run_end / bs) == own {
+                run_end = (run_end + bs).min(end);
+            }
+            let at = (pos - offset) as usize;
+            let piece = &mut buf[at..at + (run_end - pos) as usize];
+            if own {
+                let n = self.data.read_at(piece, pos)?;
+                piece[n..].fill(0);
+            } else {
+                block_buf.resize(bs as usize, 0);
+                let mut filled = 0;
+                while filled < piece.len() {
+                    let at_pos = pos + filled as u64;
+                    let block = at_pos / bs;
+                    source.blocks.read_block(block, &mut block_buf)?;
+                    let within = (at_pos - block * bs) as usize;
+                    let take = (bs as usize - within).min(piece.len() - filled);
+                    piece[filled..filled + take].copy_from_slice(&block_buf[within..within + take]);
+                    filled += take;
+                }
+            }
+            pos = run_end;
+        }
+        Ok((end - offset) as usize)
+    }
+
+    /// Runs `change` over bytes `[start, end)`, which it rewrites. In a volume made
+    /// from a snapshot, blocks not present yet are first hydrated where `change`
+    /// covers them only in part, and marked present after it where it covers them
+    /// whole (their regions are punched back to holes if it fails).
+    fn own_blocks<T>(
+        &self,
+        start: u64,
+        end: u64,
+        change: impl FnOnce() -> VolumeResult<T>,
+    ) -> VolumeResult<T> {
+        let Some(source) = self.active_source().filter(|_| end > start) else {
+            return change();
+        };
+        let bs = self.block_size;
+        let (guards, missing) = source.lock_missing(start / bs, (end - 1) / bs);
+        if missing.is_empty() {
+            return change();
+        }
+        let size = self.size()?;
+        let mut whole = Vec::new();
+        for block in missing {
+            if start <= block * bs && end >= (block + 1) * bs {
+                whole.push(block);
+            } else {
+                source
+                    .hydrate_locked(&self.data, block, size)
+                    .map_err(self.io_err("hydrate", block * bs))?;
+            }
+        }
+        let result = change();
+        for &block in &whole {
+            let marked = match &result {
+                Ok(_) => source
+                    .present
+                    .mark(block, block)
+                    .map_err(self.io_err("record hydration", block * bs)),
+                Err(_) => self
+                    .data
+                    .allocate(Allocate::PunchHole, block * bs, bs)
+                    .map_err(self.io_err("undo a failed write", block * bs)),
+            };
+            if let Err(e) = marked {
+                return Err(result.err().unwrap_or(e));
+            }
+        }
+        drop(guards);
+        result
     }
 
     fn check_size(&self, end: u64) -> VolumeResult<()> {
@@ -238,7 +398,7 @@ impl<S: Storage> Volume<S> {
         if end > start {
             let (first, last) = (start / self.block_size, (end - 1) / self.block_size);
             if let Some(freeze) = &epoch.freeze {
-                freeze.protect(&self.data, start, end);
+                freeze.protect(self, start, end);
             }
             epoch
                 .dirty
@@ -251,22 +411,45 @@ impl<S: Storage> Volume<S> {
     pub fn write_at(&self, data: &[u8], offset: u64) -> VolumeResult<usize> {
         let end = offset.saturating_add(data.len() as u64);
         self.check_size(end)?;
-        self.modify(offset, end, |file| {
-            file.write_all_at(data, offset)
-                .map_err(self.io_err("write", offset))?;
-            Ok(data.len())
+        self.own_blocks(offset, end, || {
+            self.modify(offset, end, |file| {
+                file.write_all_at(data, offset)
+                    .map_err(self.io_err("write", offset))?;
+                Ok(data.len())
+            })
         })
     }
 
     /// Grows or shrinks the volume. Shrinking frees the tail; growing exposes zeros.
+    /// A volume made from a snapshot hydrates the block its new end falls in first,
+    /// and after the cut stops reading anything past it from the snapshot (a crash
+    /// between the two is completed at the next open).
     pub fn set_size(&self, new_size: u64) -> VolumeResult<()> {
         self.check_size(new_size)?;
+        let old_size = self.size()?;
+        if new_size < old_size && !new_size.is_multiple_of(self.block_size) {
+            self.own_blocks(new_size, new_size + 1, || self.resize(new_size))?;
+        } else {
+            self.resize(new_size)?;
+        }
+        if let Some(source) = self.active_source()
+            && new_size < source.present.low_water()
+        {
+            source
+                .present
+                .note_shrink(new_size)
+                .map_err(self.io_err("record shrink", new_size))?;
+        }
+        Ok(())
+    }
+
+    fn resize(&self, new_size: u64) -> VolumeResult<()> {
         let epoch = self.epoch_shared();
         let old_size = self.size()?;
         if new_size < old_size {
             let bs = self.block_size;
             if let Some(freeze) = &epoch.freeze {
-                freeze.protect(&self.data, new_size, old_size);
+                freeze.protect(self, new_size, old_size);
             }
             // The block holding the new end keeps a zeroed tail: a change like any
             // other. Blocks wholly past it are covered by the low-water size.
@@ -316,13 +499,19 @@ impl<S: Storage> Volume<S> {
             Allocate::Reserve { .. } => apply(&self.data),
             Allocate::PunchHole | Allocate::ZeroRange { .. } => {
                 let size = self.size()?;
-                self.modify(offset, end.min(size.max(offset)), apply)
+                let end = end.min(size.max(offset));
+                self.own_blocks(offset, end, || self.modify(offset, end, apply))
             }
         }
     }
 
     /// `SEEK_DATA`: the first data at or after `offset`, `None` if only holes follow.
+    /// A volume still reading from its snapshot reports no holes (allowed: holes are
+    /// an optimisation, and the data file's holes do not show where its data is).
     pub fn seek_data(&self, offset: u64) -> VolumeResult<Option<u64>> {
+        if self.active_source().is_some() {
+            return Ok((offset < self.size()?).then_some(offset));
+        }
         self.data
             .seek_data(offset)
             .map_err(self.io_err("seek", offset))
@@ -330,19 +519,26 @@ impl<S: Storage> Volume<S> {
 
     /// `SEEK_HOLE`: the first hole at or after `offset` (the end of the volume at worst).
     pub fn seek_hole(&self, offset: u64) -> VolumeResult<u64> {
+        if self.active_source().is_some() {
+            return Ok(self.size()?.max(offset));
+        }
         self.data
             .seek_hole(offset)
             .map_err(self.io_err("seek", offset))
     }
 
-    /// Makes acknowledged writes durable.
+    /// Makes acknowledged writes durable: the data, then which blocks it holds.
     pub fn sync(&self, data_only: bool) -> VolumeResult<()> {
         let result = if data_only {
             self.data.sync_data()
         } else {
             self.data.sync_all()
         };
-        result.map_err(self.io_err("fsync", 0))
+        result.map_err(self.io_err("fsync", 0))?;
+        if let Some(source) = self.active_source() {
+            source.present.sync().map_err(self.io_err("fsync", 0))?;
+        }
+        Ok(())
     }
 
     /// Freezes the volume for snapshot `snapshot`: the dirty map becomes the capture
@@ -466,6 +662,15 @@ impl<S: Storage> Volume<S> {
             .dirty
             .sync()
             .map_err(self.io_err("sync dirty map", 0))
+    }
+}
+
+impl<S: Storage> LiveRead for Volume<S> {
+    fn read_live(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        match self.active_source() {
+            Some(source) => self.read_through(source, buf, offset),
+            None => self.data.read_at(buf, offset),
+        }
     }
 }
 
@@ -621,6 +826,121 @@ mod tests {
         drop(v);
         // The merged map is on disk too.
         assert_eq!(volume(&storage, &layout).dirty_blocks(), 2);
+    }
+
+    /// A snapshot whose block `b` is filled with byte `b + 1`, except block 3 (zeros).
+    struct FakeSnapshot {
+        reads: std::sync::atomic::AtomicU64,
+    }
+
+    impl source::SnapshotBlocks for FakeSnapshot {
+        fn read_block(&self, block: u64, buf: &mut [u8]) -> io::Result<()> {
+            self.reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            buf.fill(if block == 3 { 0 } else { block as u8 + 1 });
+            Ok(())
+        }
+
+        fn data_blocks(&self, limit: u64) -> io::Result<Vec<u64>> {
+            Ok((0..limit).filter(|&b| b != 3).collect())
+        }
+    }
+
+    /// A volume of 6 blocks made from [`FakeSnapshot`].
+    fn clone_volume(
+        storage: &MemStorage,
+        layout: &Layout,
+    ) -> (Volume<MemStorage>, Arc<FakeSnapshot>) {
+        let v = new_volume(storage, layout);
+        v.set_size(6 * BS).unwrap();
+        let present = DirtyMap::create(
+            storage,
+            &layout.volume_file(VolumeId(1), VolumeFile::Present),
+            6 * BS,
+        )
+        .unwrap();
+        let snapshot = Arc::new(FakeSnapshot {
+            reads: std::sync::atomic::AtomicU64::new(0),
+        });
+        v.reattach_source(Source::new(snapshot.clone(), present, BS))
+            .unwrap();
+        (v, snapshot)
+    }
+
+    fn read_all(v: &Volume<MemStorage>) -> Vec<u8> {
+        let mut buf = vec![0u8; v.size().unwrap() as usize];
+        assert_eq!(v.read_at(&mut buf, 0).unwrap(), buf.len());
+        buf
+    }
+
+    fn expected_clone() -> Vec<u8> {
+        (0..6u64)
+            .flat_map(|b| vec![if b == 3 { 0 } else { b as u8 + 1 }; BS as usize])
+            .collect()
+    }
+
+    #[test]
+    fn a_clone_reads_its_snapshot_until_written() {
+        let (storage, layout) = setup();
+        let (v, _) = clone_volume(&storage, &layout);
+        assert_eq!(read_all(&v), expected_clone());
+        assert_eq!(v.allocated_bytes().unwrap(), 0, "nothing copied");
+        // A partial write keeps the rest of its block from the snapshot.
+        v.write_at(b"xy", BS + 10).unwrap();
+        let mut expected = expected_clone();
+        expected[BS as usize + 10..BS as usize + 12].copy_from_slice(b"xy");
+        assert_eq!(read_all(&v), expected);
+        assert!(v.source().unwrap().present.is_set_in_file(1));
+        drop(v);
+        // After a restart, the present map says which blocks the data file holds.
+        let v = volume(&storage, &layout);
+        let present = DirtyMap::open(
+            &storage,
+            &layout.volume_file(VolumeId(1), VolumeFile::Present),
+        )
+        .unwrap();
+        let snapshot = Arc::new(FakeSnapshot {
+            reads: std::sync::atomic::AtomicU64::new(0),
+        });
+        v.reattach_source(Source::new(snapshot, present, BS))
+            .unwrap();
+        assert_eq!(read_all(&v), expected);
+    }
+
+    #[test]
+    fn a_whole_block_write_to_a_clone_copies_nothing_first() {
+        let (storage, layout) = setup();
+        let (v, snapshot) = clone_volume(&storage, &layout);
+        v.write_at(&vec![9u8; BS as usize], 2 * BS).unwrap();
+        assert_eq!(snapshot.reads.load(std::sync::atomic::Ordering::Relaxed), 0);
+        let mut expected = expected_clone();
+        expected[2 * BS as usize..3 * BS as usize].fill(9);
+        assert_eq!(read_all(&v), expected);
+    }
+
+    #[test]
+    fn a_shrunk_and_regrown_clone_reads_zeros_past_the_cut() {
+        let (storage, layout) = setup();
+        let (v, _) = clone_volume(&storage, &layout);
+        v.set_size(2 * BS + 100).unwrap();
+        v.set_size(6 * BS).unwrap();
+        let mut expected = expected_clone();
+        expected[2 * BS as usize + 100..].fill(0);
+        assert_eq!(read_all(&v), expected);
+    }
+
+    #[test]
+    fn a_freeze_of_a_clone_sees_the_snapshot_under_unwritten_blocks() {
+        let (storage, layout) = setup();
+        let (v, _) = clone_volume(&storage, &layout);
+        v.write_at(b"a", 0).unwrap();
+        let freeze = v.freeze(SnapshotId(1), Rescan::ShrunkBelow(0)).unwrap();
+        // Written after the freeze, before the capture: the old bytes come from the
+        // snapshot, preserved before the write.
+        v.write_at(&[7u8; 100], 0).unwrap();
+        let mut block = vec![1u8; BS as usize];
+        block[0] = b'a';
+        assert_eq!(freeze.take(&v, 0).unwrap(), block);
     }
 
     #[test]
