@@ -155,6 +155,13 @@ impl Ebsfs {
     }
 
     fn spawn(&mut self) {
+        if let Err(e) = self.try_spawn() {
+            panic!("{e}");
+        }
+    }
+
+    /// Starts the daemon and waits for the mount; on failure returns why, with the log.
+    fn try_spawn(&mut self) -> Result<(), String> {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -185,16 +192,23 @@ impl Ebsfs {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!(
+                self.child = None;
+                return Err(format!(
                     "ebsfs exited with {status} before mounting:\n{}",
                     self.log()
-                );
+                ));
             }
             if start.elapsed() > Duration::from_secs(30) {
-                panic!("ebsfs did not mount within 30s:\n{}", self.log());
+                if let Some(mut child) = self.child.take() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                lazy_unmount(&self.mnt);
+                return Err(format!("ebsfs did not mount within 30s:\n{}", self.log()));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 
     pub fn log(&self) -> String {
@@ -323,6 +337,13 @@ impl Ebsfs {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "restart of a running daemon");
         self.spawn();
+    }
+
+    /// [`Ebsfs::restart`] that returns why the daemon did not mount (with the whole
+    /// log) instead of panicking; the daemon then counts as stopped.
+    pub fn try_restart(&mut self) -> Result<(), String> {
+        assert!(self.child.is_none(), "restart of a running daemon");
+        self.try_spawn()
     }
 
     /// Writes [`pattern`]`(len, seed)` to a file outside the mount; returns its path.
@@ -495,4 +516,19 @@ impl Drop for LoopDevice {
                 .status();
         }
     }
+}
+
+/// The last `lines` lines of `text`, with a note of how many were left out.
+pub fn tail_lines(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    let skip = all.len().saturating_sub(lines);
+    let mut out = String::new();
+    if skip > 0 {
+        out.push_str(&format!("[... {skip} earlier lines]\n"));
+    }
+    for line in &all[skip..] {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
