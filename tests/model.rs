@@ -76,6 +76,13 @@ enum Op {
         power_loss: bool,
     },
     CleanRestart,
+    /// `cp` of a completed snapshot's image into a new volume (a copy by reference).
+    CloneVolume {
+        snap: prop::sample::Index,
+        v: u8,
+    },
+    /// Hydration of volumes made from snapshots, to the end.
+    Hydrate,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -98,6 +105,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (1u16..400, any::<bool>()).prop_map(|(after, power_loss)| Op::ArmCrash { after, power_loss }),
         1 => any::<bool>().prop_map(|power_loss| Op::CrashNow { power_loss }),
         1 => Just(Op::CleanRestart),
+        2 => (any::<prop::sample::Index>(), 0..VOLUMES).prop_map(|(snap, v)| Op::CloneVolume { snap, v }),
+        1 => Just(Op::Hydrate),
     ]
 }
 
@@ -222,6 +231,9 @@ struct Harness {
     open_images: Vec<(String, u64, Vec<u8>)>,
     armed: Option<CrashMode>,
     next_label: u32,
+    /// Copies of snapshots into volumes that a crash cut short: the volume may be
+    /// empty or hold the image.
+    clone_attempts: BTreeMap<String, Vec<u8>>,
 }
 
 impl CoreOps for Harness {
@@ -245,6 +257,7 @@ impl Harness {
             open_images: Vec::new(),
             armed: None,
             next_label: 0,
+            clone_attempts: BTreeMap::new(),
         }
     }
 
@@ -552,12 +565,82 @@ impl Harness {
                 }
                 Ok(())
             }
+            Op::CloneVolume { snap, v } => return self.clone_volume(snap, &name(v)),
+            Op::Hydrate => self
+                .core()
+                .hydrate_all()
+                .map_err(|e| format!("hydrate: {e}")),
             Op::ArmCrash { .. } | Op::CrashNow { .. } | Op::CleanRestart => unreachable!(),
         };
         match result {
             Ok(()) => self.storage.has_crashed(),
             Err(why) => self.failed(&why),
         }
+    }
+
+    /// `cp snapshots/<s>/volume.img volumes/<v>.img` of a completed snapshot into a
+    /// volume that does not exist yet. Returns whether the storage crashed.
+    fn clone_volume(&mut self, pick: &prop::sample::Index, v: &str) -> bool {
+        let completed: Vec<SnapModel> = self
+            .snapshots
+            .iter()
+            .filter(|s| s.state == SnapState::Completed)
+            .cloned()
+            .collect();
+        if completed.is_empty() || self.volumes.contains_key(v) {
+            return false;
+        }
+        let source = &completed[pick.index(completed.len())];
+        if let Err(e) = self.new_volume(v) {
+            return self.failed(&format!("create {v}: {e}"));
+        }
+        self.volumes.insert(v.to_string(), VolumeModel::default());
+        let image = source.image.clone();
+        let result = self.copy_image(&source.name, v, image.len() as u64);
+        match result {
+            Ok(()) => {
+                if std::env::var_os("EBSFS_MODEL_TRACE").is_some() {
+                    eprintln!("  {v} is a copy of {}", source.name);
+                }
+                let model = self.volumes.get_mut(v).expect("model volume");
+                model.change(0..image.len().div_ceil(PAGE), |bytes| *bytes = image);
+                false
+            }
+            Err(why) => {
+                self.clone_attempts.insert(v.to_string(), image);
+                self.failed(&why)
+            }
+        }
+    }
+
+    /// Copies a snapshot's image into a volume with `copy_file_range`, as `cp` does.
+    fn copy_image(&self, snapshot: &str, v: &str, len: u64) -> Result<(), String> {
+        let image = self
+            .snapshot_file(snapshot, "volume.img")
+            .ok_or_else(|| format!("snapshot {snapshot} is gone"))?;
+        let volume = self
+            .volume_ino(v)
+            .ok_or_else(|| format!("volume {v} is gone"))?;
+        let (fh_in, _) = self.core().open(image, false).map_err(|e| e.to_string())?;
+        let (fh_out, _) = self.core().open(volume, true).map_err(|e| e.to_string())?;
+        let mut done = 0;
+        let mut result = Ok(());
+        while done < len {
+            match self
+                .core()
+                .copy_range(fh_in, done, volume, fh_out, done, len - done)
+            {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) => {
+                    result = Err(format!("copy {snapshot} into {v}: {e}"));
+                    break;
+                }
+            }
+        }
+        self.core().release(fh_in);
+        self.core().release(fh_out);
+        result
     }
 
     /// An operation failed: fine if the storage crashed under it, a bug otherwise.
@@ -609,6 +692,15 @@ impl Harness {
             let actual = self
                 .read_volume(&v)
                 .unwrap_or_else(|e| panic!("read volume {v}: {e}"));
+            if let Some(image) = self.clone_attempts.remove(&v)
+                && (actual.is_empty() || actual == image)
+            {
+                // A copy a crash cut short: nothing, or all of it.
+                let model = self.volumes.get_mut(&v).expect("model volume");
+                model.bytes = actual;
+                model.synced();
+                continue;
+            }
             let model = self.volumes.get_mut(&v).expect("model volume");
             match mode {
                 Some(CrashMode::PowerLoss) => model.accept_power_loss(&v, actual),
@@ -624,8 +716,18 @@ impl Harness {
                 let actual = self
                     .read_volume(&v)
                     .unwrap_or_else(|e| panic!("read volume {v}: {e}"));
-                assert!(actual.is_empty(), "unexpected volume {v} holds data");
-                self.volumes.insert(v, VolumeModel::default());
+                let copied = self.clone_attempts.remove(&v);
+                assert!(
+                    actual.is_empty() || copied.is_some_and(|image| image == actual),
+                    "unexpected volume {v} holds data"
+                );
+                self.volumes.insert(
+                    v,
+                    VolumeModel {
+                        bytes: actual,
+                        ..VolumeModel::default()
+                    },
+                );
             }
         }
         let mut kept = Vec::new();
@@ -737,4 +839,28 @@ proptest! {
     fn the_core_keeps_every_guarantee_through_crashes(ops in prop::collection::vec(op(), 1..48)) {
         Harness::run(&ops);
     }
+
+    /// The same, from a volume with data and a completed snapshot, with copies of
+    /// snapshots into volumes (and hydration) among the likely operations.
+    #[test]
+    fn volumes_from_snapshots_keep_every_guarantee(
+        seed in any::<u8>(),
+        ops in prop::collection::vec(prop_oneof![3 => op(), 1 => copy_op()], 1..48),
+    ) {
+        let mut all = vec![
+            Op::CreateVolume(0),
+            Op::Write { v: 0, offset: 0, len: 60_000, seed },
+            Op::Snapshot(0),
+            Op::RunCaptures,
+        ];
+        all.extend(ops);
+        Harness::run(&all);
+    }
+}
+
+fn copy_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (any::<prop::sample::Index>(), 0..VOLUMES).prop_map(|(snap, v)| Op::CloneVolume { snap, v }),
+        1 => Just(Op::Hydrate),
+    ]
 }
