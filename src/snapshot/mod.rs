@@ -81,8 +81,8 @@ pub struct SnapshotEngine<S: Storage> {
     /// Captures waiting for [`SnapshotEngine::run_queued`] (manual scheduling).
     queued: Mutex<Vec<CaptureJob<S>>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
-    /// Set (and signalled) when deleted snapshots are left for the settler.
-    settle_signal: (Mutex<bool>, Condvar),
+    /// The settler thread and what it is asked to do (see [`settle`]).
+    settler: (Mutex<settle::SettlerState>, Condvar),
     /// Open images per snapshot: a deleted snapshot stays whole while pinned.
     pins: Mutex<HashMap<SnapshotId, usize>>,
 }
@@ -144,7 +144,7 @@ impl<S: Storage> SnapshotEngine<S> {
             running: Mutex::new(HashMap::new()),
             queued: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
-            settle_signal: (Mutex::new(false), Condvar::new()),
+            settler: (Mutex::new(settle::SettlerState::default()), Condvar::new()),
             pins: Mutex::new(HashMap::new()),
         }
     }

@@ -2,9 +2,15 @@
 //! into it; one whose volume is gone (and with no capture pending) is dropped. Large
 //! deletions settle in bounded transactions on a background thread, so no deletion
 //! holds up other namespace changes for long. A pinned snapshot (an open image) waits.
+//!
+//! A batch's transaction and the freeing of the space it released go together: a
+//! stop waits for the batch at hand (see [`SnapshotEngine::stop_settler`]), since a
+//! clean stop is followed by no reclaim of leaked space. Batches not started are
+//! settled by the next start.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use log::error;
 
@@ -18,6 +24,16 @@ use super::{Scheduling, SnapshotEngine, SnapshotResult, lock, lower_thread_prior
 /// Manifest entries one transaction moves or drops while settling deletions: bounds
 /// how long a deletion holds up other namespace changes.
 pub const SETTLE_BATCH: usize = 16_384;
+
+/// The settler thread and what it is asked to do.
+#[derive(Default)]
+pub struct SettlerState {
+    /// Deleted snapshots are left to settle.
+    pending: bool,
+    /// The daemon is stopping: finish the batch at hand, start no other.
+    stopping: bool,
+    thread: Option<JoinHandle<()>>,
+}
 
 /// What settling hidden snapshots left to do after a transaction.
 pub struct Settle {
@@ -103,8 +119,8 @@ impl<S: Storage> SnapshotEngine<S> {
             }
             return;
         }
-        let (pending, signal) = &self.settle_signal;
-        *lock(pending) = true;
+        let (state, signal) = &self.settler;
+        lock(state).pending = true;
         signal.notify_one();
     }
 
@@ -124,22 +140,43 @@ impl<S: Storage> SnapshotEngine<S> {
                         return;
                     };
                     {
-                        let (pending, signal) = &engine.settle_signal;
-                        let mut pending = lock(pending);
-                        while !*pending {
-                            pending = signal.wait(pending).unwrap_or_else(|p| p.into_inner());
+                        let (state, signal) = &engine.settler;
+                        let mut state = lock(state);
+                        while !state.pending && !state.stopping {
+                            state = signal.wait(state).unwrap_or_else(|p| p.into_inner());
                         }
-                        *pending = false;
+                        if state.stopping {
+                            return;
+                        }
+                        state.pending = false;
                     }
                     if let Err(e) = engine.settle_all() {
                         error!("settling deleted snapshots: {e}");
                     }
                 }
             });
-        if let Err(e) = spawned {
-            error!(
+        match spawned {
+            Ok(thread) => lock(&self.settler.0).thread = Some(thread),
+            Err(e) => error!(
                 "cannot start the settler thread: {e}; deleted snapshots settle at the next start"
-            );
+            ),
+        }
+    }
+
+    /// Stops the settler thread once the batch at hand is committed and its space
+    /// freed. Must not be called from the settler thread.
+    pub fn stop_settler(&self) {
+        let thread = {
+            let (state, signal) = &self.settler;
+            let mut state = lock(state);
+            state.stopping = true;
+            signal.notify_all();
+            state.thread.take()
+        };
+        if let Some(thread) = thread
+            && thread.join().is_err()
+        {
+            error!("the settler thread panicked");
         }
     }
 
@@ -166,7 +203,7 @@ impl<S: Storage> SnapshotEngine<S> {
             };
             let more = settle.more;
             self.store.release(&self.ns, settle.freed);
-            if !more {
+            if !more || lock(&self.settler.0).stopping {
                 return Ok(());
             }
         }
