@@ -516,6 +516,21 @@ impl Ebsfs {
     }
 }
 
+/// Whether no daemon holds the data directory's lock (`ebsfs.lock`): the one that
+/// had it has exited, and a new mount may start.
+pub fn data_dir_unlocked(data: &Path) -> bool {
+    let Ok(file) = fs::File::open(data.join("ebsfs.lock")) else {
+        return true;
+    };
+    // SAFETY: flock only takes the descriptor `file` owns; the lock goes with it.
+    unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::LOCK_EX | libc::LOCK_NB,
+        ) == 0
+    }
+}
+
 /// How many mounts `/proc/self/mountinfo` lists at `path`.
 pub fn mounts_at(path: &Path) -> usize {
     let path = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
