@@ -82,6 +82,12 @@ fn mount_helper_form_serves_in_the_background_and_umount_stops_it() {
         Duration::from_secs(30),
         || !data.join("session").exists(),
     );
+    // The daemon has recorded a clean stop; the next mount needs it gone.
+    wait_until(
+        "the background daemon to exit",
+        Duration::from_secs(30),
+        || data_dir_unlocked(&data),
+    );
     let log = fs::read_to_string(data.join("ebsfs.log")).unwrap_or_default();
     assert!(log.contains("mounted"), "daemon log missing:\n{log}");
 

@@ -9,33 +9,6 @@ use std::os::unix::fs::FileExt;
 
 use common::*;
 
-/// Makes the last session look like it ended with the host going down: the session
-/// file names another boot, and the volume's dirty map lost its bits.
-fn simulate_host_crash(fs: &mut Ebsfs) {
-    fs.kill9();
-    let session = fs.data.join("session");
-    let text = fs::read_to_string(&session).expect("a killed daemon leaves its session file");
-    let rewritten: String = text
-        .lines()
-        .map(|l| {
-            if l.starts_with("boot_id=") {
-                "boot_id=another-boot".to_string()
-            } else {
-                l.to_string()
-            }
-        })
-        .map(|l| l + "\n")
-        .collect();
-    fs::write(&session, rewritten).unwrap();
-    for entry in fs::read_dir(fs.data.join("volumes")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "dirty") {
-            fs::remove_file(path).unwrap();
-        }
-    }
-    fs.restart();
-}
-
 #[test]
 fn snapshot_after_a_host_crash_compares_every_block() {
     if !require_fuse() {
@@ -52,7 +25,7 @@ fn snapshot_after_a_host_crash_compares_every_block() {
     file.write_all_at(&pattern(1 << 20, 4), 5 << 20).unwrap();
     file.sync_all().unwrap();
     drop(file);
-    simulate_host_crash(&mut fs);
+    fs.simulate_host_crash();
     assert!(
         fs.log().contains("host crashed"),
         "the restart did not notice the host crash"

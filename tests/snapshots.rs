@@ -6,7 +6,6 @@ mod common;
 mod snapshot_support;
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
@@ -125,21 +124,6 @@ fn ext4_point_in_time(mode: Quiesce) {
         "e2fsck on the volume: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-}
-
-fn sha256_bytes(bytes: &[u8]) -> String {
-    let mut child = std::process::Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(bytes).unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 /// ext4 frozen with fsfreeze around the mkdir: the snapshot, mounted read-only,

@@ -1081,9 +1081,17 @@ fn kill9_during_colliding_direct_writes_and_back_to_back_snapshots() {
         stress.log_mark = fs::metadata(stress.fs.root.path().join("ebsfs.log"))
             .map(|m| m.len() as usize)
             .unwrap_or(0);
-        if let Err(e) = stress.fs.try_restart() {
-            let first = e.lines().next().unwrap_or_default().to_string();
-            stress.fail(&format!("the data directory does not mount again: {first}"));
+        if let Err(refusal) = stress.fs.try_restart() {
+            let first = refusal
+                .stderr
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            stress.fail(&format!(
+                "the data directory does not mount again ({}): {first}",
+                refusal.status
+            ));
         }
         let restart_time = restart_start.elapsed();
         stress.watchdog.arm(

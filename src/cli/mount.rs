@@ -325,7 +325,17 @@ fn mount_and_serve(plan: MountPlan, ready: Option<OwnedFd>) -> Result<(), String
     let served = session.run();
     core.shutdown();
     info!("unmounted {}", mountpoint.display());
-    served.map_err(|e| format!("FUSE session ended with an error: {e}"))
+    match served {
+        // The kernel ends a read of /dev/fuse with ECONNABORTED instead of ENODEV when
+        // it hands out a request while tearing the connection down (fuse_dev_do_read,
+        // more likely with several cloned descriptors): the end of a detached mount
+        // whose last user just left. The session is over either way.
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+            info!("the kernel closed the FUSE connection ({e})");
+            Ok(())
+        }
+        served => served.map_err(|e| format!("FUSE session ended with an error: {e}")),
+    }
 }
 
 /// Readahead the mount gets: the kernel's default (128 KiB) starves sequential reads

@@ -196,14 +196,15 @@ impl<S: Storage> FsCore<S> {
         &self.engine
     }
 
-    /// Finishes running captures, makes volume data durable and records a clean stop.
-    /// Only the first call does anything.
+    /// Finishes running captures and the settling batch at hand, makes volume data
+    /// durable and records a clean stop. Only the first call does anything.
     pub fn shutdown(&self) {
         if self.stopped.swap(true, Ordering::AcqRel) {
             return;
         }
         self.hydrate_signal.stop();
         self.engine.wait_all();
+        self.engine.stop_settler();
         for slot in self.volumes.iter() {
             if let VolumeSlot::Live(volume) = slot.value()
                 && let Err(e) = volume.sync(false).and_then(|()| volume.sync_dirty_map())

@@ -273,6 +273,15 @@ fn worker<S: Storage>(workers: &Workers<'_, S>) -> Result<(), SnapshotError> {
                 BlockContent::Chunk(ChunkHash::of(&data))
             };
             let unchanged = manifest::resolve_chain(&manifest_table, &job.base, block)? == content;
+            // A block rewritten with its old contents goes on naming the base's chunk
+            // only if that copy verifies, as dedup would require; otherwise it is
+            // stored afresh, and the fresh copy replaces the damaged one.
+            let unchanged = unchanged
+                && match content {
+                    BlockContent::Zero => true,
+                    BlockContent::Chunk(hash) => index::lookup(&chunk_table, &hash)?
+                        .is_some_and(|(loc, _)| store.verify(&hash, loc)),
+                };
             if !unchanged {
                 if let BlockContent::Chunk(hash) = content {
                     let found = ChunkSources {

@@ -85,6 +85,8 @@ pub struct SnapshotEngine<S: Storage> {
     /// is gone. Shared with the thread, which holds no reference to the engine while
     /// it waits, so dropping the engine ends it.
     settle_signal: Arc<SettleSignal>,
+    /// The settler thread, joined at shutdown.
+    settler_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Open images per snapshot: a deleted snapshot stays whole while pinned.
     pins: Mutex<HashMap<SnapshotId, usize>>,
 }
@@ -167,6 +169,7 @@ impl<S: Storage> SnapshotEngine<S> {
             queued: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
             settle_signal: Arc::new(SettleSignal::default()),
+            settler_thread: Mutex::new(None),
             pins: Mutex::new(HashMap::new()),
         }
     }

@@ -2,6 +2,11 @@
 //! into it; one whose volume is gone (and with no capture pending) is dropped. Large
 //! deletions settle in bounded transactions on a background thread, so no deletion
 //! holds up other namespace changes for long. A pinned snapshot (an open image) waits.
+//!
+//! A batch's transaction and the freeing of the space it released go together: a
+//! stop waits for the batch at hand (see [`SnapshotEngine::stop_settler`]), since a
+//! clean stop is followed by no reclaim of leaked space. Batches not started are
+//! settled by the next start.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
@@ -161,10 +166,24 @@ impl<S: Storage> SnapshotEngine<S> {
                     }
                 }
             });
-        if let Err(e) = spawned {
-            error!(
+        match spawned {
+            Ok(thread) => *lock(&self.settler_thread) = Some(thread),
+            Err(e) => error!(
                 "cannot start the settler thread: {e}; deleted snapshots settle at the next start"
-            );
+            ),
+        }
+    }
+
+    /// Stops the settler thread once the batch at hand is committed and its space
+    /// freed. Must not be called from the settler thread.
+    pub fn stop_settler(&self) {
+        lock(&self.settle_signal.state).stopped = true;
+        self.settle_signal.changed.notify_all();
+        let thread = lock(&self.settler_thread).take();
+        if let Some(thread) = thread
+            && thread.join().is_err()
+        {
+            error!("the settler thread panicked");
         }
     }
 
@@ -191,7 +210,7 @@ impl<S: Storage> SnapshotEngine<S> {
             };
             let more = settle.more;
             self.store.release(&self.ns, settle.freed);
-            if !more {
+            if !more || lock(&self.settle_signal.state).stopped {
                 return Ok(());
             }
         }

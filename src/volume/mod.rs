@@ -173,6 +173,12 @@ impl<S: Storage> Volume<S> {
     pub fn reattach_source(&self, source: Source<S>) -> VolumeResult<()> {
         let size = self.size()?;
         if source.present.low_water() > size {
+            // Blocks past the new limit read zeros now: the next capture must compare
+            // them with the snapshot's lineage, as after any shrink.
+            self.epoch_shared()
+                .dirty
+                .note_shrink(size)
+                .map_err(self.io_err("record shrink", size))?;
             source
                 .present
                 .note_shrink(size)

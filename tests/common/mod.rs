@@ -111,6 +111,13 @@ fn is_mounted(path: &Path) -> bool {
         .any(|m| Path::new(m) == canonical)
 }
 
+/// A start-up that did not mount: the daemon's exit status and its stderr.
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: std::process::ExitStatus,
+    pub stderr: String,
+}
+
 /// A running `ebsfs mount` on a temporary data directory.
 pub struct Ebsfs {
     pub root: tempfile::TempDir,
@@ -155,18 +162,38 @@ impl Ebsfs {
     }
 
     fn spawn(&mut self) {
-        if let Err(e) = self.try_spawn() {
-            panic!("{e}");
+        let log = self.root.path().join("ebsfs.log");
+        if let Err(refusal) = self.launch(&log) {
+            panic!(
+                "ebsfs exited with {} before mounting:\n{}",
+                refusal.status,
+                self.log()
+            );
         }
     }
 
-    /// Starts the daemon and waits for the mount; on failure returns why, with the log.
-    fn try_spawn(&mut self) -> Result<(), String> {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.root.path().join("ebsfs.log"))
-            .expect("log file");
+    /// Starts the daemon again on the same data directory, where it may refuse to
+    /// mount: returns its exit status and stderr if it exits before the mount is live.
+    /// Its stderr goes to a file of its own, which [`Ebsfs::log`] includes.
+    pub fn try_restart(&mut self) -> Result<(), Refusal> {
+        assert!(self.child.is_none(), "restart of a running daemon");
+        let stderr = self.root.path().join("ebsfs.stderr");
+        self.launch(&stderr)
+    }
+
+    /// Spawns the daemon (stdout to the log, stderr to `stderr_path`) and waits until
+    /// its mount is live or it exits.
+    fn launch(&mut self, stderr_path: &Path) -> Result<(), Refusal> {
+        let append = |path: &Path| {
+            fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .expect("log file")
+        };
+        let stdout = append(&self.root.path().join("ebsfs.log"));
+        let stderr = append(stderr_path);
+        let stderr_start = stderr.metadata().map_or(0, |m| m.len()) as usize;
         let child = Command::new(BIN)
             .arg("mount")
             .arg(&self.mnt)
@@ -179,8 +206,8 @@ impl Ebsfs {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
+            .stdout(stdout)
+            .stderr(stderr)
             .spawn()
             .expect("spawn ebsfs");
         self.child = Some(child);
@@ -193,26 +220,37 @@ impl Ebsfs {
                 .and_then(|c| c.try_wait().ok().flatten())
             {
                 self.child = None;
-                return Err(format!(
-                    "ebsfs exited with {status} before mounting:\n{}",
-                    self.log()
-                ));
+                let stderr = fs::read(stderr_path).unwrap_or_default();
+                return Err(Refusal {
+                    status,
+                    stderr: String::from_utf8_lossy(&stderr[stderr_start.min(stderr.len())..])
+                        .into_owned(),
+                });
             }
             if start.elapsed() > Duration::from_secs(30) {
-                if let Some(mut child) = self.child.take() {
+                let status = self.child.take().and_then(|mut child| {
                     let _ = child.kill();
-                    let _ = child.wait();
-                }
+                    child.wait().ok()
+                });
                 lazy_unmount(&self.mnt);
-                return Err(format!("ebsfs did not mount within 30s:\n{}", self.log()));
+                return Err(Refusal {
+                    status: status.unwrap_or_default(),
+                    stderr: format!("ebsfs did not mount within 30s:\n{}", self.log()),
+                });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
     }
 
+    /// The daemon's log: everything it printed, then the stderr of [`Ebsfs::try_restart`].
     pub fn log(&self) -> String {
-        fs::read_to_string(self.root.path().join("ebsfs.log")).unwrap_or_default()
+        let mut log = fs::read_to_string(self.root.path().join("ebsfs.log")).unwrap_or_default();
+        if let Ok(stderr) = fs::read_to_string(self.root.path().join("ebsfs.stderr")) {
+            log.push_str("--- stderr of try_restart ---\n");
+            log.push_str(&stderr);
+        }
+        log
     }
 
     pub fn pid(&self) -> u32 {
@@ -339,13 +377,6 @@ impl Ebsfs {
         self.spawn();
     }
 
-    /// [`Ebsfs::restart`] that returns why the daemon did not mount (with the whole
-    /// log) instead of panicking; the daemon then counts as stopped.
-    pub fn try_restart(&mut self) -> Result<(), String> {
-        assert!(self.child.is_none(), "restart of a running daemon");
-        self.try_spawn()
-    }
-
     /// Writes [`pattern`]`(len, seed)` to a file outside the mount; returns its path.
     pub fn scratch_pattern(&self, len: usize, seed: u64) -> PathBuf {
         self.write_scratch(&format!("pattern-{len}-{seed}"), &pattern(len, seed))
@@ -405,6 +436,28 @@ pub fn sha256(path: &Path) -> String {
         .to_string()
 }
 
+/// SHA-256 of `bytes`, via sha256sum.
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run sha256sum");
+    // sha256sum writes nothing until its input ends: no deadlock on the pipes.
+    child
+        .stdin
+        .take()
+        .expect("sha256sum stdin")
+        .write_all(bytes)
+        .expect("write to sha256sum");
+    let out = child.wait_with_output().expect("sha256sum output");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// Allocated bytes of everything under `path` (what `du` reports).
 pub fn du_bytes(path: &Path) -> u64 {
     let out = run(
@@ -425,6 +478,34 @@ impl Ebsfs {
         unsafe { libc::kill(self.pid() as i32, signal) };
     }
 
+    /// Makes the last session look like it ended with the host going down: the daemon
+    /// dies, the session file names another boot, and the volumes' dirty maps lost
+    /// their bits; then starts the daemon again.
+    pub fn simulate_host_crash(&mut self) {
+        self.kill9();
+        let session = self.data.join("session");
+        let text = fs::read_to_string(&session).expect("a killed daemon leaves its session file");
+        let rewritten: String = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("boot_id=") {
+                    "boot_id=another-boot".to_string()
+                } else {
+                    l.to_string()
+                }
+            })
+            .map(|l| l + "\n")
+            .collect();
+        fs::write(&session, rewritten).unwrap();
+        for entry in fs::read_dir(self.data.join("volumes")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "dirty") {
+                fs::remove_file(path).unwrap();
+            }
+        }
+        self.restart();
+    }
+
     /// Waits up to `timeout` for the daemon to exit (after [`Ebsfs::signal`]) and
     /// returns its status; the daemon then counts as stopped for [`Ebsfs::restart`].
     pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
@@ -440,6 +521,21 @@ impl Ebsfs {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// Whether no daemon holds the data directory's lock (`ebsfs.lock`): the one that
+/// had it has exited, and a new mount may start.
+pub fn data_dir_unlocked(data: &Path) -> bool {
+    let Ok(file) = fs::File::open(data.join("ebsfs.lock")) else {
+        return true;
+    };
+    // SAFETY: flock only takes the descriptor `file` owns; the lock goes with it.
+    unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::LOCK_EX | libc::LOCK_NB,
+        ) == 0
     }
 }
 
