@@ -27,6 +27,9 @@ pub struct Settings {
     pub fuse_threads: usize,
     pub cache_size_bytes: u64,
     pub allow_other: bool,
+    /// Refuse making snapshots public, and hide what already is (EBS's "block public
+    /// access for snapshots").
+    pub block_public_access: bool,
 }
 
 /// One config file's keys, all optional so a file may override only some.
@@ -42,6 +45,7 @@ struct ConfigFile {
     fuse_threads: Option<usize>,
     cache_size: Option<ByteSize>,
     allow_other: Option<bool>,
+    block_public_access: Option<bool>,
 }
 
 /// What went wrong with a config file, and where.
@@ -110,6 +114,7 @@ impl Settings {
             fuse_threads: 0,
             cache_size_bytes: 0,
             allow_other: false,
+            block_public_access: false,
         }
     }
 }
@@ -216,6 +221,9 @@ fn apply_text(
     }
     if let Some(allow) = file.allow_other {
         settings.allow_other = allow;
+    }
+    if let Some(block) = file.block_public_access {
+        settings.block_public_access = block;
     }
     Ok(())
 }
@@ -334,6 +342,7 @@ mod tests {
         assert_eq!(s.block_size_bytes, 64 * 1024);
         assert_eq!(s.max_volume_size_bytes, 16 << 40);
         assert!(!s.allow_other);
+        assert!(!s.block_public_access);
     }
 
     #[test]
@@ -342,6 +351,22 @@ mod tests {
         assert_eq!(s.data_dir, Path::new("/base/d"));
         assert_eq!(s.block_size_bytes, 8192);
         assert_eq!(s.mountpoint, Path::new("./mnt"));
+    }
+
+    #[test]
+    fn block_public_access_is_read() {
+        assert!(
+            load_text("block_public_access = true\n")
+                .unwrap()
+                .block_public_access
+        );
+        let err = load_text("block_public_access = \"yes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.toml:1:") && err.contains("block_public_access"),
+            "{err}"
+        );
     }
 
     #[test]

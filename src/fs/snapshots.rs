@@ -7,12 +7,18 @@
 //! (`chmod o+rx`). The kernel enforces all of it: the files inside are `0444`, so the
 //! directory's search permission decides who reads, and so clones, `volume.img`.
 //! Deleting and changing the sharing stay the owner's (or root's).
+//!
+//! With `block_public_access` on, nothing is public: a chmod or ACL that would give
+//! others read or search is refused (`EPERM`), and the mode and access ACL shown for
+//! a snapshot that was public before have those bits cleared, so the kernel lets only
+//! its owner and named users and groups in. The stored bits stay, so turning the
+//! setting off again shows them as they were.
 
 use std::ffi::OsStr;
 
 use serde::Serialize;
 
-use super::acl;
+use super::acl::{self, AclKind};
 use super::inode::{Node, SnapshotFile};
 use super::volumes::{apply_owner_change, volume_permits};
 use super::xattr::{self, XattrFlags, XattrName};
@@ -24,6 +30,19 @@ use crate::storage::Storage;
 
 /// Snapshot directories are private to their owner until shared.
 const SNAPSHOT_DIR_MODE: u16 = 0o700;
+
+/// What makes a snapshot public: others may read or search its directory.
+const PUBLIC_BITS: u16 = 0o005;
+
+/// The mode shown for a snapshot directory: under block public access, without
+/// [`PUBLIC_BITS`].
+fn shown_mode(mode: u16, block_public: bool) -> u16 {
+    if block_public {
+        mode & !PUBLIC_BITS
+    } else {
+        mode
+    }
+}
 
 /// The `info` file: TOML, one `key = value` per line.
 #[derive(Serialize)]
@@ -86,6 +105,10 @@ impl<S: Storage> FsCore<S> {
         self.snapshot_dir_attr(id)
     }
 
+    fn block_public(&self) -> bool {
+        self.settings.block_public_access
+    }
+
     pub(super) fn snapshot_dir_attr(&self, id: SnapshotId) -> FsResult<Attr> {
         let record = self.snapshot_record(id)?;
         let time = record.completed.unwrap_or(record.created).to_system_time();
@@ -94,7 +117,7 @@ impl<S: Storage> FsCore<S> {
             kind: FileKind::Directory,
             size: 0,
             blocks: 0,
-            perm: record.owner.mode,
+            perm: shown_mode(record.owner.mode, self.block_public()),
             nlink: 2,
             uid: record.owner.uid,
             gid: record.owner.gid,
@@ -258,10 +281,27 @@ impl<S: Storage> FsCore<S> {
                     changes,
                     caller,
                     &what,
-                )
+                )?;
+                match changes.mode {
+                    Some(_) => self.refuse_public(&record.owner, &what, "chmod"),
+                    None => Ok(()),
+                }
             })?;
         }
         self.snapshot_dir_attr(id)
+    }
+
+    /// Under block public access, refuses a change (`change`: "chmod") that would
+    /// leave `owner`'s mode public.
+    fn refuse_public(&self, owner: &Owner, what: &str, change: &str) -> FsResult<()> {
+        if self.block_public() && owner.mode & PUBLIC_BITS != 0 {
+            return Err(FsError::NotPermitted(format!(
+                "{what}: {change} refused: it would make the mode {:04o}, letting others read \
+                 the snapshot, and block_public_access is on",
+                owner.mode
+            )));
+        }
+        Ok(())
     }
 
     fn update_snapshot(
@@ -293,7 +333,12 @@ impl<S: Storage> FsCore<S> {
             XattrName::Acl(kind) => {
                 let what = format!("snapshot {}", record.name());
                 let acl = acl::stored(&record.xattrs, kind, &what)?.ok_or_else(missing)?;
-                Ok(acl.to_xattr())
+                let shown = if kind == AclKind::Access && self.block_public() {
+                    acl.without_other(PUBLIC_BITS as u8)
+                } else {
+                    acl
+                };
+                Ok(shown.to_xattr())
             }
         }
     }
@@ -314,7 +359,8 @@ impl<S: Storage> FsCore<S> {
 
     /// Sets (`Some`) or removes (`None`) an attribute of a snapshot directory: only
     /// its owner may. `user.description` also becomes the `description` in `info`;
-    /// an access ACL sets the mode's permission bits.
+    /// an access ACL sets the mode's permission bits, and is refused under block
+    /// public access if it lets others in.
     pub(super) fn snapshot_xattr_set(
         &self,
         id: SnapshotId,
@@ -329,7 +375,13 @@ impl<S: Storage> FsCore<S> {
             let key = match name {
                 XattrName::Acl(kind) => {
                     let (owner, xattrs) = (&mut record.owner, &mut record.xattrs);
-                    return acl::set(owner, xattrs, kind, value, true, caller, &what);
+                    acl::set(owner, xattrs, kind, value, true, caller, &what)?;
+                    return match (kind, value) {
+                        (AclKind::Access, Some(_)) => {
+                            self.refuse_public(owner, &what, "setting its ACL")
+                        }
+                        _ => Ok(()),
+                    };
                 }
                 XattrName::User(key) => key,
             };
@@ -366,6 +418,14 @@ mod tests {
     use crate::snapshot::Scheduling;
     use crate::storage::memory::MemStorage;
 
+    #[test]
+    fn block_public_access_hides_only_the_public_bits() {
+        assert_eq!(shown_mode(0o755, false), 0o755);
+        assert_eq!(shown_mode(0o755, true), 0o750);
+        assert_eq!(shown_mode(0o707, true), 0o702);
+        assert_eq!(shown_mode(0o1750, true), 0o1750);
+    }
+
     const ALICE: u32 = 1001;
     const ACCESS: &str = "system.posix_acl_access";
 
@@ -377,10 +437,11 @@ mod tests {
         Caller::with_groups(1002, 1002, vec![1002])
     }
 
-    /// A core on `storage`, ACLs enforced.
-    fn start(storage: &MemStorage) -> FsCore<MemStorage> {
+    /// A core on `storage` (ACLs enforced), with `block_public_access` as given.
+    fn start(storage: &MemStorage, block_public_access: bool) -> FsCore<MemStorage> {
         let mut settings = Settings::embedded();
         settings.data_dir = "/data".into();
+        settings.block_public_access = block_public_access;
         let core = FsCore::start(settings, storage.clone(), Scheduling::Manual).unwrap();
         core.enable_posix_acls();
         core
@@ -441,7 +502,7 @@ mod tests {
     #[test]
     fn only_the_owner_shares_and_the_acl_sets_the_mode() {
         let storage = MemStorage::new();
-        let core = start(&storage);
+        let core = start(&storage, false);
         let ino = alices_snapshot(&core);
         assert_eq!(core.getattr(ino).unwrap().perm, 0o700);
         let err = set_acl(&core, ino, &bob_and_other(0), &bob()).unwrap_err();
@@ -470,7 +531,7 @@ mod tests {
     #[test]
     fn a_volumes_acl_stays_on_the_volume_and_its_user_attributes_go_along() {
         let storage = MemStorage::new();
-        let core = start(&storage);
+        let core = start(&storage, false);
         let volume = core
             .create_volume(VOLUMES_DIR, OsStr::new("a.img"), 0o600, &alice(), true)
             .unwrap()
@@ -507,6 +568,57 @@ mod tests {
             .ino;
         let err = set_acl(&core, volume, &bob_and_other(0), &alice()).unwrap_err();
         assert_eq!(err.errno(), libc::EOPNOTSUPP, "{err}");
+    }
+
+    #[test]
+    fn block_public_access_refuses_and_hides_public_snapshots() {
+        let storage = MemStorage::new();
+        let core = start(&storage, false);
+        let ino = alices_snapshot(&core);
+        set_acl(&core, ino, &bob_and_other(5), &alice()).unwrap();
+        assert_eq!(core.getattr(ino).unwrap().perm, 0o755);
+        core.shutdown();
+        drop(core);
+
+        let core = start(&storage, true);
+        assert_eq!(core.getattr(ino).unwrap().perm, 0o750, "other bits hidden");
+        assert_eq!(shown_acl(&core, ino), bob_and_other(0), "OTHER hidden");
+        for caller in [alice(), Caller::with_groups(0, 0, vec![])] {
+            let err = chmod(&core, ino, 0o755, &caller).unwrap_err();
+            assert_eq!(err.errno(), libc::EPERM, "{err}");
+            assert!(err.to_string().contains("block_public_access"), "{err}");
+            let err = set_acl(&core, ino, &bob_and_other(4), &caller).unwrap_err();
+            assert_eq!(err.errno(), libc::EPERM, "{err}");
+            let err = chmod(&core, ino, 0o701, &caller).unwrap_err();
+            assert_eq!(err.errno(), libc::EPERM, "{err}");
+        }
+        // Others' write bit makes nothing public; user attributes are no sharing.
+        chmod(&core, ino, 0o752, &alice()).unwrap();
+        assert_eq!(core.getattr(ino).unwrap().perm, 0o752);
+        let flags = XattrFlags::default();
+        core.setxattr(ino, OsStr::new("user.tag"), Some(b"x"), flags, &alice())
+            .unwrap();
+        chmod(&core, ino, 0o755, &alice()).unwrap_err();
+        core.shutdown();
+        drop(core);
+
+        // Refused changes left the stored bits alone; the allowed chmod replaced them.
+        let core = start(&storage, false);
+        assert_eq!(core.getattr(ino).unwrap().perm, 0o752);
+        chmod(&core, ino, 0o755, &alice()).unwrap();
+        core.shutdown();
+        drop(core);
+        let core = start(&storage, true);
+        assert_eq!(core.getattr(ino).unwrap().perm, 0o750);
+        core.shutdown();
+        drop(core);
+        let core = start(&storage, false);
+        assert_eq!(
+            core.getattr(ino).unwrap().perm,
+            0o755,
+            "turning it off restores"
+        );
+        assert_eq!(shown_acl(&core, ino), bob_and_other(5));
     }
 
     #[test]
