@@ -29,6 +29,9 @@ pub struct Settings {
     pub allow_other: bool,
     /// Copy the snapshot's blocks into volumes made from snapshots in the background.
     pub hydrate: bool,
+    /// Refuse making snapshots public, and hide what already is (EBS's "block public
+    /// access for snapshots").
+    pub block_public_access: bool,
 }
 
 /// One config file's keys, all optional so a file may override only some.
@@ -45,6 +48,7 @@ struct ConfigFile {
     cache_size: Option<ByteSize>,
     allow_other: Option<bool>,
     hydrate: Option<bool>,
+    block_public_access: Option<bool>,
 }
 
 /// What went wrong with a config file, and where.
@@ -114,6 +118,7 @@ impl Settings {
             cache_size_bytes: 0,
             allow_other: false,
             hydrate: false,
+            block_public_access: false,
         }
     }
 }
@@ -223,6 +228,9 @@ fn apply_text(
     }
     if let Some(hydrate) = file.hydrate {
         settings.hydrate = hydrate;
+    }
+    if let Some(block) = file.block_public_access {
+        settings.block_public_access = block;
     }
     Ok(())
 }
@@ -341,6 +349,7 @@ mod tests {
         assert_eq!(s.block_size_bytes, 64 * 1024);
         assert_eq!(s.max_volume_size_bytes, 16 << 40);
         assert!(!s.allow_other);
+        assert!(!s.block_public_access);
     }
 
     #[test]
@@ -349,6 +358,22 @@ mod tests {
         assert_eq!(s.data_dir, Path::new("/base/d"));
         assert_eq!(s.block_size_bytes, 8192);
         assert_eq!(s.mountpoint, Path::new("./mnt"));
+    }
+
+    #[test]
+    fn block_public_access_is_read() {
+        assert!(
+            load_text("block_public_access = true\n")
+                .unwrap()
+                .block_public_access
+        );
+        let err = load_text("block_public_access = \"yes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.toml:1:") && err.contains("block_public_access"),
+            "{err}"
+        );
     }
 
     #[test]

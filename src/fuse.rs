@@ -119,6 +119,12 @@ impl<S: Storage> Filesystem for EbsFuse<S> {
                 debug!("kernel lacks {wanted:?}");
             }
         }
+        // The kernel then enforces ACLs itself and keeps them through getxattr and
+        // setxattr of system.posix_acl_*.
+        match config.add_capabilities(InitFlags::FUSE_POSIX_ACL) {
+            Ok(()) => self.core.enable_posix_acls(),
+            Err(_) => warn!("the kernel lacks FUSE_POSIX_ACL: setfacl is refused on this mount"),
+        }
         Ok(())
     }
 

@@ -1,12 +1,20 @@
 //! Permission decisions the daemon makes itself, by the kernel's rules.
 //!
-//! The mount uses `default_permissions`, so the kernel checks every ordinary access
-//! against a node's mode. A few decisions are the daemon's alone: a snapshot needs
-//! read permission on its volume, a volume's xattrs need write permission, and chmod,
-//! chown and chgrp have owner rules. They must agree with the kernel's, or a user gets
-//! through one door what another refuses: owner bits if the caller's fs uid owns the
-//! object, else group bits if its group is any of the caller's groups (fs gid or a
-//! supplementary group), else other bits; root passes.
+//! The mount uses `default_permissions` and `FUSE_POSIX_ACL`, so the kernel checks
+//! every ordinary access against a node's mode and access ACL. A few decisions are the
+//! daemon's alone: a snapshot needs read permission on its volume, a volume's xattrs
+//! need write permission, and chmod, chown, chgrp and ACL changes have owner rules.
+//! They must agree with the kernel's (`acl_permission_check`, `posix_acl_permission`),
+//! or a user gets through one door what another refuses:
+//!
+//! 1. root passes; the owner gets the mode's owner bits;
+//! 2. if the object has an access ACL and the mode's group bits (its mask) are not
+//!    all clear: a named user entry for the caller, limited by the mask; else the
+//!    owning group and the named group entries, for each that is one of the caller's
+//!    groups: granted if any grants it (limited by the mask), denied if none does;
+//!    else the OTHER entry;
+//! 3. otherwise the group bits if the object's group is one of the caller's groups
+//!    (fs gid or a supplementary group), else the other bits.
 //!
 //! A request carries only the fs uid and fs gid. Supplementary groups are read from
 //! `/proc/<pid>/status` of the calling thread, and only when a decision depends on
@@ -16,6 +24,7 @@
 use std::cell::OnceCell;
 use std::fs;
 
+use super::acl::{PosixAcl, Tag};
 use super::{FsError, FsResult};
 use crate::namespace::Owner;
 
@@ -27,13 +36,18 @@ pub enum Access {
 }
 
 impl Access {
-    /// The bit within one class (owner, group, other) of a mode.
-    fn bit(self) -> u16 {
+    /// The bit within one class (owner, group, other) of a mode, or of an ACL entry.
+    fn bit(self) -> u8 {
         match self {
             Access::Read => 4,
             Access::Write => 2,
         }
     }
+}
+
+/// Whether the class of `mode` that starts at bit `shift` holds `want`.
+fn mode_grants(mode: u16, shift: u16, want: Access) -> bool {
+    (mode >> shift) & u16::from(want.bit()) != 0
 }
 
 /// Who is asking: the fs uid and gid the kernel checked the request with, and where
@@ -99,30 +113,71 @@ impl Caller {
         }
     }
 
-    /// May the caller have `want` on an object with `owner`'s uid, gid and mode?
-    pub fn permits(&self, owner: &Owner, want: Access) -> FsResult<bool> {
+    /// May the caller have `want` on an object with `owner`'s uid, gid and mode, and
+    /// the access ACL `acl`? The kernel's algorithm (see the module comment).
+    pub fn permits(&self, owner: &Owner, acl: Option<&PosixAcl>, want: Access) -> FsResult<bool> {
         if self.is_root() {
             return Ok(true);
         }
-        let class = if self.uid == owner.uid {
-            owner.mode >> 6
-        } else if self.in_group(owner.gid)? {
-            owner.mode >> 3
-        } else {
-            owner.mode
-        };
-        Ok(class & want.bit() != 0)
+        if self.uid == owner.uid {
+            return Ok(mode_grants(owner.mode, 6, want));
+        }
+        // The kernel consults the ACL only when the mask (the group bits) is not
+        // empty; with an empty mask the group and other bits decide.
+        if let Some(acl) = acl
+            && owner.mode & 0o070 != 0
+        {
+            return self.acl_permits(acl, owner.gid, want);
+        }
+        // Group membership matters only where the group and other bits differ.
+        let (group, other) = (
+            mode_grants(owner.mode, 3, want),
+            mode_grants(owner.mode, 0, want),
+        );
+        if group != other && self.in_group(owner.gid)? {
+            return Ok(group);
+        }
+        Ok(other)
     }
 
-    /// chmod: only the owner or root.
-    pub fn may_change_mode(&self, owner: &Owner) -> bool {
+    /// The kernel's `posix_acl_permission` for a caller who is not the owner.
+    fn acl_permits(&self, acl: &PosixAcl, owning_gid: u32, want: Access) -> FsResult<bool> {
+        let bit = want.bit();
+        let mask = acl
+            .entries()
+            .iter()
+            .find(|e| e.tag == Tag::Mask)
+            .map_or(0o7, |e| e.perm);
+        let mut in_a_group = false;
+        for entry in acl.entries() {
+            let member = match entry.tag {
+                Tag::User(uid) if uid == self.uid => return Ok(entry.perm & mask & bit != 0),
+                Tag::GroupObj => self.in_group(owning_gid)?,
+                Tag::Group(gid) => self.in_group(gid)?,
+                Tag::Other => return Ok(!in_a_group && entry.perm & bit != 0),
+                Tag::UserObj | Tag::User(_) | Tag::Mask => false,
+            };
+            if member {
+                in_a_group = true;
+                if entry.perm & bit != 0 {
+                    return Ok(mask & bit != 0);
+                }
+            }
+        }
+        // A valid ACL always ends with OTHER.
+        Ok(false)
+    }
+
+    /// chmod, chown to itself and ACL changes: only the owner or root (the kernel's
+    /// `inode_owner_or_capable`).
+    pub fn owns(&self, owner: &Owner) -> bool {
         self.is_root() || self.uid == owner.uid
     }
 
     /// chown: root gives an object to anyone; its owner may only "change" it to
     /// itself (the kernel's `chown_ok`).
     pub fn may_change_owner(&self, owner: &Owner, uid: u32) -> bool {
-        self.is_root() || (self.uid == owner.uid && uid == owner.uid)
+        self.is_root() || (self.owns(owner) && uid == owner.uid)
     }
 
     /// chgrp: root to any group; the owner to the object's current group or to one
@@ -131,7 +186,7 @@ impl Caller {
         if self.is_root() {
             return Ok(true);
         }
-        if self.uid != owner.uid {
+        if !self.owns(owner) {
             return Ok(false);
         }
         Ok(gid == owner.gid || self.in_group(gid)?)
@@ -224,7 +279,7 @@ mod tests {
     }
 
     fn permits(caller: &Caller, mode: u16, want: Access) -> bool {
-        caller.permits(&volume(mode), want).unwrap()
+        caller.permits(&volume(mode), None, want).unwrap()
     }
 
     #[test]
@@ -264,6 +319,126 @@ mod tests {
         assert!(permits(&root(), 0o000, Access::Write));
     }
 
+    /// `volume(mode)` with an access ACL whose base entries agree with `mode` and the
+    /// named entries `named`; the mask is the mode's group bits.
+    fn with_acl(mode: u16, named: &[(Tag, u8)]) -> (Owner, PosixAcl) {
+        let class = |shift: u16| ((mode >> shift) & 0o7) as u8;
+        let mut entries = vec![(Tag::UserObj, class(6)), (Tag::GroupObj, 0)];
+        entries.extend_from_slice(named);
+        entries.extend([(Tag::Mask, class(3)), (Tag::Other, class(0))]);
+        entries.sort_by_key(|(tag, _)| *tag);
+        (volume(mode), crate::fs::acl::tests::acl(&entries))
+    }
+
+    fn acl_permits(caller: &Caller, mode: u16, named: &[(Tag, u8)], want: Access) -> bool {
+        let (owner, acl) = with_acl(mode, named);
+        caller.permits(&owner, Some(&acl), want).unwrap()
+    }
+
+    #[test]
+    fn a_named_user_gets_its_entry_limited_by_the_mask() {
+        // acl(5): user:bob:rw- with mask::r-- is effectively r--.
+        let named = [(Tag::User(BOB), 6)];
+        assert!(acl_permits(&bob(), 0o740, &named, Access::Read));
+        assert!(!acl_permits(&bob(), 0o740, &named, Access::Write));
+        assert!(acl_permits(&bob(), 0o760, &named, Access::Write));
+        // carol is named nowhere: OTHER (none here).
+        assert!(!acl_permits(&carol(), 0o740, &named, Access::Read));
+    }
+
+    #[test]
+    fn a_named_user_entry_wins_over_group_and_other() {
+        // carol named with nothing is refused what others may.
+        let named = [(Tag::User(1003), 0)];
+        assert!(!acl_permits(&carol(), 0o744, &named, Access::Read));
+        assert!(acl_permits(&carol(), 0o744, &[], Access::Read));
+        // bob named with nothing, although his group could read.
+        let named = [(Tag::User(BOB), 0), (Tag::Group(SHARED), 4)];
+        assert!(!acl_permits(&bob(), 0o744, &named, Access::Read));
+    }
+
+    #[test]
+    fn named_groups_count_through_supplementary_groups() {
+        let named = [(Tag::Group(SHARED), 4)];
+        assert!(acl_permits(&bob(), 0o740, &named, Access::Read));
+        assert!(!acl_permits(&bob(), 0o740, &named, Access::Write));
+        assert!(!acl_permits(&carol(), 0o740, &named, Access::Read));
+        // A group entry that matches but does not grant denies, whatever OTHER says;
+        // another matching entry that grants is enough.
+        let denying = [(Tag::Group(SHARED), 0)];
+        assert!(!acl_permits(&bob(), 0o744, &denying, Access::Read));
+        let either = [(Tag::Group(BOB_GROUP), 0), (Tag::Group(SHARED), 4)];
+        assert!(acl_permits(&bob(), 0o740, &either, Access::Read));
+        // The mask limits group entries too.
+        let writer = [(Tag::Group(SHARED), 6)];
+        assert!(!acl_permits(&bob(), 0o740, &writer, Access::Write));
+    }
+
+    #[test]
+    fn the_owning_group_entry_applies_to_members() {
+        // volume() is in SHARED; GROUP_OBJ is --- in with_acl, so set it here.
+        let owner = volume(0o750);
+        let acl = crate::fs::acl::tests::acl(&[
+            (Tag::UserObj, 7),
+            (Tag::GroupObj, 4),
+            (Tag::Mask, 5),
+            (Tag::Other, 0),
+        ]);
+        assert!(bob().permits(&owner, Some(&acl), Access::Read).unwrap());
+        assert!(!bob().permits(&owner, Some(&acl), Access::Write).unwrap());
+        assert!(!carol().permits(&owner, Some(&acl), Access::Read).unwrap());
+    }
+
+    #[test]
+    fn the_owner_and_root_ignore_the_acl() {
+        let named = [(Tag::User(ALICE), 7), (Tag::Group(ALICE_GROUP), 7)];
+        assert!(!acl_permits(&alice(), 0o070, &named, Access::Read));
+        assert!(acl_permits(
+            &alice(),
+            0o400,
+            &[(Tag::User(ALICE), 0)],
+            Access::Read
+        ));
+        assert!(acl_permits(
+            &root(),
+            0o000,
+            &[(Tag::User(0), 0)],
+            Access::Write
+        ));
+    }
+
+    #[test]
+    fn other_applies_to_everyone_else() {
+        let named = [(Tag::User(BOB), 4)];
+        assert!(acl_permits(&carol(), 0o744, &named, Access::Read));
+        assert!(!acl_permits(&carol(), 0o744, &named, Access::Write));
+    }
+
+    #[test]
+    fn an_empty_mask_leaves_the_decision_to_the_mode_as_the_kernel_does() {
+        // The kernel consults an ACL only when the group bits are not all clear: with
+        // mask::--- a named user gets the other bits, not nothing (acl(5) would say
+        // nothing), and a member of the owning group the group bits.
+        let named = [(Tag::User(1003), 7), (Tag::User(BOB), 7)];
+        assert!(acl_permits(&carol(), 0o704, &named, Access::Read));
+        assert!(!acl_permits(&carol(), 0o700, &named, Access::Read));
+        assert!(!acl_permits(&bob(), 0o704, &named, Access::Read));
+    }
+
+    #[test]
+    fn groups_are_read_only_when_an_acl_decision_needs_them() {
+        let gone = Caller::of_process(BOB, BOB_GROUP, 0);
+        assert!(acl_permits(
+            &gone,
+            0o740,
+            &[(Tag::User(BOB), 4)],
+            Access::Read
+        ));
+        let (owner, acl) = with_acl(0o740, &[(Tag::Group(SHARED), 4)]);
+        let err = gone.permits(&owner, Some(&acl), Access::Read).unwrap_err();
+        assert_eq!(err.errno(), libc::EACCES, "{err}");
+    }
+
     #[test]
     fn owner_changes_the_group_only_to_own_groups() {
         let owner = volume(0o640);
@@ -285,9 +460,9 @@ mod tests {
         assert!(!alice().may_change_owner(&owner, BOB));
         assert!(!bob().may_change_owner(&owner, ALICE));
         assert!(root().may_change_owner(&owner, BOB));
-        assert!(alice().may_change_mode(&owner));
-        assert!(!bob().may_change_mode(&owner));
-        assert!(root().may_change_mode(&owner));
+        assert!(alice().owns(&owner));
+        assert!(!bob().owns(&owner));
+        assert!(root().owns(&owner));
     }
 
     #[test]
@@ -296,13 +471,17 @@ mod tests {
         let gone = |uid, gid| Caller::of_process(uid, gid, 0);
         assert!(
             gone(ALICE, ALICE_GROUP)
-                .permits(&volume(0o600), Access::Read)
+                .permits(&volume(0o600), None, Access::Read)
                 .unwrap()
         );
-        assert!(gone(0, 0).permits(&volume(0o000), Access::Write).unwrap());
+        assert!(
+            gone(0, 0)
+                .permits(&volume(0o000), None, Access::Write)
+                .unwrap()
+        );
         assert!(
             gone(BOB, SHARED)
-                .permits(&volume(0o640), Access::Read)
+                .permits(&volume(0o640), None, Access::Read)
                 .unwrap()
         );
         assert!(
@@ -320,7 +499,7 @@ mod tests {
     #[test]
     fn unreadable_groups_deny_with_eacces() {
         let err = Caller::of_process(BOB, BOB_GROUP, 0)
-            .permits(&volume(0o604), Access::Read)
+            .permits(&volume(0o604), None, Access::Read)
             .unwrap_err();
         assert_eq!(err.errno(), libc::EACCES, "{err}");
     }

@@ -8,6 +8,7 @@
 //! directory's layout is in [`crate::layout`].
 
 pub mod access;
+pub mod acl;
 mod clones;
 pub mod error;
 pub mod inode;
@@ -147,6 +148,8 @@ pub struct FsCore<S: Storage> {
     owner_ids: (u32, u32),
     mounted_at: SystemTime,
     stopped: AtomicBool,
+    /// Whether the kernel enforces POSIX ACLs (see [`FsCore::enable_posix_acls`]).
+    posix_acls: AtomicBool,
     hydrate_signal: Arc<clones::HydrateSignal>,
     /// When volume I/O last happened, in ms since `epoch_start` (the hydrator yields).
     last_io: AtomicU64,
@@ -188,7 +191,29 @@ impl<S: Storage> FsCore<S> {
             hydrate_signal: Arc::default(),
             last_io: AtomicU64::new(0),
             epoch_start: Instant::now(),
+            posix_acls: AtomicBool::new(false),
         })
+    }
+
+    /// Keeps POSIX ACLs from now on. The FUSE adapter calls this once the kernel has
+    /// agreed to enforce them (`FUSE_POSIX_ACL`); until then `system.posix_acl_*`
+    /// attributes are refused (`EOPNOTSUPP`), because a kernel that does not enforce
+    /// an ACL would only pass it through, and the mask it puts in the mode's group
+    /// bits would let the whole group in.
+    pub fn enable_posix_acls(&self) {
+        self.posix_acls.store(true, Ordering::Release);
+    }
+
+    /// Which kept attribute `name` is; ACLs only once they are enforced.
+    fn xattr_name<'a>(&self, name: &'a OsStr) -> FsResult<xattr::XattrName<'a>> {
+        let parsed = xattr::parse_name(name)?;
+        if matches!(parsed, xattr::XattrName::Acl(_)) && !self.posix_acls.load(Ordering::Acquire) {
+            return Err(FsError::NotSupported(format!(
+                "{}: the kernel does not enforce POSIX ACLs on this mount",
+                parsed.as_str()
+            )));
+        }
+        Ok(parsed)
     }
 
     /// The snapshot engine (for running queued captures under manual scheduling).
@@ -415,8 +440,9 @@ impl<S: Storage> FsCore<S> {
     pub fn getxattr(&self, ino: u64, name: &OsStr) -> FsResult<Vec<u8>> {
         match Node::from_ino(ino) {
             Some(Node::Volume(id)) => self.volume_xattr_get(id, name),
-            Some(Node::SnapshotDir(id) | Node::SnapshotFile(id, SnapshotFile::Image)) => {
-                self.snapshot_xattr_get(id, name)
+            Some(Node::SnapshotDir(id)) => self.snapshot_xattr_get(id, name, false),
+            Some(Node::SnapshotFile(id, SnapshotFile::Image)) => {
+                self.snapshot_xattr_get(id, name, true)
             }
             _ => Err(FsError::NoAttribute(name.to_string_lossy().into_owned())),
         }
@@ -425,9 +451,8 @@ impl<S: Storage> FsCore<S> {
     pub fn listxattr(&self, ino: u64) -> FsResult<Vec<String>> {
         match Node::from_ino(ino) {
             Some(Node::Volume(id)) => self.volume_xattr_list(id),
-            Some(Node::SnapshotDir(id) | Node::SnapshotFile(id, SnapshotFile::Image)) => {
-                self.snapshot_xattr_list(id)
-            }
+            Some(Node::SnapshotDir(id)) => self.snapshot_xattr_list(id, false),
+            Some(Node::SnapshotFile(id, SnapshotFile::Image)) => self.snapshot_xattr_list(id, true),
             _ => Ok(Vec::new()),
         }
     }
@@ -442,15 +467,10 @@ impl<S: Storage> FsCore<S> {
         flags: XattrFlags,
         caller: &Caller,
     ) -> FsResult<()> {
-        match (Node::from_ino(ino), value) {
-            (Some(Node::Volume(id)), Some(value)) => {
-                self.volume_xattr_set(id, name, value, flags, caller)
-            }
-            (Some(Node::Volume(id)), None) => self.volume_xattr_remove(id, name, caller),
-            (Some(Node::SnapshotDir(id)), value) => {
-                self.snapshot_xattr_set(id, name, value, flags, caller)
-            }
-            (Some(Node::SnapshotFile(..)), _) => Err(FsError::ReadOnly("snapshot files".into())),
+        match Node::from_ino(ino) {
+            Some(Node::Volume(id)) => self.volume_xattr_set(id, name, value, flags, caller),
+            Some(Node::SnapshotDir(id)) => self.snapshot_xattr_set(id, name, value, flags, caller),
+            Some(Node::SnapshotFile(..)) => Err(FsError::ReadOnly("snapshot files".into())),
             _ => Err(FsError::NotSupported(
                 "extended attributes are kept on volumes and snapshots only".into(),
             )),

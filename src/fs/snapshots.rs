@@ -1,21 +1,48 @@
 //! `snapshots/`: `mkdir` to create, `rmdir` to delete, and the files inside each
 //! snapshot directory (`status`, `progress`, `info`, `volume.img`).
+//!
+//! Sharing, as EBS does it: a snapshot directory starts private to its creator (mode
+//! `0700`, no ACL: nothing of the volume's ACL is inherited); its owner shares it
+//! with chosen users or groups (`setfacl`, `chgrp` + `chmod g+rx`) or makes it public
+//! (`chmod o+rx`). The kernel enforces all of it: the files inside are `0444`, so the
+//! directory's search permission decides who reads, and so clones, `volume.img`.
+//! Deleting and changing the sharing stay the owner's (or root's).
+//!
+//! With `block_public_access` on, nothing is public: a chmod or ACL that would give
+//! others read or search is refused (`EPERM`), and the mode and access ACL shown for
+//! a snapshot that was public before have those bits cleared, so the kernel lets only
+//! its owner and named users and groups in. The stored bits stay, so turning the
+//! setting off again shows them as they were.
 
 use std::ffi::OsStr;
 
 use serde::Serialize;
 
+use super::acl::{self, AclKind};
 use super::inode::{Node, SnapshotFile};
-use super::volumes::apply_owner_change;
-use super::xattr::{self, XattrFlags, check_xattr_name};
+use super::volumes::{apply_owner_change, volume_permits};
+use super::xattr::{self, XattrFlags, XattrName};
 use super::{Access, Attr, Caller, FileKind, FsCore, FsError, FsResult, SetAttr};
 use crate::names::SnapshotName;
 use crate::namespace::{Owner, SnapshotId, SnapshotRecord, SnapshotStatus};
 use crate::snapshot::read::OpenImage;
 use crate::storage::Storage;
 
-/// Snapshot directories are private to their owner until shared with chmod.
+/// Snapshot directories are private to their owner until shared.
 const SNAPSHOT_DIR_MODE: u16 = 0o700;
+
+/// What makes a snapshot public: others may read or search its directory.
+const PUBLIC_BITS: u16 = 0o005;
+
+/// The mode shown for a snapshot directory: under block public access, without
+/// [`PUBLIC_BITS`].
+fn shown_mode(mode: u16, block_public: bool) -> u16 {
+    if block_public {
+        mode & !PUBLIC_BITS
+    } else {
+        mode
+    }
+}
 
 /// The `info` file: TOML, one `key = value` per line.
 #[derive(Serialize)]
@@ -78,6 +105,10 @@ impl<S: Storage> FsCore<S> {
         self.snapshot_dir_attr(id)
     }
 
+    fn block_public(&self) -> bool {
+        self.settings.block_public_access
+    }
+
     pub(super) fn snapshot_dir_attr(&self, id: SnapshotId) -> FsResult<Attr> {
         let record = self.snapshot_record(id)?;
         let time = record.completed.unwrap_or(record.created).to_system_time();
@@ -86,7 +117,7 @@ impl<S: Storage> FsCore<S> {
             kind: FileKind::Directory,
             size: 0,
             blocks: 0,
-            perm: record.owner.mode,
+            perm: shown_mode(record.owner.mode, self.block_public()),
             nlink: 2,
             uid: record.owner.uid,
             gid: record.owner.gid,
@@ -186,9 +217,8 @@ impl<S: Storage> FsCore<S> {
         let volume_id = view
             .volume_id(name.volume().as_str())
             .ok_or_else(|| FsError::NotFound(format!("volume {}", name.volume())))?;
-        let volume_owner = view.volumes.get(&volume_id).map(|v| v.owner);
-        if let Some(owner) = volume_owner
-            && !caller.permits(&owner, Access::Read)?
+        if let Some(volume) = view.volumes.get(&volume_id)
+            && !volume_permits(volume, caller, Access::Read)?
         {
             return Err(FsError::AccessDenied(format!(
                 "snapshot {name}: no read permission on volume {}",
@@ -225,7 +255,7 @@ impl<S: Storage> FsCore<S> {
             .snapshot_id(text)
             .ok_or_else(|| FsError::NotFound(text.to_string()))?;
         let record = self.snapshot_record(id)?;
-        if caller.uid != 0 && caller.uid != record.owner.uid {
+        if !caller.owns(&record.owner) {
             return Err(FsError::NotPermitted(format!(
                 "snapshot {text}: only its owner may delete it"
             )));
@@ -255,10 +285,34 @@ impl<S: Storage> FsCore<S> {
         }
         if changes.mode.is_some() || changes.uid.is_some() || changes.gid.is_some() {
             self.update_snapshot(id, |record| {
-                apply_owner_change(&mut record.owner, changes, caller)
+                let what = format!("snapshot {}", record.name());
+                apply_owner_change(
+                    &mut record.owner,
+                    &mut record.xattrs,
+                    changes,
+                    caller,
+                    &what,
+                )?;
+                match changes.mode {
+                    Some(_) => self.refuse_public(&record.owner, &what, "chmod"),
+                    None => Ok(()),
+                }
             })?;
         }
         self.snapshot_dir_attr(id)
+    }
+
+    /// Under block public access, refuses a change (`change`: "chmod") that would
+    /// leave `owner`'s mode public.
+    fn refuse_public(&self, owner: &Owner, what: &str, change: &str) -> FsResult<()> {
+        if self.block_public() && owner.mode & PUBLIC_BITS != 0 {
+            return Err(FsError::NotPermitted(format!(
+                "{what}: {change} refused: it would make the mode {:04o}, letting others read \
+                 the snapshot, and block_public_access is on",
+                owner.mode
+            )));
+        }
+        Ok(())
     }
 
     fn update_snapshot(
@@ -273,26 +327,51 @@ impl<S: Storage> FsCore<S> {
         Ok(())
     }
 
-    pub(super) fn snapshot_xattr_get(&self, id: SnapshotId, name: &OsStr) -> FsResult<Vec<u8>> {
+    /// An attribute of a snapshot directory or, with `on_image`, of its
+    /// `volume.img`, which shows the `user.*` attributes only: the directory's ACL
+    /// guards the directory.
+    pub(super) fn snapshot_xattr_get(
+        &self,
+        id: SnapshotId,
+        name: &OsStr,
+        on_image: bool,
+    ) -> FsResult<Vec<u8>> {
+        let missing = || FsError::NoAttribute(name.to_string_lossy().into_owned());
         let record = self.snapshot_record(id)?;
-        let key = name.to_string_lossy();
-        record
-            .xattrs
-            .get(&key)
-            .ok_or(FsError::NoAttribute(key.into_owned()))
+        match self.xattr_name(name).map_err(|_| missing())? {
+            XattrName::User(key) => record.xattrs.get(key).ok_or_else(missing),
+            XattrName::Acl(_) if on_image => Err(missing()),
+            XattrName::Acl(kind) => {
+                let what = format!("snapshot {}", record.name());
+                let acl = acl::stored(&record.xattrs, kind, &what)?.ok_or_else(missing)?;
+                let shown = if kind == AclKind::Access && self.block_public() {
+                    acl.without_other(PUBLIC_BITS as u8)
+                } else {
+                    acl
+                };
+                Ok(shown.to_xattr())
+            }
+        }
     }
 
-    pub(super) fn snapshot_xattr_list(&self, id: SnapshotId) -> FsResult<Vec<String>> {
+    pub(super) fn snapshot_xattr_list(
+        &self,
+        id: SnapshotId,
+        on_image: bool,
+    ) -> FsResult<Vec<String>> {
         Ok(self
             .snapshot_record(id)?
             .xattrs
             .names()
+            .filter(|name| !on_image || name.starts_with("user."))
             .map(str::to_string)
             .collect())
     }
 
-    /// Sets a `user.*` attribute of a snapshot directory; `user.description` also
-    /// becomes the `description` in `info`.
+    /// Sets (`Some`) or removes (`None`) an attribute of a snapshot directory: only
+    /// its owner may. `user.description` also becomes the `description` in `info`;
+    /// an access ACL sets the mode's permission bits, and is refused under block
+    /// public access if it lets others in.
     pub(super) fn snapshot_xattr_set(
         &self,
         id: SnapshotId,
@@ -301,21 +380,31 @@ impl<S: Storage> FsCore<S> {
         flags: XattrFlags,
         caller: &Caller,
     ) -> FsResult<()> {
-        let key = check_xattr_name(name)?.to_string();
+        let name = self.xattr_name(name)?;
         self.update_snapshot(id, |record| {
-            if caller.uid != 0 && caller.uid != record.owner.uid {
+            let what = format!("snapshot {}", record.name());
+            let key = match name {
+                XattrName::Acl(kind) => {
+                    let (owner, xattrs) = (&mut record.owner, &mut record.xattrs);
+                    acl::set(owner, xattrs, kind, value, true, caller, &what)?;
+                    return match (kind, value) {
+                        (AclKind::Access, Some(_)) => {
+                            self.refuse_public(owner, &what, "setting its ACL")
+                        }
+                        _ => Ok(()),
+                    };
+                }
+                XattrName::User(key) => key,
+            };
+            if !caller.owns(&record.owner) {
                 return Err(FsError::NotPermitted(format!(
-                    "snapshot {}: only its owner may change it",
-                    record.name()
+                    "{what}: only its owner may change it"
                 )));
             }
             match value {
-                Some(v) => {
-                    let owner = format!("snapshot {}", record.name());
-                    xattr::set(&mut record.xattrs, &key, v, flags, &owner)?;
-                }
-                None if !record.xattrs.remove(&key) => {
-                    return Err(FsError::NoAttribute(key.clone()));
+                Some(v) => xattr::set(&mut record.xattrs, key, v, flags, &what)?,
+                None if !record.xattrs.remove(key) => {
+                    return Err(FsError::NoAttribute(key.to_string()));
                 }
                 None => {}
             }
@@ -332,7 +421,216 @@ impl<S: Storage> FsCore<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Settings;
+    use crate::fs::acl::tests::acl;
+    use crate::fs::acl::{PosixAcl, Tag};
+    use crate::fs::inode::{SNAPSHOTS_DIR, VOLUMES_DIR};
     use crate::namespace::{Timestamp, Xattrs};
+    use crate::snapshot::Scheduling;
+    use crate::storage::memory::MemStorage;
+
+    #[test]
+    fn block_public_access_hides_only_the_public_bits() {
+        assert_eq!(shown_mode(0o755, false), 0o755);
+        assert_eq!(shown_mode(0o755, true), 0o750);
+        assert_eq!(shown_mode(0o707, true), 0o702);
+        assert_eq!(shown_mode(0o1750, true), 0o1750);
+    }
+
+    const ALICE: u32 = 1001;
+    const ACCESS: &str = "system.posix_acl_access";
+
+    fn alice() -> Caller {
+        Caller::with_groups(ALICE, ALICE, vec![ALICE])
+    }
+
+    fn bob() -> Caller {
+        Caller::with_groups(1002, 1002, vec![1002])
+    }
+
+    /// A core on `storage` (ACLs enforced), with `block_public_access` as given.
+    fn start(storage: &MemStorage, block_public_access: bool) -> FsCore<MemStorage> {
+        let mut settings = Settings::embedded();
+        settings.data_dir = "/data".into();
+        settings.block_public_access = block_public_access;
+        let core = FsCore::start(settings, storage.clone(), Scheduling::Manual).unwrap();
+        core.enable_posix_acls();
+        core
+    }
+
+    /// Alice's volume `a` and her completed snapshot `a@s`; the snapshot's inode.
+    fn alices_snapshot(core: &FsCore<MemStorage>) -> u64 {
+        let name = OsStr::new("a.img");
+        core.create_volume(VOLUMES_DIR, name, 0o600, &alice(), true)
+            .unwrap();
+        let ino = core
+            .mkdir(SNAPSHOTS_DIR, OsStr::new("a@s"), &alice())
+            .unwrap()
+            .ino;
+        core.engine().run_queued();
+        ino
+    }
+
+    /// user::rwx user:1002:r-x group::--- mask::r-x other::`other`.
+    fn bob_and_other(other: u8) -> PosixAcl {
+        acl(&[
+            (Tag::UserObj, 7),
+            (Tag::User(1002), 5),
+            (Tag::GroupObj, 0),
+            (Tag::Mask, 5),
+            (Tag::Other, other),
+        ])
+    }
+
+    fn set_acl(
+        core: &FsCore<MemStorage>,
+        ino: u64,
+        acl: &PosixAcl,
+        caller: &Caller,
+    ) -> FsResult<()> {
+        let value = acl.to_xattr();
+        core.setxattr(
+            ino,
+            OsStr::new(ACCESS),
+            Some(&value),
+            XattrFlags::default(),
+            caller,
+        )
+    }
+
+    fn chmod(core: &FsCore<MemStorage>, ino: u64, mode: u32, caller: &Caller) -> FsResult<Attr> {
+        let changes = SetAttr {
+            mode: Some(mode),
+            ..SetAttr::default()
+        };
+        core.setattr(ino, changes, caller)
+    }
+
+    fn shown_acl(core: &FsCore<MemStorage>, ino: u64) -> PosixAcl {
+        PosixAcl::from_xattr(&core.getxattr(ino, OsStr::new(ACCESS)).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn only_the_owner_shares_and_the_acl_sets_the_mode() {
+        let storage = MemStorage::new();
+        let core = start(&storage, false);
+        let ino = alices_snapshot(&core);
+        assert_eq!(core.getattr(ino).unwrap().perm, 0o700);
+        let err = set_acl(&core, ino, &bob_and_other(0), &bob()).unwrap_err();
+        assert_eq!(err.errno(), libc::EPERM, "{err}");
+        let err = chmod(&core, ino, 0o755, &bob()).unwrap_err();
+        assert_eq!(err.errno(), libc::EPERM, "{err}");
+        set_acl(&core, ino, &bob_and_other(0), &alice()).unwrap();
+        assert_eq!(core.getattr(ino).unwrap().perm, 0o750);
+        assert_eq!(shown_acl(&core, ino), bob_and_other(0));
+        // chmod moves the mask (and other), not bob's entry.
+        chmod(&core, ino, 0o715, &alice()).unwrap();
+        let after = shown_acl(&core, ino);
+        assert_eq!(after.mode_bits(), 0o715);
+        assert!(after.entries().contains(&crate::fs::acl::AclEntry {
+            tag: Tag::User(1002),
+            perm: 5
+        }));
+        // The image shows the directory's user.* attributes, never its ACL.
+        let image = core.lookup(ino, OsStr::new("volume.img")).unwrap().ino;
+        let err = core.getxattr(image, OsStr::new(ACCESS)).unwrap_err();
+        assert_eq!(err.errno(), libc::ENODATA, "{err}");
+        assert!(core.listxattr(image).unwrap().is_empty());
+        assert_eq!(core.listxattr(ino).unwrap(), [ACCESS]);
+    }
+
+    #[test]
+    fn a_volumes_acl_stays_on_the_volume_and_its_user_attributes_go_along() {
+        let storage = MemStorage::new();
+        let core = start(&storage, false);
+        let volume = core
+            .create_volume(VOLUMES_DIR, OsStr::new("a.img"), 0o600, &alice(), true)
+            .unwrap()
+            .ino;
+        let flags = XattrFlags::default();
+        core.setxattr(volume, OsStr::new("user.tag"), Some(b"x"), flags, &alice())
+            .unwrap();
+        set_acl(&core, volume, &bob_and_other(0), &alice()).unwrap();
+        assert_eq!(core.getattr(volume).unwrap().perm, 0o750);
+        // The ACL is what lets bob snapshot the volume (read permission).
+        let ino = core
+            .mkdir(SNAPSHOTS_DIR, OsStr::new("a@bob"), &bob())
+            .unwrap()
+            .ino;
+        assert_eq!(core.getattr(ino).unwrap().perm, 0o700);
+        assert_eq!(core.listxattr(ino).unwrap(), ["user.tag"]);
+        let err = core.getxattr(ino, OsStr::new(ACCESS)).unwrap_err();
+        assert_eq!(err.errno(), libc::ENODATA, "{err}");
+        let carol = Caller::with_groups(1003, 1003, vec![]);
+        let err = core
+            .mkdir(SNAPSHOTS_DIR, OsStr::new("a@carol"), &carol)
+            .unwrap_err();
+        assert_eq!(err.errno(), libc::EACCES, "{err}");
+    }
+
+    #[test]
+    fn acls_are_refused_until_the_kernel_enforces_them() {
+        let mut settings = Settings::embedded();
+        settings.data_dir = "/data".into();
+        let core = FsCore::start(settings, MemStorage::new(), Scheduling::Manual).unwrap();
+        let volume = core
+            .create_volume(VOLUMES_DIR, OsStr::new("a.img"), 0o600, &alice(), true)
+            .unwrap()
+            .ino;
+        let err = set_acl(&core, volume, &bob_and_other(0), &alice()).unwrap_err();
+        assert_eq!(err.errno(), libc::EOPNOTSUPP, "{err}");
+    }
+
+    #[test]
+    fn block_public_access_refuses_and_hides_public_snapshots() {
+        let storage = MemStorage::new();
+        let core = start(&storage, false);
+        let ino = alices_snapshot(&core);
+        set_acl(&core, ino, &bob_and_other(5), &alice()).unwrap();
+        assert_eq!(core.getattr(ino).unwrap().perm, 0o755);
+        core.shutdown();
+        drop(core);
+
+        let core = start(&storage, true);
+        assert_eq!(core.getattr(ino).unwrap().perm, 0o750, "other bits hidden");
+        assert_eq!(shown_acl(&core, ino), bob_and_other(0), "OTHER hidden");
+        for caller in [alice(), Caller::with_groups(0, 0, vec![])] {
+            let err = chmod(&core, ino, 0o755, &caller).unwrap_err();
+            assert_eq!(err.errno(), libc::EPERM, "{err}");
+            assert!(err.to_string().contains("block_public_access"), "{err}");
+            let err = set_acl(&core, ino, &bob_and_other(4), &caller).unwrap_err();
+            assert_eq!(err.errno(), libc::EPERM, "{err}");
+            let err = chmod(&core, ino, 0o701, &caller).unwrap_err();
+            assert_eq!(err.errno(), libc::EPERM, "{err}");
+        }
+        // Others' write bit makes nothing public; user attributes are no sharing.
+        chmod(&core, ino, 0o752, &alice()).unwrap();
+        assert_eq!(core.getattr(ino).unwrap().perm, 0o752);
+        let flags = XattrFlags::default();
+        core.setxattr(ino, OsStr::new("user.tag"), Some(b"x"), flags, &alice())
+            .unwrap();
+        chmod(&core, ino, 0o755, &alice()).unwrap_err();
+        core.shutdown();
+        drop(core);
+
+        // Refused changes left the stored bits alone; the allowed chmod replaced them.
+        let core = start(&storage, false);
+        assert_eq!(core.getattr(ino).unwrap().perm, 0o752);
+        chmod(&core, ino, 0o755, &alice()).unwrap();
+        core.shutdown();
+        drop(core);
+        let core = start(&storage, true);
+        assert_eq!(core.getattr(ino).unwrap().perm, 0o750);
+        core.shutdown();
+        drop(core);
+        let core = start(&storage, false);
+        assert_eq!(
+            core.getattr(ino).unwrap().perm,
+            0o755,
+            "turning it off restores"
+        );
+        assert_eq!(shown_acl(&core, ino), bob_and_other(5));
+    }
 
     #[test]
     fn info_is_toml_with_the_documented_keys() {

@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use log::{info, warn};
 
+use super::acl::{self, AclKind};
 use super::inode::Node;
-use super::xattr::{self, XattrFlags, check_xattr_name};
+use super::xattr::{self, XattrFlags, XattrName};
 use super::{
     Access, Attr, Caller, FileKind, FsCore, FsError, FsResult, Handle, SetAttr, VolumeSlot,
 };
@@ -259,7 +260,14 @@ impl<S: Storage> FsCore<S> {
         }
         if changes.mode.is_some() || changes.uid.is_some() || changes.gid.is_some() {
             self.update_volume(id, |record| {
-                apply_owner_change(&mut record.owner, changes, caller)
+                let what = format!("volume {}", record.name);
+                apply_owner_change(
+                    &mut record.owner,
+                    &mut record.xattrs,
+                    changes,
+                    caller,
+                    &what,
+                )
             })?;
         }
         self.volume_attr(id)
@@ -379,23 +387,24 @@ impl<S: Storage> FsCore<S> {
     }
 
     pub(super) fn volume_xattr_get(&self, id: VolumeId, name: &OsStr) -> FsResult<Vec<u8>> {
-        // Only user.* attributes exist; the kernel's security.* probes just miss.
-        let name = check_xattr_name(name)
-            .map_err(|_| FsError::NoAttribute(name.to_string_lossy().into_owned()))?;
-        if let Some(value) = self
-            .copy_info(id)
-            .and_then(|(source, hydrated)| match name {
-                SOURCE_XATTR => Some(source),
-                HYDRATED_XATTR => Some(hydrated),
-                _ => None,
-            })
+        // The kernel's security.* probes just miss.
+        let missing = || FsError::NoAttribute(name.to_string_lossy().into_owned());
+        let name = self.xattr_name(name).map_err(|_| missing())?;
+        if let XattrName::User(user_name) = name
+            && let Some(value) = self
+                .copy_info(id)
+                .and_then(|(source, hydrated)| match user_name {
+                    SOURCE_XATTR => Some(source),
+                    HYDRATED_XATTR => Some(hydrated),
+                    _ => None,
+                })
         {
             return Ok(value.into_bytes());
         }
         self.volume_record(id)?
             .xattrs
-            .get(name)
-            .ok_or_else(|| FsError::NoAttribute(name.to_string()))
+            .get(name.as_str())
+            .ok_or_else(missing)
     }
 
     pub(super) fn volume_xattr_list(&self, id: VolumeId) -> FsResult<Vec<String>> {
@@ -411,37 +420,34 @@ impl<S: Storage> FsCore<S> {
         Ok(names)
     }
 
+    /// Sets (`Some`) or removes (`None`) an attribute of a volume: `user.*` by
+    /// whoever may write it, ACLs by its owner.
     pub(super) fn volume_xattr_set(
         &self,
         id: VolumeId,
         name: &OsStr,
-        value: &[u8],
+        value: Option<&[u8]>,
         flags: XattrFlags,
         caller: &Caller,
     ) -> FsResult<()> {
-        let name = check_xattr_name(name)?;
-        check_settable(name)?;
+        let name = self.xattr_name(name)?;
+        if let XattrName::User(user_name) = name {
+            check_settable(user_name)?;
+        }
         self.update_volume(id, |record| {
+            let what = format!("volume {}", record.name);
+            let user_name = match name {
+                XattrName::Acl(kind) => {
+                    let (owner, xattrs) = (&mut record.owner, &mut record.xattrs);
+                    return acl::set(owner, xattrs, kind, value, false, caller, &what);
+                }
+                XattrName::User(user_name) => user_name,
+            };
             check_volume_write(record, caller)?;
-            let owner = format!("volume {}", record.name);
-            xattr::set(&mut record.xattrs, name, value, flags, &owner)
-        })
-    }
-
-    pub(super) fn volume_xattr_remove(
-        &self,
-        id: VolumeId,
-        name: &OsStr,
-        caller: &Caller,
-    ) -> FsResult<()> {
-        let name = check_xattr_name(name)?;
-        check_settable(name)?;
-        self.update_volume(id, |record| {
-            check_volume_write(record, caller)?;
-            if record.xattrs.remove(name) {
-                Ok(())
-            } else {
-                Err(FsError::NoAttribute(name.to_string()))
+            match value {
+                Some(value) => xattr::set(&mut record.xattrs, user_name, value, flags, &what),
+                None if record.xattrs.remove(user_name) => Ok(()),
+                None => Err(FsError::NoAttribute(user_name.to_string())),
             }
         })
     }
@@ -462,8 +468,19 @@ fn check_settable(name: &str) -> FsResult<()> {
     Ok(())
 }
 
+/// Whether `caller` may have `want` on `volume`, by its mode and access ACL.
+pub(super) fn volume_permits(
+    volume: &VolumeRecord,
+    caller: &Caller,
+    want: Access,
+) -> FsResult<bool> {
+    let what = format!("volume {}", volume.name);
+    let acl = acl::stored(&volume.xattrs, AclKind::Access, &what)?;
+    caller.permits(&volume.owner, acl.as_ref(), want)
+}
+
 fn check_volume_write(record: &VolumeRecord, caller: &Caller) -> FsResult<()> {
-    if caller.permits(&record.owner, Access::Write)? {
+    if volume_permits(record, caller, Access::Write)? {
         Ok(())
     } else {
         Err(FsError::AccessDenied(format!(
@@ -476,11 +493,15 @@ fn check_volume_write(record: &VolumeRecord, caller: &Caller) -> FsResult<()> {
 /// Applies chmod/chown/chgrp to an owner record by the kernel's rules (checked
 /// before any change, so a refusal changes nothing): only the owner (or root)
 /// changes the mode, only root gives an object away, and the owner changes the group
-/// only to one of its own groups.
+/// only to one of its own groups. A new mode also sets the access ACL's base entries
+/// (its mask for the group bits), as chmod does on any filesystem with ACLs; `what`
+/// ("volume db") names the object in errors.
 pub(super) fn apply_owner_change(
     owner: &mut Owner,
+    xattrs: &mut Xattrs,
     changes: SetAttr,
     caller: &Caller,
+    what: &str,
 ) -> FsResult<()> {
     if let Some(uid) = changes.uid
         && !caller.may_change_owner(owner, uid)
@@ -496,7 +517,7 @@ pub(super) fn apply_owner_change(
             "only the owner may change the group, and only to a group it is in (not {gid})"
         )));
     }
-    if changes.mode.is_some() && !caller.may_change_mode(owner) {
+    if changes.mode.is_some() && !caller.owns(owner) {
         return Err(FsError::NotPermitted(
             "only the owner may change the mode".into(),
         ));
@@ -509,6 +530,7 @@ pub(super) fn apply_owner_change(
     }
     if let Some(mode) = changes.mode {
         owner.mode = (mode & 0o7777) as u16;
+        acl::follow_mode(xattrs, owner.mode, what)?;
     }
     Ok(())
 }
@@ -537,7 +559,7 @@ mod tests {
             mode: Some(0o100604),
             ..SetAttr::default()
         };
-        apply_owner_change(&mut owner, changes, &alice).unwrap();
+        apply_owner_change(&mut owner, &mut Xattrs::default(), changes, &alice, "v").unwrap();
         assert_eq!((owner.gid, owner.mode), (SHARED, 0o604));
     }
 
@@ -550,14 +572,16 @@ mod tests {
             mode: Some(0o600),
             ..SetAttr::default()
         };
-        let err = apply_owner_change(&mut owner, changes, &alice).unwrap_err();
+        let err = apply_owner_change(&mut owner, &mut Xattrs::default(), changes, &alice, "v")
+            .unwrap_err();
         assert_eq!(err.errno(), libc::EPERM, "{err}");
         let changes = SetAttr {
             uid: Some(1002),
             mode: Some(0o600),
             ..SetAttr::default()
         };
-        let err = apply_owner_change(&mut owner, changes, &alice).unwrap_err();
+        let err = apply_owner_change(&mut owner, &mut Xattrs::default(), changes, &alice, "v")
+            .unwrap_err();
         assert_eq!(err.errno(), libc::EPERM, "{err}");
         assert_eq!(owner, alices());
     }

@@ -1,22 +1,54 @@
 //! Rules shared by the extended attributes of volumes and snapshot directories.
 //!
+//! Two kinds are kept, side by side in a record's [`Xattrs`]: `user.*` attributes
+//! (tags, product codes, a description), which a volume's snapshots inherit, and the
+//! POSIX ACLs `system.posix_acl_access` / `system.posix_acl_default` (see
+//! [`super::acl`]), which belong to the one object they were set on.
+//!
 //! What one volume or snapshot may hold is capped so that `listxattr` can always
 //! answer: the kernel refuses (`E2BIG`) a name list over `XATTR_LIST_MAX`. Values are
 //! capped too, because a record is copied whole by `stat` and rewritten by every
-//! change. A `setxattr` that would pass a cap fails with `ENOSPC`, as on ext4 when
-//! its attribute space is full; a single value over `XATTR_SIZE_MAX` with `E2BIG`.
+//! change. ACLs count towards the caps, as on ext4, where they share the attribute
+//! space. A `setxattr` that would pass a cap fails with `ENOSPC`, as on ext4 when its
+//! attribute space is full; a single value over `XATTR_SIZE_MAX` with `E2BIG`.
 
 use std::ffi::OsStr;
 
+use super::acl::AclKind;
 use super::{FsError, FsResult};
 use crate::namespace::Xattrs;
 
-/// Extended attributes users may set: the `user.` namespace (tags, product codes).
-pub(super) fn check_xattr_name(name: &OsStr) -> FsResult<&str> {
-    match name.to_str() {
-        Some(n) if n.starts_with("user.") && n.len() > 5 => Ok(n),
-        _ => Err(FsError::NotSupported(format!(
-            "extended attribute {} is not supported: only user.* attributes are kept",
+/// An extended attribute name the daemon keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum XattrName<'a> {
+    /// `user.<key>`: set by whoever may write the volume, or the snapshot's owner.
+    User(&'a str),
+    /// A POSIX ACL: set by the owner.
+    Acl(AclKind),
+}
+
+impl XattrName<'_> {
+    /// The name as stored and listed.
+    pub(super) fn as_str(&self) -> &str {
+        match self {
+            XattrName::User(name) => name,
+            XattrName::Acl(kind) => kind.xattr_name(),
+        }
+    }
+}
+
+/// Which kept attribute `name` is; others (`security.*`, `trusted.*`, …) are not
+/// supported.
+pub(super) fn parse_name(name: &OsStr) -> FsResult<XattrName<'_>> {
+    let text = name.to_str().unwrap_or_default();
+    if text.starts_with("user.") && text.len() > 5 {
+        return Ok(XattrName::User(text));
+    }
+    match AclKind::from_xattr_name(text) {
+        Some(kind) => Ok(XattrName::Acl(kind)),
+        None => Err(FsError::NotSupported(format!(
+            "extended attribute {} is not supported: only user.* attributes and POSIX ACLs \
+             are kept",
             name.to_string_lossy()
         ))),
     }

@@ -80,7 +80,8 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (year, month, day)
 }
 
-/// Extended attributes of a volume or snapshot (`user.*` only), values hex-encoded so
+/// Extended attributes of a volume or snapshot: `user.*` attributes and POSIX ACLs
+/// (`system.posix_acl_*`, in the kernel's xattr form), values hex-encoded so
 /// arbitrary bytes survive the TOML text form.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -105,6 +106,18 @@ impl Xattrs {
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.0.keys().map(String::as_str)
+    }
+
+    /// The `user.*` attributes only: what a snapshot inherits from its volume (an ACL
+    /// guards the one object it is set on; a snapshot starts private).
+    pub fn user_only(&self) -> Xattrs {
+        Xattrs(
+            self.0
+                .iter()
+                .filter(|(name, _)| name.starts_with("user."))
+                .map(|(name, hex)| (name.clone(), hex.clone()))
+                .collect(),
+        )
     }
 
     /// Each attribute's name and the length of its value in bytes.
@@ -256,5 +269,16 @@ mod tests {
         let back: Xattrs = decode_record("x", &text).unwrap();
         assert_eq!(back.get("user.bin").unwrap(), vec![0, 255, 10, 13]);
         assert!(back.names().eq(["user.bin"]));
+    }
+
+    #[test]
+    fn only_user_attributes_are_inherited() {
+        let mut x = Xattrs::default();
+        x.set("user.tag", b"a");
+        x.set("system.posix_acl_access", &[2, 0, 0, 0]);
+        x.set("system.posix_acl_default", &[2, 0, 0, 0]);
+        let inherited = x.user_only();
+        assert!(inherited.names().eq(["user.tag"]));
+        assert_eq!(inherited.get("user.tag").unwrap(), b"a");
     }
 }

@@ -105,7 +105,7 @@ impl<S: Storage> SnapshotEngine<S> {
                         .get("user.description")
                         .map(|d| String::from_utf8_lossy(&d).into_owned())
                         .unwrap_or_default(),
-                    xattrs: vol.xattrs.clone(),
+                    xattrs: vol.xattrs.user_only(),
                     error: None,
                 };
                 c.put_snapshot(record.clone())?;

@@ -5,6 +5,8 @@
 //! missing root fails the test; elsewhere the test prints why and skips.
 #![allow(dead_code)]
 
+pub mod users;
+
 use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
