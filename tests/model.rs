@@ -133,6 +133,10 @@ struct VolumeModel {
     /// of which a power loss may leave.
     page_versions: BTreeMap<usize, Vec<Vec<u8>>>,
     len_versions: Vec<usize>,
+    /// An operation a crash cut short may have happened, in part: each page it
+    /// touches may hold its old or its new contents.
+    maybe_pages: BTreeMap<usize, Vec<Vec<u8>>>,
+    maybe_lens: Vec<usize>,
 }
 
 impl VolumeModel {
@@ -174,31 +178,59 @@ impl VolumeModel {
         self.len_versions.clear();
     }
 
-    /// After a power loss: `actual` must be made of versions the model allows.
-    fn accept_power_loss(&mut self, name: &str, actual: Vec<u8>) {
-        let len_ok = actual.len() == self.bytes.len() || self.len_versions.contains(&actual.len());
+    /// Records what `change` would make of the pages `pages`, without applying it:
+    /// the operation failed in a crash, perhaps after doing part of its work.
+    fn maybe_changed(&mut self, pages: std::ops::Range<usize>, change: impl FnOnce(&mut Vec<u8>)) {
+        let mut after = self.clone();
+        change(&mut after.bytes);
+        for p in pages {
+            self.maybe_pages.entry(p).or_default().push(after.page(p));
+        }
+        self.maybe_lens.push(after.bytes.len());
+    }
+
+    /// After a restart: `actual` must be made of versions the model allows — the
+    /// current ones, the pages an operation cut short may have changed, and after a
+    /// power loss (`unsynced`) any version written since the last fsync.
+    fn accept_restart(&mut self, name: &str, actual: Vec<u8>, unsynced: bool) {
+        let len_ok = actual.len() == self.bytes.len()
+            || self.maybe_lens.contains(&actual.len())
+            || (unsynced && self.len_versions.contains(&actual.len()));
         assert!(
             len_ok,
-            "{name}: length {} after power loss, model allows {} or {:?}",
+            "{name}: length {} after a restart, model allows {} or {:?} / {:?}",
             actual.len(),
             self.bytes.len(),
+            self.maybe_lens,
             self.len_versions
         );
         for p in 0..actual.len().div_ceil(PAGE) {
             let start = p * PAGE;
             let end = actual.len().min(start + PAGE);
             let got = &actual[start..end];
-            let allowed = match self.page_versions.get(&p) {
-                Some(versions) => versions.iter().any(|v| &v[..end - start] == got),
-                None => self.page(p)[..end - start] == *got,
-            };
+            let current = self.page(p);
+            let maybe = self.maybe_pages.get(&p).into_iter().flatten();
+            let written = self
+                .page_versions
+                .get(&p)
+                .into_iter()
+                .flatten()
+                .filter(|_| unsynced);
+            let allowed = std::iter::once(&current)
+                .chain(maybe)
+                .chain(written)
+                .any(|v| &v[..end - start] == got);
             assert!(
                 allowed,
-                "{name}: page {p} after power loss matches no version written since the last fsync"
+                "{name}: page {p} after a restart (power loss: {unsynced}) matches no version the model allows"
             );
         }
         self.bytes = actual;
-        self.synced();
+        self.maybe_pages.clear();
+        self.maybe_lens.clear();
+        if unsynced {
+            self.synced();
+        }
     }
 }
 
@@ -337,20 +369,16 @@ impl Harness {
                 };
                 let result = self.core().write(ino, fh, u64::from(*offset), data);
                 self.core().release(fh);
-                match result {
-                    Ok(_) => {
-                        let model = self.volumes.get_mut(&v).expect("model volume");
-                        let start = *offset as usize;
-                        model.change(start / PAGE..end.div_ceil(PAGE), |bytes| {
-                            if bytes.len() < end {
-                                bytes.resize(end, 0);
-                            }
-                            bytes[start..end].copy_from_slice(data);
-                        });
-                        Ok(())
+                let start = *offset as usize;
+                let pages = start / PAGE..end.div_ceil(PAGE);
+                let change = |bytes: &mut Vec<u8>| {
+                    if bytes.len() < end {
+                        bytes.resize(end, 0);
                     }
-                    Err(e) => Err(format!("write {v}: {e}")),
-                }
+                    bytes[start..end].copy_from_slice(data);
+                };
+                self.record(&v, result.map(|_| ()), pages, change)
+                    .map_err(|e| format!("write {v}: {e}"))
             }
             Op::Truncate { v, size } => {
                 let v = name(v);
@@ -361,17 +389,11 @@ impl Harness {
                     size: Some(u64::from(*size)),
                     ..SetAttr::default()
                 };
-                match self.core().setattr(ino, changes, &root()) {
-                    Ok(_) => {
-                        let model = self.volumes.get_mut(&v).expect("model volume");
-                        let (old, new) = (model.bytes.len(), *size as usize);
-                        model.change(old.min(new) / PAGE..old.max(new).div_ceil(PAGE), |bytes| {
-                            bytes.resize(new, 0)
-                        });
-                        Ok(())
-                    }
-                    Err(e) => Err(format!("truncate {v}: {e}")),
-                }
+                let result = self.core().setattr(ino, changes, &root()).map(|_| ());
+                let (old, new) = (self.volumes[&v].bytes.len(), *size as usize);
+                let pages = old.min(new) / PAGE..old.max(new).div_ceil(PAGE);
+                self.record(&v, result, pages, |bytes| bytes.resize(new, 0))
+                    .map_err(|e| format!("truncate {v}: {e}"))
             }
             Op::Punch { v, offset, len } => {
                 let v = name(v);
@@ -387,21 +409,12 @@ impl Harness {
                     self.core()
                         .fallocate(ino, fh, u64::from(*offset), u64::from(*len), mode);
                 self.core().release(fh);
-                match result {
-                    Ok(()) => {
-                        let model = self.volumes.get_mut(&v).expect("model volume");
-                        let size = model.bytes.len();
-                        let start = (*offset as usize).min(size);
-                        let end = (*offset as usize + *len as usize).min(size);
-                        if start < end {
-                            model.change(start / PAGE..end.div_ceil(PAGE), |bytes| {
-                                bytes[start..end].fill(0)
-                            });
-                        }
-                        Ok(())
-                    }
-                    Err(e) => Err(format!("punch {v}: {e}")),
-                }
+                let size = self.volumes[&v].bytes.len();
+                let start = (*offset as usize).min(size);
+                let end = (*offset as usize + *len as usize).min(size);
+                let pages = start / PAGE..end.div_ceil(PAGE).max(start / PAGE);
+                self.record(&v, result, pages, |bytes| bytes[start..end].fill(0))
+                    .map_err(|e| format!("punch {v}: {e}"))
             }
             Op::Fsync(v) => {
                 let v = name(v);
@@ -643,6 +656,31 @@ impl Harness {
         result
     }
 
+    /// Takes in a volume operation's outcome: applied to the model when it succeeded;
+    /// remembered as perhaps half done when a crash cut it short.
+    fn record(
+        &mut self,
+        v: &str,
+        result: Result<(), ebsfs::fs::FsError>,
+        pages: std::ops::Range<usize>,
+        change: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<(), String> {
+        let crashed = self.storage.has_crashed();
+        let model = self.volumes.get_mut(v).expect("model volume");
+        match result {
+            Ok(()) => {
+                model.change(pages, change);
+                Ok(())
+            }
+            Err(e) => {
+                if crashed {
+                    model.maybe_changed(pages, change);
+                }
+                Err(e.to_string())
+            }
+        }
+    }
+
     /// An operation failed: fine if the storage crashed under it, a bug otherwise.
     fn failed(&mut self, why: &str) -> bool {
         assert!(self.storage.has_crashed(), "failed without a crash: {why}");
@@ -702,13 +740,7 @@ impl Harness {
                 continue;
             }
             let model = self.volumes.get_mut(&v).expect("model volume");
-            match mode {
-                Some(CrashMode::PowerLoss) => model.accept_power_loss(&v, actual),
-                _ => assert!(
-                    actual == model.bytes,
-                    "volume {v} differs from the model after {mode:?}"
-                ),
-            }
+            model.accept_restart(&v, actual, mode == Some(CrashMode::PowerLoss));
         }
         // Volumes the model does not have: a creation whose commit survived its crash.
         for v in (0..VOLUMES).map(|v| format!("v{v}")) {
