@@ -2,7 +2,7 @@
 //!
 //! `cp snapshots/db@x/volume.img volumes/new.img` reaches the daemon as
 //! `copy_file_range` from the image to the new volume. When the volume is blank and
-//! the range maps each byte to the same offset, nothing is copied: the volume
+//! the range starts at 0 on both sides, nothing is copied: the volume
 //! becomes a copy of the snapshot *by reference* (its lineage's parent is the
 //! snapshot, see `namespace::catalog`), in constant time whatever the size. Its
 //! blocks read from the snapshot until written or hydrated (`volume::source`); a
@@ -131,7 +131,7 @@ impl<S: Storage> FsCore<S> {
         len: u64,
     ) -> FsResult<Option<u64>> {
         let snapshot = &image.record;
-        let end = offset.saturating_add(len).min(snapshot.size_bytes);
+        let mut end = offset.saturating_add(len).min(snapshot.size_bytes);
         if offset >= end {
             return Ok(Some(0));
         }
@@ -157,6 +157,17 @@ impl<S: Storage> FsCore<S> {
             None => {
                 let never_snapshotted = view.lineage(volume.id).next().is_none();
                 if record.block_size != snapshot.block_size || !never_snapshotted {
+                    return Ok(None);
+                }
+                // The volume reads whole blocks from the snapshot, from the first on:
+                // a copy that starts past 0 (whose head must stay zeros) is made byte
+                // by byte, and one that ends inside a block shares up to that block
+                // (the tail of a shared block would read the snapshot's bytes, not
+                // zeros, once the volume grows). The kernel asks again for the rest.
+                if end < snapshot.size_bytes {
+                    end -= end % bs;
+                }
+                if offset != 0 || end == 0 {
                     return Ok(None);
                 }
                 let present_path = self.layout.volume_file(volume.id, VolumeFile::Present);
