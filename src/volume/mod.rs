@@ -315,7 +315,11 @@ impl<S: Storage> Volume<S> {
                 let n = self.data.read_at(piece, pos)?;
                 piece[n..].fill(0);
             } else {
-                block_buf.resize(bs as usize, 0);
+                if block_buf.is_empty() {
+                    // `vec!` of zeros allocates zeroed pages at once, where
+                    // `resize` writes every byte (slow in unoptimised builds).
+                    block_buf = vec![0; bs as usize];
+                }
                 let mut filled = 0;
                 while filled < piece.len() {
                     let at_pos = pos + filled as u64;

@@ -9,8 +9,12 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub mod store;
+
+pub use store::StoreSettings;
+
 /// The defaults, exactly as shipped in the repository's `config.toml`.
-pub const EMBEDDED_CONFIG: &str = include_str!("../config.toml");
+pub const EMBEDDED_CONFIG: &str = include_str!("../../config.toml");
 
 const MIN_BLOCK_SIZE: u64 = 4096;
 const MAX_BLOCK_SIZE: u64 = 4 << 20;
@@ -32,6 +36,10 @@ pub struct Settings {
     /// Refuse making snapshots public, and hide what already is (EBS's "block public
     /// access for snapshots").
     pub block_public_access: bool,
+    /// This host's name in a bucket shared with others.
+    pub host_id: String,
+    /// The S3-compatible snapshot store, if any (`[store]`).
+    pub store: Option<StoreSettings>,
 }
 
 /// One config file's keys, all optional so a file may override only some.
@@ -49,6 +57,8 @@ struct ConfigFile {
     allow_other: Option<bool>,
     hydrate: Option<bool>,
     block_public_access: Option<bool>,
+    host_id: Option<String>,
+    store: Option<store::StoreTable>,
 }
 
 /// What went wrong with a config file, and where.
@@ -79,6 +89,7 @@ impl Settings {
             Path::new("."),
         )
         .unwrap_or_else(|e| panic!("embedded config.toml is invalid: {e}"));
+        settings.host_id = store::default_host_id();
         settings
     }
 
@@ -119,6 +130,8 @@ impl Settings {
             allow_other: false,
             hydrate: false,
             block_public_access: false,
+            host_id: String::new(),
+            store: None,
         }
     }
 }
@@ -231,6 +244,17 @@ fn apply_text(
     }
     if let Some(block) = file.block_public_access {
         settings.block_public_access = block;
+    }
+    if let Some(id) = file.host_id {
+        store::check_host_id(&id)
+            .map_err(|e| invalid(line_of_key(text, "host_id"), format!("key `host_id`: {e}")))?;
+        settings.host_id = id;
+    }
+    if let Some(table) = file.store {
+        let store = table.settings(resolve).map_err(|(key, what)| {
+            invalid(line_of_key(text, key), format!("key `store.{key}`: {what}"))
+        })?;
+        settings.store = Some(store);
     }
     Ok(())
 }
@@ -350,6 +374,39 @@ mod tests {
         assert_eq!(s.max_volume_size_bytes, 16 << 40);
         assert!(!s.allow_other);
         assert!(!s.block_public_access);
+        assert!(s.store.is_none(), "the local store is the default");
+        assert!(!s.host_id.is_empty());
+    }
+
+    #[test]
+    fn the_store_table_selects_a_bucket_and_names_bad_keys() {
+        let s = load_text(
+            "host_id = \"a\"\n[store]\nurl = \"s3://ebsfs/prod\"\nendpoint = \"http://127.0.0.1:9000\"\nkey_file = \"k\"\n",
+        )
+        .unwrap();
+        let store = s.store.unwrap();
+        assert_eq!(
+            (store.bucket.as_str(), store.prefix.as_str()),
+            ("ebsfs", "prod")
+        );
+        assert_eq!(store.key_file.unwrap(), Path::new("/base/k"));
+        assert_eq!(s.host_id, "a");
+        let err = load_text("[store]\nurl = \"s3://ebsfs\"\nendpoint = \"ftp://x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.toml:3:") && err.contains("store.endpoint"),
+            "{err}"
+        );
+        let err = load_text("[store]\nregion = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("store.url"), "{err}");
+        let err = load_text("host_id = \"a b\"\n").unwrap_err().to_string();
+        assert!(
+            err.starts_with("test.toml:1:") && err.contains("host_id"),
+            "{err}"
+        );
     }
 
     #[test]

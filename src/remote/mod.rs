@@ -1,0 +1,513 @@
+//! Snapshots in an S3-compatible bucket shared by many hosts.
+//!
+//! A host keeps capturing into its data directory as without a bucket; with a
+//! `[store]` configured, a snapshot then becomes `completed` only once every object it
+//! needs is durable in the bucket, its root written last (`upload`). Every host lists
+//! the roots of all hosts (`catalog`), shows other hosts' snapshots as
+//! `<volume>@<label>@<host>`, reads them with ranged GETs through bounded caches, and
+//! makes volumes from them. Objects are immutable; deleting a snapshot writes a
+//! tombstone, and garbage collection (`gc`) removes what nothing can need any more,
+//! never what a host's lease says it still reads or what a capture in progress may
+//! reference. docs/FORMAT.md, section 6, has the layout and the argument.
+
+pub mod client;
+pub mod crypto;
+pub mod format;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use log::info;
+
+use crate::config::StoreSettings;
+use crate::store::codec::{self, ChunkHash, Codec};
+pub use client::{Bucket, BucketError, Listed};
+use crypto::Crypto;
+use format::{FormatError, Lease, Names, Page, RemoteChunk, Root, STORE_FORMAT, StoreFormat};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("snapshot store {store}: {source}")]
+    Bucket {
+        store: String,
+        #[source]
+        source: BucketError,
+    },
+    #[error(
+        "snapshot store {0}: the key does not open this store (a different key_file than the \
+         one it was created with?)"
+    )]
+    WrongKey(String),
+    #[error("snapshot store {store}: {reason}")]
+    Setup { store: String, reason: String },
+    #[error("snapshot store {store}: {source}")]
+    Damaged {
+        store: String,
+        #[source]
+        source: FormatError,
+    },
+    #[error("snapshot store {store}: chunk {hash} in {pack}: {reason}")]
+    BadChunk {
+        store: String,
+        hash: ChunkHash,
+        pack: String,
+        reason: String,
+    },
+}
+
+pub type RemoteResult<T> = Result<T, RemoteError>;
+
+/// Target size of a pack object: large enough for cheap requests, small enough that a
+/// failed upload costs little to redo.
+pub const PACK_OBJECT_BYTES: usize = 32 << 20;
+
+/// Multipart uploads go in parts of this size.
+const PART_BYTES: usize = 8 << 20;
+
+/// How often a host renews its lease, and after how long a lease counts as gone.
+pub const LEASE_RENEW: Duration = Duration::from_secs(120);
+pub const LEASE_TTL: Duration = Duration::from_secs(900);
+
+pub struct RemoteStore {
+    pub bucket: Bucket,
+    pub host: String,
+    crypto: Option<Crypto>,
+    pub settings: StoreSettings,
+    pages: Mutex<PageCache>,
+    /// The last lease this host wrote, and when (this host's clock).
+    lease: Mutex<Option<(Lease, Instant)>>,
+}
+
+/// Decoded pages, bounded by count (each is at most ~100 KiB).
+struct PageCache {
+    pages: HashMap<String, Arc<Page>>,
+    order: std::collections::VecDeque<String>,
+    limit: usize,
+}
+
+impl PageCache {
+    fn get(&self, name: &str) -> Option<Arc<Page>> {
+        self.pages.get(name).cloned()
+    }
+
+    fn insert(&mut self, name: &str, page: Arc<Page>) {
+        if self.pages.insert(name.to_string(), page).is_none() {
+            self.order.push_back(name.to_string());
+        }
+        while self.order.len() > self.limit {
+            if let Some(old) = self.order.pop_front() {
+                self.pages.remove(&old);
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl RemoteStore {
+    /// Connects to the bucket and checks it: reachable, credentials accepted, its format
+    /// one this ebsfs reads, the key right. A new store gets its format object. Fails
+    /// within the request timeout and its bounded retries, with a message saying what
+    /// is wrong.
+    pub fn connect(settings: &StoreSettings, host: &str) -> RemoteResult<RemoteStore> {
+        let bucket = Bucket::connect(settings).map_err(|reason| RemoteError::Setup {
+            store: format!("s3://{}/{}", settings.bucket, settings.prefix),
+            reason,
+        })?;
+        let crypto = match &settings.key_file {
+            Some(path) => Some(Crypto::from_key_file(path).map_err(|e| RemoteError::Setup {
+                store: bucket.shown.clone(),
+                reason: e.to_string(),
+            })?),
+            None => None,
+        };
+        RemoteStore::open(bucket, host, crypto, settings.clone())
+    }
+
+    /// A store over an already made bucket (tests use an in-memory one).
+    pub fn open(
+        bucket: Bucket,
+        host: &str,
+        crypto: Option<Crypto>,
+        settings: StoreSettings,
+    ) -> RemoteResult<RemoteStore> {
+        let store = RemoteStore {
+            bucket,
+            host: host.to_string(),
+            crypto,
+            pages: Mutex::new(PageCache {
+                pages: HashMap::new(),
+                order: Default::default(),
+                limit: (settings.cache_size_bytes / (64 << 10)).clamp(64, 65_536) as usize,
+            }),
+            settings,
+            lease: Mutex::new(None),
+        };
+        store.check_format()?;
+        Ok(store)
+    }
+
+    fn err(&self) -> impl Fn(BucketError) -> RemoteError + '_ {
+        move |source| RemoteError::Bucket {
+            store: self.bucket.shown.clone(),
+            source,
+        }
+    }
+
+    fn damaged(&self, source: FormatError) -> RemoteError {
+        RemoteError::Damaged {
+            store: self.bucket.shown.clone(),
+            source,
+        }
+    }
+
+    pub fn names(&self) -> Names<'_> {
+        Names {
+            crypto: self.crypto.as_ref(),
+        }
+    }
+
+    pub fn encrypted(&self) -> bool {
+        self.crypto.is_some()
+    }
+
+    /// Reads the store's format object, writing it for a new store.
+    fn check_format(&self) -> RemoteResult<()> {
+        let name = self.names().format();
+        let encryption = if self.crypto.is_some() {
+            "xchacha20poly1305"
+        } else {
+            "none"
+        };
+        let Some(bytes) = self.bucket.get(&name).map_err(self.err())? else {
+            let format = StoreFormat {
+                format: STORE_FORMAT,
+                encryption: encryption.to_string(),
+                key_check: self
+                    .crypto
+                    .as_ref()
+                    .map(|c| hex(&c.seal(format::KEY_CHECK_TEXT)))
+                    .unwrap_or_default(),
+            };
+            let text = toml::to_string(&format).unwrap_or_default();
+            self.bucket
+                .put(&name, text.into_bytes())
+                .map_err(self.err())?;
+            info!(
+                "snapshot store {}: created ({encryption})",
+                self.bucket.shown
+            );
+            return Ok(());
+        };
+        let shown = self.bucket.shown.clone();
+        let format: StoreFormat = std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|t| toml::from_str(t).ok())
+            .ok_or_else(|| RemoteError::Setup {
+                store: shown.clone(),
+                reason: format!("{name} is not an ebsfs store's format object"),
+            })?;
+        if format.format > STORE_FORMAT {
+            return Err(RemoteError::Setup {
+                store: shown,
+                reason: format!(
+                    "the store has format {}; this ebsfs reads format {STORE_FORMAT}: use a newer ebsfs",
+                    format.format
+                ),
+            });
+        }
+        match (&self.crypto, format.encryption.as_str()) {
+            (None, "none") => Ok(()),
+            (Some(crypto), "xchacha20poly1305") => {
+                let opened = decode_hex(&format.key_check).and_then(|sealed| crypto.open(&sealed));
+                if opened.as_deref() == Some(format::KEY_CHECK_TEXT) {
+                    Ok(())
+                } else {
+                    Err(RemoteError::WrongKey(shown))
+                }
+            }
+            (None, _) => Err(RemoteError::Setup {
+                store: shown,
+                reason: "the store is encrypted: set store.key_file to its key".into(),
+            }),
+            (Some(_), other) => Err(RemoteError::Setup {
+                store: shown,
+                reason: format!(
+                    "the store is not encrypted ({other}) but store.key_file is set: remove it, or use another prefix"
+                ),
+            }),
+        }
+    }
+
+    /// Writes a whole object, sealed when the store is encrypted.
+    pub fn put_object(&self, name: &str, plain: &[u8]) -> RemoteResult<()> {
+        let bytes = match &self.crypto {
+            Some(crypto) => crypto.seal(plain),
+            None => plain.to_vec(),
+        };
+        self.bucket
+            .put_multipart(name, bytes, PART_BYTES)
+            .map_err(self.err())
+    }
+
+    /// Reads a whole object, opened when the store is encrypted; `None` if missing.
+    pub fn get_object(&self, name: &str) -> RemoteResult<Option<Vec<u8>>> {
+        let Some(bytes) = self.bucket.get(name).map_err(self.err())? else {
+            return Ok(None);
+        };
+        match &self.crypto {
+            Some(crypto) => crypto.open(&bytes).map(Some).ok_or_else(|| {
+                self.damaged(FormatError {
+                    what: name.to_string(),
+                    reason: "it does not decrypt (damaged, or written with another key)".into(),
+                })
+            }),
+            None => Ok(Some(bytes)),
+        }
+    }
+
+    /// A snapshot's root.
+    pub fn root(&self, name: &str) -> RemoteResult<Option<Root>> {
+        match self.get_object(name)? {
+            Some(bytes) => Root::decode(&bytes, name)
+                .map(Some)
+                .map_err(|e| self.damaged(e)),
+            None => Ok(None),
+        }
+    }
+
+    /// A page of a block map, through the page cache.
+    pub fn page(&self, name: &str) -> RemoteResult<Arc<Page>> {
+        if let Some(page) = lock(&self.pages).get(name) {
+            return Ok(page);
+        }
+        let bytes = self.get_object(name)?.ok_or_else(|| {
+            self.damaged(FormatError {
+                what: name.to_string(),
+                reason: "the page is missing".into(),
+            })
+        })?;
+        if self.names().page(&bytes) != name {
+            return Err(self.damaged(FormatError {
+                what: name.to_string(),
+                reason: "its contents do not match its name".into(),
+            }));
+        }
+        let page = Arc::new(Page::decode(&bytes, name).map_err(|e| self.damaged(e))?);
+        lock(&self.pages).insert(name, page.clone());
+        Ok(page)
+    }
+
+    /// Uploads a page (content-addressed: a page already there is the same page).
+    /// Returns its name.
+    pub fn put_page(&self, page: &Page) -> RemoteResult<String> {
+        let plain = page.encode();
+        let name = self.names().page(&plain);
+        self.put_object(&name, &plain)?;
+        lock(&self.pages).insert(&name, Arc::new(page.clone()));
+        Ok(name)
+    }
+
+    /// Builds and uploads pack object `pack` of this host from chunk payloads (as
+    /// stored locally: compressed or raw), each sealed alone when encrypting. Returns
+    /// where each chunk went.
+    pub fn put_pack(
+        &self,
+        pack: u64,
+        chunks: &[(ChunkHash, Codec, u32, Vec<u8>)],
+    ) -> RemoteResult<Vec<RemoteChunk>> {
+        let name = self.names().pack(&self.host, pack);
+        let mut bytes = Vec::with_capacity(chunks.iter().map(|c| c.3.len() + 64).sum());
+        let mut placed = Vec::with_capacity(chunks.len());
+        for (hash, codec, plain_len, payload) in chunks {
+            let stored = match &self.crypto {
+                Some(crypto) => crypto.seal(payload),
+                None => payload.clone(),
+            };
+            placed.push(RemoteChunk {
+                hash: *hash,
+                pack: name.clone(),
+                offset: bytes.len() as u64,
+                stored_len: stored.len() as u32,
+                plain_len: *plain_len,
+                codec: *codec,
+            });
+            bytes.extend_from_slice(&stored);
+        }
+        self.bucket
+            .put_multipart(&name, bytes, PART_BYTES)
+            .map_err(self.err())?;
+        Ok(placed)
+    }
+
+    /// Reads, opens, decompresses and verifies chunks that lie back to back in one
+    /// pack object, with a single ranged GET; hands each one's plain bytes to `sink`.
+    pub fn read_chunks(
+        &self,
+        chunks: &[RemoteChunk],
+        mut sink: impl FnMut(usize, &[u8]),
+    ) -> RemoteResult<()> {
+        let (Some(first), Some(last)) = (chunks.first(), chunks.last()) else {
+            return Ok(());
+        };
+        let end = last.offset + u64::from(last.stored_len);
+        let bytes = self
+            .bucket
+            .get_range(&first.pack, first.offset..end)
+            .map_err(self.err())?;
+        for (i, chunk) in chunks.iter().enumerate() {
+            let at = (chunk.offset - first.offset) as usize;
+            let stored = bytes
+                .get(at..at + chunk.stored_len as usize)
+                .ok_or_else(|| self.bad_chunk(chunk, "the pack is shorter than its pages say"))?;
+            let opened;
+            let payload = match &self.crypto {
+                Some(crypto) => {
+                    opened = crypto
+                        .open(stored)
+                        .ok_or_else(|| self.bad_chunk(chunk, "it does not decrypt"))?;
+                    &opened[..]
+                }
+                None => stored,
+            };
+            let plain = codec::decode(payload, chunk.codec, chunk.plain_len as usize, chunk.hash)
+                .map_err(|e| self.bad_chunk(chunk, &e.to_string()))?;
+            sink(i, &plain);
+        }
+        Ok(())
+    }
+
+    fn bad_chunk(&self, chunk: &RemoteChunk, reason: &str) -> RemoteError {
+        RemoteError::BadChunk {
+            store: self.bucket.shown.clone(),
+            hash: chunk.hash,
+            pack: chunk.pack.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Writes this host's lease; returns the server's time of the write.
+    pub fn write_lease(&self, lease: Lease) -> RemoteResult<SystemTime> {
+        let name = self.names().lease(&self.host);
+        let text = toml::to_string(&lease).unwrap_or_default();
+        self.put_object(&name, text.as_bytes())?;
+        let written = self
+            .bucket
+            .head(&name)
+            .map_err(self.err())?
+            .map_or_else(SystemTime::now, |l| l.modified);
+        *lock(&self.lease) = Some((lease, Instant::now()));
+        Ok(written)
+    }
+
+    /// Whether this host's lease was renewed recently enough that no collection can
+    /// have counted it as gone (half the lease's life, by this host's clock).
+    pub fn lease_is_fresh(&self) -> bool {
+        lock(&self.lease)
+            .as_ref()
+            .is_some_and(|(_, at)| at.elapsed() < LEASE_TTL / 2)
+    }
+
+    /// The lease this host last wrote.
+    pub fn last_lease(&self) -> Option<Lease> {
+        lock(&self.lease).as_ref().map(|(l, _)| l.clone())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    pub fn settings() -> StoreSettings {
+        StoreSettings {
+            bucket: "test".into(),
+            prefix: "p".into(),
+            endpoint: None,
+            region: "us-east-1".into(),
+            path_style: true,
+            credentials_file: None,
+            profile: None,
+            upload_concurrency: 2,
+            download_concurrency: 2,
+            cache_size_bytes: 8 << 20,
+            poll_seconds: 1,
+            key_file: None,
+            gc_grace_seconds: 0,
+            request_timeout_seconds: 5,
+        }
+    }
+
+    /// A store over `memory` (an `object_store` in-memory bucket shared by "hosts").
+    pub fn store(
+        memory: &Arc<object_store::memory::InMemory>,
+        host: &str,
+        key: Option<[u8; 32]>,
+    ) -> RemoteResult<RemoteStore> {
+        let bucket =
+            Bucket::with_store(memory.clone(), "p", "memory://test/p".into()).expect("bucket");
+        RemoteStore::open(bucket, host, key.map(Crypto::new), settings())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::store;
+    use super::*;
+
+    #[test]
+    fn a_store_checks_its_key_and_refuses_a_wrong_one() {
+        let memory = Arc::new(object_store::memory::InMemory::new());
+        store(&memory, "a", Some([1; 32])).unwrap();
+        store(&memory, "b", Some([1; 32])).unwrap();
+        let wrong = store(&memory, "b", Some([2; 32])).err().unwrap();
+        assert!(matches!(wrong, RemoteError::WrongKey(_)), "{wrong}");
+        assert!(wrong.to_string().contains("key"));
+        let none = store(&memory, "b", None).err().unwrap();
+        assert!(none.to_string().contains("key_file"), "{none}");
+    }
+
+    #[test]
+    fn chunks_go_up_in_packs_and_come_back_verified() {
+        for key in [None, Some([5; 32])] {
+            let memory = Arc::new(object_store::memory::InMemory::new());
+            let s = store(&memory, "a", key).unwrap();
+            let plain: Vec<Vec<u8>> = (0..3u8).map(|n| vec![n; 5000]).collect();
+            let chunks: Vec<_> = plain
+                .iter()
+                .map(|p| (ChunkHash::of(p), Codec::Raw, p.len() as u32, p.clone()))
+                .collect();
+            let placed = s.put_pack(1, &chunks).unwrap();
+            let mut back = Vec::new();
+            s.read_chunks(&placed, |_, bytes| back.push(bytes.to_vec()))
+                .unwrap();
+            assert_eq!(back, plain);
+            let mut page = Page::default();
+            page.set(0, Some(placed[1].clone()));
+            let name = s.put_page(&page).unwrap();
+            assert_eq!(*s.page(&name).unwrap(), page);
+            // A chunk whose bytes changed in the bucket is refused, never returned.
+            let pack = &placed[0].pack;
+            let mut bytes = s.bucket.get(pack).unwrap().unwrap();
+            bytes[30] ^= 1;
+            s.bucket.put(pack, bytes).unwrap();
+            assert!(s.read_chunks(&placed[..1], |_, _| {}).is_err());
+        }
+    }
+}
