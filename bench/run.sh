@@ -30,7 +30,7 @@ usage() {
   sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
   cat <<'EOF'
 
-Modes:  (default) full run: 2 GiB fio files, 1 + 32 GiB mkdir and clone volumes, 4 GiB capture (~30-50 min, ~60 GiB free disk)
+Modes:  (default) full run: 2 GiB fio files, 1 + 32 GiB mkdir and clone volumes, 4 GiB capture (~25-50 min, ~67 GiB free disk)
         --quick   smaller files and runtimes (a few minutes)
         --smoke   tiny sizes (< 2 minutes): checks that the harness works
 Options:
