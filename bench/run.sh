@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # ebsfs benchmark harness: ebsfs against a plain loop file and a qcow2 FUSE export,
-# plus snapshot figures, in one run. See bench/README.md.
+# plus snapshot figures and volumes made from snapshots, in one run. See bench/README.md.
 #
 #   sudo bench/run.sh [--quick | --smoke] [--dir DIR] [--config FILE] [--no-build]
-#                     [--only stacks|snapshots] [--qcow2-loop-dio on|off] [--rounds N]
+#                     [--only stacks|snapshots|clones] [--qcow2-loop-dio on|off] [--rounds N]
 #
 # Writes bench/results/<date>-<mode>.md and .json and prints the table. Exit status:
 # 0 = ran (targets may be missed), 1 = verification failure / ebsfs failure / plain
@@ -30,17 +30,17 @@ usage() {
   sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
   cat <<'EOF'
 
-Modes:  (default) full run: 2 GiB fio files, 1 + 32 GiB mkdir volumes, 4 GiB capture (~30-45 min, ~55 GiB free disk)
+Modes:  (default) full run: 2 GiB fio files, 1 + 32 GiB mkdir and clone volumes, 4 GiB capture (~25-50 min, ~67 GiB free disk)
         --quick   smaller files and runtimes (a few minutes)
         --smoke   tiny sizes (< 2 minutes): checks that the harness works
 Options:
   --dir DIR              put the work directory (all data) under DIR instead of bench/
   --config FILE          ebsfs config to mount with (default: config.toml of the repo)
   --no-build             do not run cargo build --release first
-  --only stacks|snapshots  run one half only
+  --only stacks|snapshots|clones  run one group only
   --qcow2-loop-dio on|off  loop mode on the qemu FUSE export (default off: dio on corrupts ext4)
   --rounds N             run every stack N times, interleaved, and report medians
-                         (default 3 in full mode, 1 otherwise)
+                         and the clone read jobs N times (default 3 in full mode, 1 otherwise)
 EOF
 }
 
@@ -52,7 +52,7 @@ while [[ $# -gt 0 ]]; do
     --dir) BASE_DIR=${2:?--dir needs a directory}; shift ;;
     --config) CONFIG=${2:?--config needs a file}; shift ;;
     --no-build) BUILD=0 ;;
-    --only) ONLY=${2:?--only needs stacks or snapshots}; shift ;;
+    --only) ONLY=${2:?--only needs stacks, snapshots or clones}; shift ;;
     --qcow2-loop-dio) QCOW2_LOOP_DIO=${2:?}; shift ;;
     --rounds) ROUNDS=${2:?--rounds needs a number}; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -60,7 +60,7 @@ while [[ $# -gt 0 ]]; do
   esac
   shift
 done
-case $ONLY in all|stacks|snapshots) ;; *) echo "run.sh: --only takes stacks or snapshots" >&2; exit 2 ;; esac
+case $ONLY in all|stacks|snapshots|clones) ;; *) echo "run.sh: --only takes stacks, snapshots or clones" >&2; exit 2 ;; esac
 case $QCOW2_LOOP_DIO in on|off) ;; *) echo "run.sh: --qcow2-loop-dio takes on or off" >&2; exit 2 ;; esac
 [[ -z $ROUNDS || $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --rounds takes a positive number" >&2; exit 2; }
 
@@ -87,6 +87,11 @@ case $MODE in
     EBSFS_LOOP_MODES="on" ;;
 esac
 ROUNDS=${ROUNDS:-1}
+# Volumes from snapshots: copies timed per snapshot size and method; the clone read
+# jobs read each block of the 1 GiB (quick 256 MiB, smoke 16 MiB) source at most once.
+CLONE_N=5
+CL_RR_IO=$(( RR_IO < V_SMALL ? RR_IO : V_SMALL ))
+CLONE_SPILL=$(( 2 * (V_LARGE < 4 * GiB ? V_LARGE : 4 * GiB) ))
 # ext4 image holding the three fio files, with room for metadata.
 IMG_SIZE=$(( (2 * FILE + FS_FILE) * 23 / 20 + 128 * MiB ))
 IMG_SIZE=$(( (IMG_SIZE + MiB - 1) / MiB * MiB ))
@@ -275,7 +280,13 @@ case $ONLY in
   stacks) need=$(( IMG_SIZE * 9 / 10 + 2 * GiB )) ;;
   # Snapshot volumes stay until the end: large (live data + ~5% compressed chunks),
   # small (+ snapshots), capture volume (live + three full snapshots).
-  *) need=$(( V_LARGE * 106 / 100 + 2 * V_SMALL + 42 * CAP / 10 + 2 * GiB )) ;;
+  snapshots) need=$(( V_LARGE * 106 / 100 + 2 * V_SMALL + 42 * CAP / 10 + 2 * GiB )) ;;
+  # Clone source (live + chunks), the hydrated clone, and the large source: its own
+  # (live data only: its blocks repeat the small source's) unless the snapshots ran.
+  # CLONE_SPILL: what two copies that fall back to copying bytes may write before
+  # they are stopped (the request in flight, up to 4 GiB, runs on).
+  clones) need=$(( V_LARGE * 102 / 100 + 4 * V_SMALL + CLONE_SPILL + 2 * GiB )) ;;
+  *) need=$(( V_LARGE * 106 / 100 + 6 * V_SMALL + 42 * CAP / 10 + CLONE_SPILL + 2 * GiB )) ;;
 esac
 if [[ $avail -lt $need ]]; then
   echo "run.sh: $MODE mode needs about $((need / GiB + 1)) GiB free under $WORK_PARENT, only $((avail / GiB)) GiB available." >&2
@@ -667,6 +678,129 @@ run_snapshots() {
     seconds="$("$PY" -c "print(round($t2 - $t1, 2))")"
 }
 
+# ------------------------------------------------------------------------ clones
+# A clean stop of the daemon, caches dropped, and a new mount of the same data
+# directory with `hydrate` set to $1 in a copy of the config.
+restart_ebsfs() {  # restart_ebsfs true|false LABEL
+  "$PY" "$HELPER" daemon-stats --pid "$EBSFS_PID" --label "$2" >>"$RECORDS"
+  log "restarting ebsfs with hydrate = $1"
+  stop_ebsfs
+  "$PY" "$HELPER" config-set --file "$CONFIG" --out "$WORK/ebsfs.toml" "hydrate=$1" \
+    || die "cannot write the config with hydrate = $1"
+  drop_caches
+  start_ebsfs
+  record restart hydrate="$1" pid="$EBSFS_PID"
+}
+
+clone_reads() {  # clone_reads PHASE A B: the random-read jobs on files A and B, ROUNDS times
+  local phase=$1 a=$2 b=$3 round qd f first second
+  local -a common=(--readonly --rw=randread --bs=4k --size="$V_SMALL" --runtime="$RAND_CAP")
+  local -A path=([${phase%%-*}]=$a [${phase#*-}]=$b)
+  for round in $(seq "$ROUNDS"); do
+    # Alternate which file goes first: the daemon's chunk cache is shared.
+    if (( round % 2 )); then first=${phase%%-*}; second=${phase#*-}; else first=${phase#*-}; second=${phase%%-*}; fi
+    for qd in 32 1; do
+      for f in "$first" "$second"; do
+        drop_caches
+        if [[ $qd == 32 ]]; then
+          fio_job clone ebsfs read "rr32-$f" "rand read 4 KiB QD32 of $(basename "$(dirname "${path[$f]}")")/$(basename "${path[$f]}"), cold (round $round)" \
+            "${common[@]}" --filename="${path[$f]}" --iodepth=32 --io_size="$CL_RR_IO"
+        else
+          fio_job clone ebsfs read "rr1-$f" "rand read 4 KiB QD1 of $(basename "$(dirname "${path[$f]}")")/$(basename "${path[$f]}"), cold (round $round)" \
+            "${common[@]}" --filename="${path[$f]}" --iodepth=1 --io_size="$R1_IO" --randseed=506 \
+            --lat_percentiles=1 --percentile_list=50:99
+        fi
+      done
+    done
+  done
+}
+
+clone_check() {  # clone_check WHAT SHA EXPECTED
+  if [[ $2 == "$3" ]]; then
+    record check group=clones what="$1" ok=1
+  else
+    log "!!! $1: sha256 differs"
+    record check group=clones what="$1" ok=0 detail="sha256 $2 != $3"
+  fi
+}
+
+run_clones() {
+  local m aux="$WORK/state/clone" big big_what i n sha_src du0 du1 img cl v
+  mkdir -p "$aux"
+  # Copies are timed with hydration off: a background hydration of the large copies
+  # would need their whole size on disk, and the unhydrated reads need it off.
+  restart_ebsfs false "before the clone figures"
+  m=$EBSFS_MNT
+
+  log "=== clones: source volume of $((V_SMALL / MiB)) MiB, random data"
+  truncate -s "$V_SMALL" "$m/volumes/csrc.img"
+  write_opts "$aux"
+  fio_job clone ebsfs prefill fillcsrc "fill the source volume with random data (verified)" \
+    --filename="$m/volumes/csrc.img" --rw=write --bs=1M --iodepth=8 --size="$V_SMALL" --randseed=501 "${WOPTS[@]}"
+  snap_mkdir_wait csrc@c clone-source
+  sha_of "$m/volumes/csrc.img" sha-clone-source; sha_src=$SHA
+
+  if [[ $ONLY == all ]]; then
+    # The snapshot figures' large volume (32 GiB once is all the disk there is).
+    big="large@m$MKDIR_N"
+    big_what="the snapshot figures' fully written volume, unique 95%-compressible 4 KiB blocks"
+  else
+    log "=== clones: $((V_LARGE / MiB)) MiB source: the small source's random data, repeated"
+    truncate -s "$V_LARGE" "$m/volumes/clarge.img"
+    n=$((V_SMALL / MiB))
+    for ((i = 0; i < V_LARGE / V_SMALL; i++)); do
+      run_child dd if="$m/volumes/csrc.img" of="$m/volumes/clarge.img" bs=1M count="$n" seek=$((i * n)) \
+        iflag=direct oflag=direct conv=notrunc status=none || die "writing the large clone source failed"
+    done
+    check_daemons
+    record io label=clarge-fill target=ebsfs bytes=$((2 * V_LARGE))
+    snap_mkdir_wait clarge@c clone-large-source
+    big=clarge@c
+    big_what="fully written with incompressible random data: the small source's $((V_SMALL / MiB)) MiB repeated, so its chunks are the small source's"
+  fi
+  record meta clone_sizes="$((V_SMALL / MiB)) MiB source csrc@c (random data, fio-verified) and $((V_LARGE / MiB)) MiB snapshot $big ($big_what); reads: $((CL_RR_IO / MiB)) MiB at QD32, $((R1_IO / MiB)) MiB at QD1, cap $RAND_CAP s, medians of $ROUNDS round(s)"
+
+  # --- time to copy, and the disk it takes
+  sync
+  du0=$(du -s -B1 "$WORK/ebsfs-data" | cut -f1)
+  local which snap
+  for v in "small csrc@c" "large $big"; do
+    read -r which snap <<<"$v"
+    "$PY" "$HELPER" clone-time --mnt "$m" --data-dir "$WORK/ebsfs-data" --snapshot "$snap" --method cp --count "$CLONE_N" \
+      --prefix "ct-cp-$which-" --label "cp-$which" >>"$RECORDS" \
+      || { ABORT_REASON="cp of snapshot $snap into volumes/ failed"; FATAL=1; exit 1; }
+    "$PY" "$HELPER" clone-time --mnt "$m" --data-dir "$WORK/ebsfs-data" --snapshot "$snap" --method create --bin "$BIN" --count "$CLONE_N" \
+      --prefix "ct-cr-$which-" --label "create-$which" >>"$RECORDS" \
+      || { ABORT_REASON="ebsfs volume create --from $snap failed"; FATAL=1; exit 1; }
+    check_daemons
+  done
+  sync
+  du1=$(du -s -B1 "$WORK/ebsfs-data" | cut -f1)
+  record du what=clones before="$du0" after="$du1" copies=$((4 * CLONE_N)) \
+    bytes=$((2 * CLONE_N * (V_SMALL + $(stat -c %s "$m/snapshots/$big/volume.img"))))
+  log "clones: data directory $du0 -> $du1 bytes after $((4 * CLONE_N)) copies"
+  rm -f "$m/volumes/ct-"*.img
+
+  # --- reads of a copy that is not hydrated, against the snapshot image
+  img="$m/snapshots/csrc@c/volume.img"
+  cl="$m/volumes/cread.img"
+  cp "$img" "$cl"
+  clone_reads image-clone "$img" "$cl"
+  sha_of "$cl" sha-clone-unhydrated
+  clone_check "copy of a snapshot, not hydrated = its source volume" "$SHA" "$sha_src"
+  record xattr what=hydrated-before file=cread value="$("$PY" "$HELPER" xattr --file "$cl" --name user.ebsfs.hydrated)"
+
+  # --- hydration, then reads of the copy against the source volume (same data)
+  restart_ebsfs true "after the unhydrated-clone reads"
+  "$PY" "$HELPER" hydrate-wait --file "$cl" --timeout "$SNAP_TIMEOUT" --label hydrate >>"$RECORDS" \
+    || { ABORT_REASON="the copy did not hydrate within $SNAP_TIMEOUT s"; FATAL=1; exit 1; }
+  check_daemons
+  clone_reads hclone-volume "$cl" "$m/volumes/csrc.img"
+  sha_of "$cl" sha-clone-hydrated
+  clone_check "copy of a snapshot, hydrated = its source volume" "$SHA" "$sha_src"
+  "$PY" "$HELPER" daemon-stats --pid "$EBSFS_PID" --label "after the clone figures" >>"$RECORDS"
+}
+
 make_report() {  # make_report [INCOMPLETE-REASON]
   local rc=0
   "$PY" "$HELPER" report --records "$RECORDS" --out-md "$RESULT_BASE.md" --out-json "$RESULT_BASE.json" \
@@ -677,7 +811,7 @@ make_report() {  # make_report [INCOMPLETE-REASON]
 
 # -------------------------------------------------------------------------- main
 start_ebsfs
-if [[ $ONLY != snapshots ]]; then
+if [[ $ONLY == all || $ONLY == stacks ]]; then
   # Rounds interleave the stacks, so that drift of the machine (its disk, its host)
   # spreads over all of them; the report takes each figure's median over the rounds.
   for round in $(seq "$ROUNDS"); do
@@ -690,10 +824,13 @@ if [[ $ONLY != snapshots ]]; then
   done
   "$PY" "$HELPER" daemon-stats --pid "$EBSFS_PID" --label "after the stacks" >>"$RECORDS"
 fi
-if [[ $ONLY != stacks ]]; then
+if [[ $ONLY == all || $ONLY == snapshots ]]; then
   run_snapshots
 fi
-"$PY" "$HELPER" daemon-stats --pid "$EBSFS_PID" --label "at the end (after the large volume)" >>"$RECORDS"
+if [[ $ONLY == all || $ONLY == clones ]]; then
+  run_clones
+fi
+"$PY" "$HELPER" daemon-stats --pid "$EBSFS_PID" --label "at the end" >>"$RECORDS"
 log "stopping ebsfs"
 stop_ebsfs
 grep -q '"type": "failure"' "$RECORDS" && FATAL=1

@@ -514,3 +514,45 @@ fn namespace_changes_survive_kill9() {
     assert_eq!(size_of(&empty), 0);
     assert_eq!(fs::read(&new).unwrap(), b"renamed");
 }
+
+/// `ebsfs volume create --from` of a snapshot larger than one copy request shares
+/// all of it: the data directory does not grow by the image's size.
+#[test]
+fn volume_create_from_a_large_snapshot_copies_nothing() {
+    if !require_fuse() {
+        return;
+    }
+    let fs = Ebsfs::start_with("hydrate = false\n");
+    let src = fs.volume("src");
+    run("truncate", &["-s", "3G", src.to_str().unwrap()]);
+    let marks = [0, 1536 * MIB, 3072 * MIB - MIB];
+    for (i, &at) in marks.iter().enumerate() {
+        write_range(&src, at, &pattern(MIB as usize, 40 + i as u64));
+    }
+    fs::create_dir(fs.snapshot("src@a")).unwrap();
+    assert_eq!(fs.wait_snapshot("src@a"), "completed");
+    run("sync", &[] as &[&str]);
+    let before = du_bytes(&fs.data);
+    let mnt = fs.mnt.to_str().unwrap();
+    run(
+        BIN,
+        &[
+            "volume", "create", "copy", "--from", "src@a", "--mount", mnt,
+        ],
+    );
+    run("sync", &[] as &[&str]);
+    let grown = du_bytes(&fs.data).saturating_sub(before);
+    assert!(
+        grown < 16 * MIB,
+        "the data directory grew by {grown} bytes: the copy was not shared"
+    );
+    let copy = fs.volume("copy");
+    assert_eq!(size_of(&copy), 3072 * MIB);
+    for (i, &at) in marks.iter().enumerate() {
+        assert_eq!(
+            read_range(&copy, at, MIB as usize),
+            pattern(MIB as usize, 40 + i as u64),
+            "the copy differs at {at}"
+        );
+    }
+}

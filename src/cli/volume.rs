@@ -157,7 +157,11 @@ fn copy_whole(source: &File, dest: &File, size: Option<u64>) -> std::io::Result<
     let mut done: u64 = 0;
     while done < total {
         let (mut off_in, mut off_out) = (done as libc::loff_t, done as libc::loff_t);
-        let want = (total - done).min(1 << 30) as usize;
+        // All that is left in one request: the kernel cuts it to what one FUSE
+        // request carries and this loop asks again. Shorter requests of its own would
+        // give the new volume a size short of the snapshot's after the first one,
+        // which ends the sharing there: the rest would be copied byte by byte.
+        let want = usize::try_from(total - done).unwrap_or(usize::MAX);
         // SAFETY: both descriptors are open; the offsets are local variables.
         let n = unsafe {
             libc::copy_file_range(
