@@ -37,6 +37,9 @@ pub struct StoreSettings {
     pub gc_grace_seconds: u64,
     /// One request's time limit, and the bound on its retries.
     pub request_timeout_seconds: u64,
+    /// A host's lease counts as gone this long after its last renewal (renewed every
+    /// eighth of it). Every host sharing a bucket must use the same value.
+    pub lease_seconds: u64,
 }
 
 /// `[store]` as written in a file: every key optional.
@@ -56,6 +59,7 @@ pub(super) struct StoreTable {
     key_file: Option<PathBuf>,
     gc_grace_seconds: Option<u64>,
     request_timeout_seconds: Option<u64>,
+    lease_seconds: Option<u64>,
 }
 
 /// Parses `s3://bucket[/prefix]`.
@@ -123,6 +127,16 @@ impl StoreTable {
             key_file: self.key_file.map(&resolve),
             gc_grace_seconds: self.gc_grace_seconds.unwrap_or(6 * 3600),
             request_timeout_seconds: self.request_timeout_seconds.unwrap_or(30).max(1),
+            lease_seconds: match self.lease_seconds {
+                Some(s) if s < 4 => {
+                    return Err((
+                        "lease_seconds",
+                        format!("{s} is below the 4 second minimum"),
+                    ));
+                }
+                Some(s) => s,
+                None => 900,
+            },
         })
     }
 }

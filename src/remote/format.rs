@@ -381,8 +381,11 @@ pub struct Lease {
     /// Roots this host still reads through: bases of its next uploads, roots of deleted
     /// snapshots it keeps, and the snapshots its volumes were made from.
     pub roots: Vec<String>,
-    /// Uploading a snapshot: nothing younger than this lease's write may be collected.
-    pub capturing: bool,
+    /// Uploading a snapshot since this server time (seconds since the epoch, from the
+    /// `LastModified` of the lease written when the upload began): no object written
+    /// after it may be collected while the lease is fresh.
+    #[serde(default)]
+    pub capturing_since: Option<u64>,
 }
 
 #[cfg(test)]

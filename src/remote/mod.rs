@@ -65,10 +65,6 @@ pub const PACK_OBJECT_BYTES: usize = 32 << 20;
 /// Multipart uploads go in parts of this size.
 const PART_BYTES: usize = 8 << 20;
 
-/// How often a host renews its lease, and after how long a lease counts as gone.
-pub const LEASE_RENEW: Duration = Duration::from_secs(120);
-pub const LEASE_TTL: Duration = Duration::from_secs(900);
-
 pub struct RemoteStore {
     pub bucket: Bucket,
     pub host: String,
@@ -408,7 +404,17 @@ impl RemoteStore {
     pub fn lease_is_fresh(&self) -> bool {
         lock(&self.lease)
             .as_ref()
-            .is_some_and(|(_, at)| at.elapsed() < LEASE_TTL / 2)
+            .is_some_and(|(_, at)| at.elapsed() < self.lease_ttl() / 2)
+    }
+
+    /// After how long without renewal a lease counts as gone.
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_secs(self.settings.lease_seconds)
+    }
+
+    /// How often a host renews its lease.
+    pub fn lease_renew(&self) -> Duration {
+        self.lease_ttl() / 8
     }
 
     /// The lease this host last wrote.
@@ -451,6 +457,7 @@ pub(crate) mod test_support {
             key_file: None,
             gc_grace_seconds: 0,
             request_timeout_seconds: 5,
+            lease_seconds: 8,
         }
     }
 
