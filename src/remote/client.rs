@@ -67,6 +67,9 @@ pub struct Listed {
     pub modified: SystemTime,
 }
 
+/// A request `Bucket::parallel` runs.
+pub type Job<'a, T> = Box<dyn FnOnce(&Bucket) -> BucketResult<T> + Send + 'a>;
+
 pub struct Bucket {
     runtime: tokio::runtime::Runtime,
     store: Arc<dyn ObjectStore>,
@@ -321,7 +324,7 @@ impl Bucket {
     pub fn parallel<T: Send + 'static>(
         &self,
         concurrency: usize,
-        jobs: Vec<Box<dyn FnOnce(&Bucket) -> BucketResult<T> + Send + '_>>,
+        jobs: Vec<Job<'_, T>>,
     ) -> Vec<BucketResult<T>> {
         let mut results: Vec<Option<BucketResult<T>>> = (0..jobs.len()).map(|_| None).collect();
         let jobs: std::sync::Mutex<Vec<(usize, _)>> =
