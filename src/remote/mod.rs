@@ -13,6 +13,7 @@
 pub mod client;
 pub mod crypto;
 pub mod format;
+pub mod gc;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
