@@ -7,13 +7,14 @@
 //! 3. List and read the leases. A fresh one (written after T0 − lease) protects its
 //!    roots, deleted or not, and, while it says a capture is in progress, holds the
 //!    cutoff back to when that capture began. Cutoff: T0 − grace, or earlier.
-//! 4. Read every live or protected root and each of its pages: they and the packs
-//!    they name are reachable. Anything unreadable ends the collection with nothing
-//!    deleted.
+//! 4. Read every live or protected root, every deleted one still in its grace, and
+//!    each of their pages: these and the packs they name are reachable. Anything
+//!    unreadable ends the collection with nothing deleted.
 //! 5. List pages and packs: the unreachable ones older than the cutoff go, and so do
 //!    deleted snapshots that no fresh lease protects and whose tombstone is older than
 //!    the grace (metadata, then root, then tombstone: never a root without its
-//!    tombstone), and tombstones whose root is already gone.
+//!    tombstone), and tombstones whose root is already gone. Roots go before pages,
+//!    pages before packs; if a root that should go stays, no page or pack goes.
 //! 6. Stop deleting once a quarter of the lease's life has passed since step 1.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -62,7 +63,7 @@ pub struct GcReport {
     pub metas_deleted: u64,
     /// Live roots, and deleted ones a fresh lease protects.
     pub roots_kept: Tally,
-    /// Pages and packs a live or protected root reaches.
+    /// Pages and packs a live or protected root, or a deleted one in its grace, reaches.
     pub pages_kept: Tally,
     pub packs_kept: Tally,
     /// Unreachable pages and packs younger than the cutoff, and unprotected deleted
@@ -71,7 +72,8 @@ pub struct GcReport {
     pub too_young: Tally,
     /// Deletions the bucket refused (logged); the next collection tries again.
     pub failed: u64,
-    /// The collection stopped deleting when a quarter of the lease's life had passed.
+    /// The collection stopped deleting when a quarter of the lease's life had passed
+    /// (never in a dry run).
     pub stopped_early: bool,
 }
 
@@ -79,8 +81,8 @@ impl fmt::Display for GcReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} {} roots, {} pages, {} packs, {} tombstones; kept {} roots, {} pages, {} \
-             packs; {} unreferenced objects too young",
+            "{}: roots {}, pages {}, packs {}, tombstones {}; kept: roots {}, pages {}, \
+             packs {}; too young: {}",
             if self.dry_run {
                 "would delete"
             } else {
@@ -113,29 +115,34 @@ impl fmt::Display for GcReport {
 /// when a live or protected snapshot's root or page cannot be read.
 pub fn collect(store: &RemoteStore, dry_run: bool) -> RemoteResult<GcReport> {
     let start = Instant::now();
-    collect_with(store, dry_run, &move || start.elapsed(), Duration::ZERO)
+    let clock = Clock {
+        elapsed: &move || start.elapsed(),
+        aged: &|_| Duration::ZERO,
+    };
+    collect_with(store, dry_run, &clock)
 }
 
-/// `collect`, with `elapsed` measuring the time since the collection began (this
-/// host's clock), and the collection taking place `later` than the server says (tests).
-fn collect_with(
-    store: &RemoteStore,
-    dry_run: bool,
-    elapsed: &(dyn Fn() -> Duration + Sync),
-    later: Duration,
-) -> RemoteResult<GcReport> {
+/// Time as a collection sees it.
+struct Clock<'a> {
+    /// Time since the collection began, by this host's clock.
+    elapsed: &'a (dyn Fn() -> Duration + Sync),
+    /// How much older an object is than its `LastModified` says (tests age objects).
+    aged: &'a dyn Fn(&str) -> Duration,
+}
+
+fn collect_with(store: &RemoteStore, dry_run: bool, clock: &Clock) -> RemoteResult<GcReport> {
     let names = store.names();
     let ttl = store.lease_ttl();
     let grace = Duration::from_secs(store.settings.gc_grace_seconds);
 
     // 1. T0, the server's time now.
-    let t0 = renew_lease(store)? + later;
+    let t0 = renew_lease(store)?;
     let before = |age: Duration| t0.checked_sub(age).unwrap_or(UNIX_EPOCH);
 
     // 2. Tombstones before roots: a tombstone is written after its root, so every
     // tombstone seen has its root seen too, unless that root is deleted.
-    let tombstones = listing(store, "deleted/")?;
-    let roots = listing(store, "snapshots/")?;
+    let tombstones = listing(store, "deleted/", clock)?;
+    let roots = listing(store, "snapshots/", clock)?;
     let live: BTreeSet<&String> = roots
         .keys()
         .filter(|root| !tombstones.contains_key(&names.tombstone_of(root)))
@@ -145,7 +152,7 @@ fn collect_with(
     let mut protected = BTreeSet::new();
     let mut capturing_since: Option<u64> = None;
     let mut fresh = Vec::new();
-    for (name, listed) in listing(store, "hosts/")? {
+    for (name, listed) in listing(store, "hosts/", clock)? {
         if listed.modified <= before(ttl) {
             continue;
         }
@@ -181,12 +188,44 @@ fn collect_with(
             .as_secs()
     );
 
-    // 4. What the live and protected roots reach. A protected root may be one
-    // committed since step 2, so each is read rather than looked up in the listing.
+    // Deleted snapshots no fresh lease protects go once their tombstone is older than
+    // the grace; until then they keep what they reach, as protected ones do.
+    let mut report = GcReport {
+        dry_run,
+        ..GcReport::default()
+    };
+    let mut doomed_roots = Vec::new();
+    let mut doomed_tombstones = Vec::new();
+    let mut lingering = Vec::new();
+    for root in &live {
+        report.roots_kept.add(roots[*root].size);
+    }
+    for (tombstone, marked) in &tombstones {
+        let root = names.root_of_tombstone(tombstone);
+        let listed = roots.get(&root);
+        if protected.contains(&root) {
+            if let Some(listed) = listed {
+                report.roots_kept.add(listed.size);
+            }
+        } else if marked.modified >= before(grace) {
+            report.too_young.add(listed.map_or(marked.size, |r| r.size));
+            if listed.is_some() {
+                lingering.push(root);
+            }
+        } else if let Some(listed) = listed {
+            doomed_roots.push((listed.clone(), tombstone.clone()));
+        } else {
+            doomed_tombstones.push((root, tombstone.clone()));
+        }
+    }
+
+    // 4. What the live, protected and lingering roots reach. A protected root may be
+    // one committed since step 2, so each is read rather than looked up in the listing.
     let wanted: Vec<String> = live
         .iter()
         .map(|r| r.to_string())
         .chain(protected.iter().cloned())
+        .chain(lingering)
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
@@ -204,8 +243,8 @@ fn collect_with(
                     "the root was listed but is gone (deleted by another collection?)",
                 ));
             }
-            // A protected root already collected: it reaches nothing.
-            None => debug!("protected root {name} does not exist"),
+            // A deleted root already collected: it reaches nothing.
+            None => debug!("protected or lingering root {name} does not exist"),
         }
     }
     let reachable_pages: Vec<String> = reachable_pages.into_iter().collect();
@@ -215,33 +254,9 @@ fn collect_with(
     }
     let reachable_pages: BTreeSet<String> = reachable_pages.into_iter().collect();
 
-    // 5. Candidates.
-    let mut report = GcReport {
-        dry_run,
-        ..GcReport::default()
-    };
-    let mut doomed_roots = Vec::new();
-    let mut doomed_tombstones = Vec::new();
-    for root in &live {
-        report.roots_kept.add(roots[*root].size);
-    }
-    for (tombstone, marked) in &tombstones {
-        let root = names.root_of_tombstone(tombstone);
-        let size = roots.get(&root).map_or(marked.size, |r| r.size);
-        if protected.contains(&root) {
-            if roots.contains_key(&root) {
-                report.roots_kept.add(size);
-            }
-        } else if marked.modified >= before(grace) {
-            report.too_young.add(size);
-        } else if let Some(listed) = roots.get(&root) {
-            doomed_roots.push((listed.clone(), tombstone.clone()));
-        } else {
-            doomed_tombstones.push((root, tombstone.clone()));
-        }
-    }
+    // 5. Unreachable pages and packs older than the cutoff.
     let mut doomed_pages = Vec::new();
-    for page in listing(store, "pages/")?.into_values() {
+    for page in listing(store, "pages/", clock)?.into_values() {
         if reachable_pages.contains(&page.name) {
             report.pages_kept.add(page.size);
         } else if page.modified < cutoff {
@@ -251,7 +266,7 @@ fn collect_with(
         }
     }
     let mut doomed_packs = Vec::new();
-    for pack in listing(store, "packs/")?.into_values() {
+    for pack in listing(store, "packs/", clock)?.into_values() {
         if reachable_packs.contains(&pack.name) {
             report.packs_kept.add(pack.size);
         } else if pack.modified < cutoff {
@@ -265,7 +280,7 @@ fn collect_with(
     let deleter = Deleter {
         store,
         dry_run,
-        elapsed,
+        elapsed: clock.elapsed,
         limit: ttl / 4,
         stopped: AtomicBool::new(false),
     };
@@ -285,18 +300,30 @@ fn collect_with(
                 }),
         )
         .collect();
+    let mut roots_stay = false;
     for outcome in store
         .bucket
         .parallel(concurrency, jobs)
         .into_iter()
         .flatten()
     {
+        roots_stay |= outcome.root_stays;
         report.metas_deleted += u64::from(outcome.meta);
         report.tombstones_deleted += u64::from(outcome.tombstone);
         report.failed += u64::from(outcome.failed);
         if let Some(size) = outcome.root {
             report.roots_deleted.add(size);
         }
+    }
+    if roots_stay {
+        // What they name may be theirs: no page or pack goes while they are there.
+        warn!(
+            "snapshot store {}: collection: roots of deleted snapshots could not be deleted; \
+             pages and packs wait for the next collection",
+            store.bucket.shown
+        );
+        doomed_pages.clear();
+        doomed_packs.clear();
     }
     for (objects, tally) in [
         (doomed_pages, &mut report.pages_deleted),
@@ -368,14 +395,22 @@ fn read_lease(store: &RemoteStore, name: &str) -> RemoteResult<Option<Lease>> {
 }
 
 /// The objects whose names start with `prefix`, by name.
-fn listing(store: &RemoteStore, prefix: &str) -> RemoteResult<BTreeMap<String, Listed>> {
+fn listing(
+    store: &RemoteStore,
+    prefix: &str,
+    clock: &Clock,
+) -> RemoteResult<BTreeMap<String, Listed>> {
     Ok(store
         .bucket
         .list(prefix)
         .map_err(|e| bucket_error(store, e))?
         .into_iter()
         .filter(|l| l.name.starts_with(prefix))
-        .map(|l| (l.name.clone(), l))
+        .map(|mut l| {
+            let age = (clock.aged)(&l.name);
+            l.modified = l.modified.checked_sub(age).unwrap_or(UNIX_EPOCH);
+            (l.name.clone(), l)
+        })
         .collect())
 }
 
@@ -424,6 +459,8 @@ struct RootOutcome {
     root: Option<u64>,
     tombstone: bool,
     failed: bool,
+    /// The root is still there: out of time, or the bucket refused.
+    root_stays: bool,
 }
 
 struct Deleter<'a> {
@@ -465,7 +502,10 @@ impl Deleter<'_> {
     /// A deleted snapshot: its metadata (found through its root, whose facts name it),
     /// then its root, then its tombstone; each only once the one before is gone.
     fn root(&self, root: &Listed, tombstone: &str) -> RootOutcome {
-        let mut outcome = RootOutcome::default();
+        let mut outcome = RootOutcome {
+            root_stays: true,
+            ..RootOutcome::default()
+        };
         let names = self.store.names();
         match self.store.root(&root.name) {
             Ok(Some(r)) if names.root(&r.facts.host, r.facts.snapshot) == root.name => {
@@ -494,7 +534,10 @@ impl Deleter<'_> {
             }
         }
         match self.delete(&root.name) {
-            Some(true) => outcome.root = Some(root.size),
+            Some(true) => {
+                outcome.root = Some(root.size);
+                outcome.root_stays = false;
+            }
             Some(false) => return outcome,
             None => {
                 outcome.failed = true;
@@ -515,8 +558,12 @@ impl Deleter<'_> {
         let mut outcome = RootOutcome::default();
         match self.store.bucket.head(root) {
             Ok(None) => {}
-            Ok(Some(_)) => return outcome,
+            Ok(Some(_)) => {
+                outcome.root_stays = true;
+                return outcome;
+            }
             Err(e) => {
+                outcome.root_stays = true;
                 warn!(
                     "snapshot store {}: collection: cannot look for {root}: {e}",
                     self.store.bucket.shown
@@ -575,9 +622,23 @@ mod tests {
         store_with(memory, host, key, 0)
     }
 
-    /// A collection at the server's time now plus `later`, with no time passing.
+    /// A collection that sees each object `aged(name)` older than the bucket says,
+    /// with no time passing while it runs.
+    fn collect_aged(store: &RemoteStore, aged: &dyn Fn(&str) -> Duration) -> GcReport {
+        let clock = Clock {
+            elapsed: &|| Duration::ZERO,
+            aged,
+        };
+        collect_with(store, false, &clock).unwrap()
+    }
+
+    /// A collection `later` than now, with no time passing while it runs.
     fn collect_later(store: &RemoteStore, later: Duration) -> RemoteResult<GcReport> {
-        collect_with(store, false, &|| Duration::ZERO, later)
+        let clock = Clock {
+            elapsed: &|| Duration::ZERO,
+            aged: &|_| later,
+        };
+        collect_with(store, false, &clock)
     }
 
     fn collect_now(store: &RemoteStore) -> GcReport {
@@ -872,7 +933,7 @@ mod tests {
     }
 
     #[test]
-    fn the_grace_keeps_young_garbage_and_young_tombstones() {
+    fn the_grace_keeps_young_garbage_and_young_deleted_snapshots() {
         let memory = Arc::new(InMemory::new());
         let a = store(&memory, "a", None);
         let chunk = pack(&a, 1, 1);
@@ -886,7 +947,12 @@ mod tests {
         for name in [&root, &gone_page, &chunk.pack, &stray.pack] {
             assert!(exists(&a, name), "{name} was deleted");
         }
-        assert_eq!(report.too_young.objects, 4);
+        // The deleted root, and the stray pack; the root keeps its page and pack.
+        assert_eq!(report.too_young.objects, 2);
+        assert_eq!(
+            (report.pages_kept.objects, report.packs_kept.objects),
+            (1, 1)
+        );
 
         let report = collect_later(&c, 2 * HOUR).unwrap();
         for name in [&root, &gone_page, &chunk.pack, &stray.pack] {
@@ -894,6 +960,42 @@ mod tests {
         }
         assert_eq!(report.too_young.objects, 0);
         assert_eq!(report.roots_deleted.objects, 1);
+    }
+
+    #[test]
+    fn a_recently_deleted_snapshot_keeps_its_old_data_until_it_goes() {
+        for key in KEYS {
+            let memory = Arc::new(InMemory::new());
+            let a = store(&memory, "a", key);
+            let chunk = pack(&a, 1, 1);
+            let old_page = page(&a, &[&chunk]);
+            let root = commit(&a, 1, &[&old_page]);
+            let stray = pack(&a, 2, 2);
+            delete_snapshot(&a, &root);
+            let tombstone = a.names().tombstone_of(&root);
+            let c = store_with(&memory, "c", key, 3600);
+            // Everything was written three hours ago, but the tombstone just now.
+            let report = collect_aged(&c, &|name| {
+                if name == tombstone {
+                    Duration::ZERO
+                } else {
+                    3 * HOUR
+                }
+            });
+            for name in [&root, &tombstone, &old_page, &chunk.pack] {
+                assert!(exists(&a, name), "{name} was deleted");
+            }
+            assert!(!exists(&a, &stray.pack));
+            assert_eq!(report.packs_deleted.objects, 1);
+            assert_eq!(report.too_young.objects, 1);
+
+            // Once the tombstone is older than the grace, the snapshot goes whole.
+            let report = collect_aged(&c, &|_| 2 * HOUR);
+            for name in [&root, &tombstone, &old_page, &chunk.pack, &meta_of(&a, 1)] {
+                assert!(!exists(&a, name), "{name} was kept");
+            }
+            assert_eq!(report.roots_deleted.objects, 1);
+        }
     }
 
     #[test]
@@ -971,6 +1073,8 @@ mod tests {
             let dry = collect(&c, true).unwrap();
             assert_eq!(everything(&c), before);
             assert!(dry.dry_run);
+            let shown = dry.to_string();
+            assert!(shown.starts_with("would delete: roots 1 ("), "{shown}");
 
             let real = collect(&c, false).unwrap();
             assert_eq!(
@@ -1008,7 +1112,11 @@ mod tests {
             }
         };
 
-        let report = collect_with(&c, false, &elapsed, Duration::ZERO).unwrap();
+        let clock = Clock {
+            elapsed: &elapsed,
+            aged: &|_| Duration::ZERO,
+        };
+        let report = collect_with(&c, false, &clock).unwrap();
         assert!(report.stopped_early);
         // Metadata and root went; the tombstone stays (never a root without it), and
         // so does what the root named.
