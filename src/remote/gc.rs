@@ -15,7 +15,8 @@
 //!    the grace (metadata, then root, then tombstone: never a root without its
 //!    tombstone), and tombstones whose root is already gone. Roots go before pages,
 //!    pages before packs; if a root that should go stays, no page or pack goes.
-//! 6. Stop deleting once a quarter of the lease's life has passed since step 1.
+//! 6. Stop deleting once a quarter of the lease's life has passed since step 1, less
+//!    the longest a request (with its retries) can take.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{debug, info, warn};
 
-use super::client::Job;
+use super::client::{Job, request_bound};
 use super::format::{FormatError, Lease, Page};
 use super::{BucketError, Listed, RemoteError, RemoteResult, RemoteStore};
 use crate::config::ByteSize;
@@ -72,8 +73,8 @@ pub struct GcReport {
     pub too_young: Tally,
     /// Deletions the bucket refused (logged); the next collection tries again.
     pub failed: u64,
-    /// The collection stopped deleting when a quarter of the lease's life had passed
-    /// (never in a dry run).
+    /// The collection stopped deleting when a quarter of the lease's life (less the
+    /// longest a request can take) had passed (never in a dry run).
     pub stopped_early: bool,
 }
 
@@ -277,11 +278,22 @@ fn collect_with(store: &RemoteStore, dry_run: bool, clock: &Clock) -> RemoteResu
     }
 
     // 6. Deletions: roots before the pages they name, pages before the packs they name.
+    // Every deletion must be over, retries and all, a quarter of the lease after step 1.
+    let limit = (ttl / 4).saturating_sub(request_bound(Duration::from_secs(
+        store.settings.request_timeout_seconds,
+    )));
+    if limit.is_zero() && !dry_run {
+        warn!(
+            "snapshot store {}: collection: a quarter of lease_seconds is not longer than a \
+             request and its retries (request_timeout_seconds): nothing can be deleted",
+            store.bucket.shown
+        );
+    }
     let deleter = Deleter {
         store,
         dry_run,
         elapsed: clock.elapsed,
-        limit: ttl / 4,
+        limit,
         stopped: AtomicBool::new(false),
     };
     let concurrency = store.settings.upload_concurrency;
@@ -480,7 +492,7 @@ impl Deleter<'_> {
             debug!("collection would delete {name}");
             return Some(true);
         }
-        if self.stopped.load(Ordering::Relaxed) || (self.elapsed)() > self.limit {
+        if self.stopped.load(Ordering::Relaxed) || (self.elapsed)() >= self.limit {
             self.stopped.store(true, Ordering::Relaxed);
             return Some(false);
         }
@@ -1138,6 +1150,19 @@ mod tests {
         for name in [&tombstone, &gone_page, &chunk.pack] {
             assert!(!exists(&a, name), "{name} was kept");
         }
+    }
+
+    #[test]
+    fn a_lease_shorter_than_four_requests_lets_nothing_be_deleted() {
+        let memory = Arc::new(InMemory::new());
+        let a = store(&memory, "a", None);
+        let stray = pack(&a, 1, 1);
+        // An 8 s lease: its quarter is shorter than a 5 s request with its retries.
+        let c = test_support::store(&memory, "c", None).unwrap();
+        let report = collect_now(&c);
+        assert!(report.stopped_early);
+        assert_eq!(report.packs_deleted.objects, 0);
+        assert!(exists(&a, &stray.pack));
     }
 
     #[test]
