@@ -329,11 +329,13 @@ fn collect_with(store: &RemoteStore, dry_run: bool, clock: &Clock) -> RemoteResu
     }
     if roots_stay {
         // What they name may be theirs: no page or pack goes while they are there.
-        warn!(
-            "snapshot store {}: collection: roots of deleted snapshots could not be deleted; \
+        if !deleter.stopped.load(Ordering::Relaxed) {
+            warn!(
+                "snapshot store {}: collection: roots of deleted snapshots could not be deleted; \
              pages and packs wait for the next collection",
-            store.bucket.shown
-        );
+                store.bucket.shown
+            );
+        }
         doomed_pages.clear();
         doomed_packs.clear();
     }
