@@ -70,6 +70,16 @@ pub struct Listed {
     pub modified: SystemTime,
 }
 
+/// The longest wait between two attempts of a request.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The longest one request can take, retries included, with `timeout` as
+/// `request_timeout_seconds`: attempts begin until three timeouts have passed, each
+/// after at most `MAX_BACKOFF`, and last at most a timeout (see `Bucket::connect`).
+pub fn request_bound(timeout: Duration) -> Duration {
+    timeout * 4 + MAX_BACKOFF
+}
+
 pub struct Bucket {
     runtime: tokio::runtime::Runtime,
     store: Arc<dyn ObjectStore>,
@@ -147,7 +157,7 @@ impl Bucket {
             .with_retry(RetryConfig {
                 backoff: BackoffConfig {
                     init_backoff: Duration::from_millis(100),
-                    max_backoff: Duration::from_secs(5),
+                    max_backoff: MAX_BACKOFF,
                     base: 2.0,
                 },
                 max_retries: 5,

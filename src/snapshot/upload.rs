@@ -137,6 +137,10 @@ pub struct Uploader {
     lease_continuous: AtomicBool,
     /// When the lease was last written (this host's clock).
     last_renewal: Mutex<Option<Instant>>,
+    /// Roots this host completed lately, kept in the lease for one lease length: a
+    /// collection that listed the roots before one was written still finds it there
+    /// (it reads the roots leases name), after `capturing_since` went.
+    recent_roots: Mutex<Vec<(String, Instant)>>,
     /// Server time the upload at hand began, if any.
     capturing_since: Mutex<Option<u64>>,
     /// Why the last attempt at uploading a snapshot failed, and how many did.
@@ -200,6 +204,7 @@ impl Uploader {
             lease_continuous: AtomicBool::new(false),
             last_renewal: Mutex::new(None),
             capturing_since: Mutex::new(None),
+            recent_roots: Mutex::new(Vec::new()),
             errors: Mutex::new(HashMap::new()),
             progress: Mutex::new(HashMap::new()),
             thread: Mutex::new(None),
@@ -294,6 +299,10 @@ impl Uploader {
             }
         }
         roots.extend(lock(&self.extra_roots).keys().cloned());
+        let ttl = self.store.lease_ttl();
+        let mut recent = lock(&self.recent_roots);
+        recent.retain(|(_, at)| at.elapsed() < ttl);
+        roots.extend(recent.iter().map(|(root, _)| root.clone()));
         roots.into_iter().collect()
     }
 
@@ -936,6 +945,9 @@ impl<S: Storage> SnapshotEngine<S> {
         self.settled(settle);
         self.clear_uploaded(id)?;
         lock(&up.progress).remove(&id);
+        // The same lease write that stops protecting what the upload wrote by its age
+        // names the root that now references it.
+        lock(&up.recent_roots).push((root_name.clone(), Instant::now()));
         *lock(&up.capturing_since) = None;
         up.write_lease(&self.ns.view())?;
         let elapsed = started.elapsed().as_secs_f64();
