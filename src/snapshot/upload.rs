@@ -522,16 +522,22 @@ impl<S: Storage> SnapshotEngine<S> {
                             Err(_) => {}
                         }
                     }
-                    let state = lock(&up2.state);
-                    if state.stopped {
-                        return;
-                    }
-                    let (state, _) = up2
-                        .changed
-                        .wait_timeout(state, every)
-                        .unwrap_or_else(|p| p.into_inner());
-                    if state.stopped {
-                        return;
+                    // Other work wakes the same condition: wait out the period.
+                    let until = Instant::now() + every;
+                    let mut state = lock(&up2.state);
+                    loop {
+                        if state.stopped {
+                            return;
+                        }
+                        let left = until.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        state = up2
+                            .changed
+                            .wait_timeout(state, left)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
                     }
                 }
             });
