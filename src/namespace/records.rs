@@ -236,10 +236,10 @@ impl SnapshotRecord {
         format!("{}@{}", self.volume, self.label)
     }
 
-    /// Whether its manifest entries are final: completed, or captured and uploading.
+    /// Whether its manifest entries are final: completed, or captured (uploading, or
+    /// whose upload failed for good: later snapshots may be incremental against it).
     pub fn is_captured(&self) -> bool {
-        self.status == SnapshotStatus::Completed
-            || (self.status == SnapshotStatus::Pending && self.captured)
+        self.status == SnapshotStatus::Completed || self.captured
     }
 
     /// Whether a capture is still reading its volume.
