@@ -229,6 +229,10 @@ pub struct SnapshotRecord {
     /// With a snapshot store: the name of its root in the bucket, once uploaded.
     #[serde(default)]
     pub remote_root: Option<String>,
+    /// While captured: the blocks its capture re-examines besides its capture set
+    /// (`[start, end)`), so that a capture a restart interrupted resumes alike.
+    #[serde(default)]
+    pub reexamine: Option<[u64; 2]>,
 }
 
 impl SnapshotRecord {
