@@ -2,7 +2,9 @@
 //!
 //! Every id or volume/label from the command line is checked with the filesystem's
 //! own name rules before it is joined onto the mount path: `../x` must never reach
-//! `mkdir` or `rmdir` outside `snapshots/`.
+//! `mkdir` or `rmdir` outside `snapshots/`. Other hosts' snapshots (with a snapshot
+//! store) are in `snapshots/` too, as `VOLUME@LABEL@HOST`: `list` shows them, `wait`
+//! and `volume create --from` take their names.
 
 use std::ffi::CString;
 use std::fs;
@@ -32,12 +34,14 @@ pub enum SnapshotCommand {
         #[command(flatten)]
         location: MountLocation,
     },
-    /// List snapshots with their status, size, owner and time.
+    /// List snapshots with their status, size, owner, time, host and location (with a
+    /// snapshot store, other hosts' snapshots too, as VOLUME@LABEL@HOST).
     List {
         #[command(flatten)]
         location: MountLocation,
     },
-    /// Wait for a snapshot (VOLUME@LABEL) to complete; non-zero exit if it fails.
+    /// Wait for a snapshot (VOLUME@LABEL) to complete (with a snapshot store: to be
+    /// uploaded); non-zero exit if it fails.
     Wait {
         id: String,
         #[command(flatten)]
@@ -80,14 +84,26 @@ fn dispatch(cmd: SnapshotCommand) -> Result<(), Failure> {
                 create(mnt, &name, description.as_deref(), wait)
             })
         }
-        SnapshotCommand::List { location } => with_mount(&location, list),
+        SnapshotCommand::List { location } => {
+            with_mount(&location, |mnt| list(mnt, &mut std::io::stdout().lock()))
+        }
         SnapshotCommand::Wait { id, location } => {
-            let id = parse_id(&id)?.to_string();
+            let id = parse_ref(&id)?.to_string();
             with_mount(&location, |mnt| wait_for(mnt, &id))
         }
         SnapshotCommand::Delete { id, location } => {
-            let id = parse_id(&id)?.to_string();
-            with_mount(&location, |mnt| delete(mnt, &id))
+            let id = parse_ref(&id)?;
+            if let Some(host) = id.host() {
+                return Err(Failure(
+                    1,
+                    format!(
+                        "{id}: another host's snapshot, from the snapshot store: only host \
+                         {host} may delete it (there: `ebsfs snapshot delete {}`)",
+                        id.name
+                    ),
+                ));
+            }
+            with_mount(&location, |mnt| delete(mnt, &id.to_string()))
         }
     }
 }
@@ -97,9 +113,74 @@ fn invalid_name(id: &str, err: NameError) -> Failure {
     Failure(2, format!("invalid snapshot id `{id}`: {err}"))
 }
 
-/// A snapshot id from the command line: `VOLUME@LABEL` by the filesystem's name rules.
-fn parse_id(id: &str) -> Result<SnapshotName, Failure> {
-    SnapshotName::parse(id).map_err(|e| invalid_name(id, e))
+/// A snapshot as the mount names it: `VOLUME@LABEL` (this host's), or
+/// `VOLUME@LABEL@HOST` (another host's, from the snapshot store; a `~N` after it tells
+/// apart two that would have the same name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct SnapshotRef {
+    pub name: SnapshotName,
+    /// The other host, and the `~N` suffix.
+    pub foreign: Option<(String, Option<u64>)>,
+}
+
+impl SnapshotRef {
+    /// Parses `text` by the filesystem's name rules (and `host_id`'s for the host).
+    pub fn parse(text: &str) -> Result<SnapshotRef, String> {
+        match text.matches('@').count() {
+            0 | 1 => SnapshotName::parse(text)
+                .map(|name| SnapshotRef {
+                    name,
+                    foreign: None,
+                })
+                .map_err(|e| e.to_string()),
+            2 => {
+                let (local, host) = text.rsplit_once('@').expect("two @");
+                let name = SnapshotName::parse(local).map_err(|e| e.to_string())?;
+                let (host, suffix) = match host.split_once('~') {
+                    Some((host, n)) => {
+                        let n = n
+                            .parse::<u64>()
+                            .ok()
+                            .filter(|_| n.bytes().all(|b| b.is_ascii_digit()))
+                            .ok_or_else(|| format!("`~{n}` after the host is not `~NUMBER`"))?;
+                        (host, Some(n))
+                    }
+                    None => (host, None),
+                };
+                crate::config::store::check_host_id(host)?;
+                Ok(SnapshotRef {
+                    name,
+                    foreign: Some((host.to_string(), suffix)),
+                })
+            }
+            _ => Err(format!(
+                "`{text}` has too many `@`: name a snapshot VOLUME@LABEL, or VOLUME@LABEL@HOST \
+                 for another host's"
+            )),
+        }
+    }
+
+    /// The other host, for another host's snapshot.
+    pub fn host(&self) -> Option<&str> {
+        self.foreign.as_ref().map(|(host, _)| host.as_str())
+    }
+}
+
+impl std::fmt::Display for SnapshotRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.name)?;
+        match &self.foreign {
+            Some((host, Some(n))) => write!(f, "@{host}~{n}"),
+            Some((host, None)) => write!(f, "@{host}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A snapshot id from the command line, this host's or another's (exit status 2 if
+/// it breaks the name rules).
+pub(super) fn parse_ref(id: &str) -> Result<SnapshotRef, Failure> {
+    SnapshotRef::parse(id).map_err(|e| Failure(2, format!("invalid snapshot id `{id}`: {e}")))
 }
 
 pub(super) fn with_mount(
@@ -238,15 +319,27 @@ pub(super) fn info_value(info: &toml::Table, key: &str) -> String {
     }
 }
 
-fn list(mnt: &Path) -> Result<(), Failure> {
+/// A cell of `list`: a dash when `info` does not have it.
+fn cell(text: String) -> String {
+    if text.is_empty() {
+        "-".to_string()
+    } else {
+        text
+    }
+}
+
+/// Prints the table of snapshots (`ebsfs snapshot list`). Columns up to CREATED are
+/// those of earlier versions; HOST and LOCATION (`local`, `local+bucket`, `bucket`)
+/// follow. Uploads failing are reported on stderr.
+fn list(mnt: &Path, out: &mut dyn Write) -> Result<(), Failure> {
     let mut names =
         snapshot_names(mnt).map_err(|e| Failure(1, format!("listing snapshots: {e}")))?;
     names.sort();
-    let mut out = std::io::stdout().lock();
+    let width = names.iter().map(String::len).max().unwrap_or(0).max(40);
     let _ = writeln!(
         out,
-        "{:<40} {:<10} {:>5} {:>12} {:>12} {:>6}  CREATED",
-        "SNAPSHOT", "STATUS", "DONE", "SIZE", "STORED", "OWNER"
+        "{:<width$} {:<10} {:>5} {:>12} {:>12} {:>6}  {:<25} {:<16} LOCATION",
+        "SNAPSHOT", "STATUS", "DONE", "SIZE", "STORED", "OWNER", "CREATED", "HOST"
     );
     for name in names {
         let dir = snapshot_dir(mnt, &name);
@@ -266,10 +359,16 @@ fn list(mnt: &Path) -> Result<(), Failure> {
             .unwrap_or_default();
         let _ = writeln!(
             out,
-            "{name:<40} {status:<10} {progress:>5} {size:>12} {stored:>12} {:>6}  {}",
+            "{name:<width$} {status:<10} {progress:>5} {size:>12} {stored:>12} {:>6}  {:<25} {:<16} {}",
             info_value(&info, "owner"),
-            info_value(&info, "created")
+            cell(info_value(&info, "created")),
+            cell(info_value(&info, "host")),
+            cell(info_value(&info, "location")),
         );
+        let upload_error = info_value(&info, "upload_error");
+        if !upload_error.is_empty() {
+            eprintln!("{name}: not in the snapshot store yet, upload retried: {upload_error}");
+        }
     }
     Ok(())
 }
@@ -279,8 +378,24 @@ fn wait_for(mnt: &Path, id: &str) -> Result<(), Failure> {
     let dir = snapshot_dir(mnt, id);
     let tty = std::io::stderr().is_terminal();
     let mut last_reported: Option<u64> = None;
+    let mut last_upload_error = String::new();
     loop {
         let status = read_field(&dir, "status").map_err(|e| Failure(2, explain(&e, id)))?;
+        if status == "pending" {
+            // Captured but not in the snapshot store yet: say why, once per reason.
+            let upload_error = read_field(&dir, "info")
+                .ok()
+                .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
+                .map(|info| info_value(&info, "upload_error"))
+                .unwrap_or_default();
+            if !upload_error.is_empty() && upload_error != last_upload_error {
+                if tty {
+                    eprintln!();
+                }
+                eprintln!("{id}: upload to the snapshot store failed, retrying: {upload_error}");
+            }
+            last_upload_error = upload_error;
+        }
         let percent: u64 = read_field(&dir, "progress")
             .ok()
             .and_then(|p| p.trim_end_matches('%').parse().ok())
