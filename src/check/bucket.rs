@@ -5,8 +5,9 @@
 //! - the store's format object, then the key ([`open`]);
 //! - every snapshot's root decodes; every page a root names exists, matches its name
 //!   and decodes; every pack a page names exists and is long enough for the chunks the
-//!   page places in it (its listed size against offset + length); with `deep`, every
-//!   chunk a page names is read, opened, decompressed and its hash checked;
+//!   page places in it (its listed size against offset + length); the first chunk of
+//!   each pack, and with `deep` every chunk a page names, is read, opened (decrypted
+//!   and authenticated), decompressed and its hash checked;
 //! - every live snapshot has a metadata object that decodes, every lease decodes;
 //! - tombstones whose root is gone, and metadata objects whose root is gone, are leaks.
 //!
@@ -149,7 +150,8 @@ pub struct BucketTotals {
     pub fresh_leases: usize,
     /// Distinct chunks the pages name.
     pub chunks: u64,
-    /// With `deep`: chunks read back and verified, and their stored and plain bytes.
+    /// Chunks read back and verified (with `deep` all, else the first of each pack),
+    /// and their stored and plain bytes.
     pub chunks_verified: u64,
     pub stored_bytes: u64,
     pub plain_bytes: u64,
@@ -256,22 +258,19 @@ impl fmt::Display for BucketReport {
             counted(t.leases as u64, "lease"),
             t.fresh_leases
         )?;
-        if self.deep {
-            writeln!(
-                f,
-                "  {} named, {} verified: {} stored, {} plain",
-                counted(t.chunks, "chunk"),
-                t.chunks_verified,
-                ByteSize(t.stored_bytes),
-                ByteSize(t.plain_bytes)
-            )?;
-        } else {
-            writeln!(
-                f,
-                "  {} named (not read: --deep reads and verifies every one)",
-                counted(t.chunks, "chunk")
-            )?;
-        }
+        writeln!(
+            f,
+            "  {} named, {} read and verified{}: {} stored, {} plain",
+            counted(t.chunks, "chunk"),
+            t.chunks_verified,
+            if self.deep {
+                ""
+            } else {
+                " (the first of each pack; --deep reads every one)"
+            },
+            ByteSize(t.stored_bytes),
+            ByteSize(t.plain_bytes)
+        )?;
         for note in &self.notes {
             writeln!(f, "  note: {note}")?;
         }
@@ -317,9 +316,9 @@ impl fmt::Display for BucketReport {
     }
 }
 
-/// Checks the store (see the module's documentation); `deep` also reads and verifies
-/// every chunk. Fails only when the bucket cannot be read (a request failing after its
-/// retries); damage is reported.
+/// Checks the store (see the module's documentation); `deep` reads and verifies every
+/// chunk, not only the first of each pack. Fails only when the bucket cannot be read
+/// (a request failing after its retries); damage is reported.
 pub fn check_bucket(store: &RemoteStore, deep: bool) -> Result<BucketReport, CheckError> {
     check_bucket_at(store, deep, SystemTime::now())
 }
@@ -512,9 +511,11 @@ pub(crate) fn check_bucket_at(
         pack_size.insert(pack.clone(), size);
     }
 
-    // With `deep`, every chunk whose pack holds it is read and verified.
+    // Chunks read and verified: with `deep` every one whose pack holds it, else the
+    // first of each pack (a sample that catches a pack written with another key, or
+    // damaged from its start).
     let mut bad_chunks: HashMap<ChunkKey, String> = HashMap::new();
-    if deep {
+    {
         let mut all: BTreeMap<String, Vec<RemoteChunk>> = BTreeMap::new();
         let mut seen = HashSet::new();
         for page in pages.values().flatten() {
@@ -533,6 +534,9 @@ pub(crate) fn check_bucket_at(
         }
         for chunk_list in all.values_mut() {
             chunk_list.sort_by_key(|c| (c.offset, c.stored_len));
+            if !deep {
+                chunk_list.truncate(1);
+            }
         }
         let runs = spans(all.into_values());
         let jobs: Vec<Job<'_, RemoteResult<Vec<Option<String>>>>> = runs
@@ -1075,4 +1079,357 @@ fn read_meta(store: &RemoteStore, name: &str) -> RemoteResult<Option<()>> {
         .and_then(|text| toml::from_str::<SnapshotMeta>(text).ok())
         .map(|_| Some(()))
         .ok_or_else(|| damaged(store, name, "it is not a snapshot's metadata"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use object_store::memory::InMemory;
+
+    use super::*;
+    use crate::namespace::{Owner, Timestamp};
+    use crate::remote::crypto::Crypto;
+    use crate::remote::format::RootFacts;
+    use crate::remote::test_support;
+    use crate::store::codec::{ChunkHash, Codec};
+
+    const KEYS: [Option<[u8; 32]>; 2] = [None, Some([7; 32])];
+
+    fn bucket(memory: &Arc<InMemory>) -> Bucket {
+        Bucket::with_store(memory.clone(), "p", "memory://test/p".into()).unwrap()
+    }
+
+    /// Uploads snapshot `id` of volume `db` as `store`'s host, in the order hosts write
+    /// it: pack `id` with `blocks` chunks, the page naming them, the metadata, the root.
+    /// Returns the root's name and the chunks.
+    fn upload(store: &RemoteStore, id: u64, blocks: u8) -> (String, Vec<RemoteChunk>) {
+        let chunks: Vec<_> = (0..blocks)
+            .map(|n| {
+                let plain = vec![n ^ id as u8; 3000 + usize::from(n)];
+                (ChunkHash::of(&plain), Codec::Raw, plain.len() as u32, plain)
+            })
+            .collect();
+        let placed = store.put_pack(id, &chunks).unwrap();
+        let mut page = Page::default();
+        for (block, chunk) in placed.iter().enumerate() {
+            page.set(block as u16, Some(chunk.clone()));
+        }
+        let page = store.put_page(&page).unwrap();
+        let names = store.names();
+        let root_name = names.root(&store.host, id);
+        let meta = SnapshotMeta {
+            owner: Owner {
+                uid: 0,
+                gid: 0,
+                mode: 0o600,
+            },
+            description: String::new(),
+            xattrs: Default::default(),
+        };
+        store
+            .put_object(
+                &names.meta_of(&root_name),
+                toml::to_string(&meta).unwrap().as_bytes(),
+            )
+            .unwrap();
+        let root = Root {
+            facts: RootFacts {
+                host: store.host.clone(),
+                snapshot: id,
+                volume: "db".into(),
+                label: format!("s{id}"),
+                size_bytes: 1 << 30,
+                block_size: 65536,
+                created: Timestamp(1),
+                completed: Timestamp(2),
+                parent: None,
+                changed_blocks: u64::from(blocks),
+                stored_bytes: 4096,
+            },
+            pages: vec![(0, page)],
+        };
+        store.put_object(&root_name, &root.encode()).unwrap();
+        (root_name, placed)
+    }
+
+    /// Flips a byte of object `name` at `at` (from its end when negative).
+    fn flip(memory: &Arc<InMemory>, name: &str, at: isize) {
+        let bucket = bucket(memory);
+        let mut bytes = bucket.get(name).unwrap().unwrap();
+        let at = if at < 0 {
+            bytes.len() - at.unsigned_abs()
+        } else {
+            at as usize
+        };
+        bytes[at] ^= 0x20;
+        bucket.put(name, bytes).unwrap();
+    }
+
+    fn subjects(report: &BucketReport) -> Vec<String> {
+        report.problems.iter().map(|p| p.subject.clone()).collect()
+    }
+
+    #[test]
+    fn a_clean_bucket_has_no_problems_and_exits_0() {
+        for key in KEYS {
+            let memory = Arc::new(InMemory::new());
+            let a = test_support::store(&memory, "a", key).unwrap();
+            let b = test_support::store(&memory, "b", key).unwrap();
+            upload(&a, 1, 3);
+            upload(&a, 2, 2);
+            upload(&b, 1, 4);
+            for deep in [false, true] {
+                let report = check_bucket(&a, deep).unwrap();
+                assert!(report.problems.is_empty(), "{report}");
+                assert!(report.damaged.is_empty(), "{report}");
+                assert_eq!(report.exit_code(), EXIT_CLEAN);
+                let t = &report.totals;
+                assert_eq!((t.snapshots, t.deleted, t.hosts), (3, 0, 2), "{report}");
+                assert_eq!((t.pages, t.packs, t.chunks), (3, 3, 9), "{report}");
+                // The first chunk of each pack, or every chunk with `deep`.
+                assert_eq!(t.chunks_verified, if deep { 9 } else { 3 }, "{report}");
+                assert_eq!(report.encrypted, key.is_some());
+                let text = report.to_string();
+                assert!(text.contains("3 snapshots of 2 hosts"), "{text}");
+                assert!(
+                    text.ends_with("no problems found in the bucket\n"),
+                    "{text}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_missing_pack_is_corruption_naming_the_snapshots_that_read_it() {
+        for key in KEYS {
+            let memory = Arc::new(InMemory::new());
+            let a = test_support::store(&memory, "a", key).unwrap();
+            upload(&a, 1, 3);
+            let (_, chunks) = upload(&a, 2, 2);
+            a.bucket.delete(&chunks[0].pack).unwrap();
+            let report = check_bucket(&a, false).unwrap();
+            assert_eq!(report.exit_code(), EXIT_CORRUPTION, "{report}");
+            assert_eq!(report.problems.len(), 1, "{report}");
+            let problem = &report.problems[0];
+            assert_eq!(problem.subject, format!("pack {}", chunks[0].pack));
+            assert_eq!(problem.detail, "missing");
+            assert_eq!(problem.affects, ["db@s2@a"]);
+            assert_eq!(
+                report.damaged.get("db@s2@a"),
+                Some(&Damage {
+                    root: false,
+                    blocks: 2,
+                    pages: 0
+                }),
+                "{report}"
+            );
+            assert!(!report.damaged.contains_key("db@s1@a"), "{report}");
+            let text = report.to_string();
+            assert!(
+                text.contains(&format!(
+                    "corruption: pack {}: missing; read by db@s2@a",
+                    chunks[0].pack
+                )),
+                "{text}"
+            );
+            assert!(text.contains("damaged snapshot db@s2@a: 2 blocks cannot be read"));
+            assert!(text.contains("(exit status 2)"), "{text}");
+            // What a collection would remove is a note, not a problem.
+            assert!(
+                !text.contains("garbage collection deletes nothing"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_pack_cut_short_is_corruption() {
+        let memory = Arc::new(InMemory::new());
+        let a = test_support::store(&memory, "a", None).unwrap();
+        let (_, chunks) = upload(&a, 1, 3);
+        let pack = &chunks[0].pack;
+        let mut bytes = a.bucket.get(pack).unwrap().unwrap();
+        bytes.truncate(bytes.len() - 10);
+        a.bucket.put(pack, bytes).unwrap();
+        let report = check_bucket(&a, false).unwrap();
+        assert_eq!(report.exit_code(), EXIT_CORRUPTION, "{report}");
+        assert_eq!(subjects(&report), [format!("pack {pack}")]);
+        assert!(
+            report.problems[0].detail.starts_with("cut short"),
+            "{report}"
+        );
+        // Only the last chunk reaches past the end.
+        assert_eq!(report.damaged["db@s1@a"].blocks, 1, "{report}");
+    }
+
+    #[test]
+    fn a_damaged_chunk_is_found_by_its_sample_or_by_a_deep_check() {
+        for key in KEYS {
+            let memory = Arc::new(InMemory::new());
+            let a = test_support::store(&memory, "a", key).unwrap();
+            let (_, chunks) = upload(&a, 1, 3);
+            // The last chunk's last byte: only a deep check reads it.
+            flip(&memory, &chunks[2].pack, -1);
+            let shallow = check_bucket(&a, false).unwrap();
+            assert_eq!(shallow.exit_code(), EXIT_CLEAN, "{shallow}");
+            let deep = check_bucket(&a, true).unwrap();
+            assert_eq!(deep.exit_code(), EXIT_CORRUPTION, "{deep}");
+            assert_eq!(deep.problems.len(), 1, "{deep}");
+            let problem = &deep.problems[0];
+            assert_eq!(
+                problem.subject,
+                format!(
+                    "chunk {} (pack {}, offset {})",
+                    chunks[2].hash, chunks[2].pack, chunks[2].offset
+                )
+            );
+            assert!(problem.detail.starts_with("fails verification"), "{deep}");
+            if key.is_some() {
+                assert!(problem.detail.contains("does not decrypt"), "{deep}");
+            }
+            assert_eq!(deep.damaged["db@s1@a"].blocks, 1, "{deep}");
+            assert_eq!(deep.totals.chunks_verified, 2, "{deep}");
+
+            // The first chunk is the sample of its pack: found without `deep`.
+            flip(&memory, &chunks[0].pack, 0);
+            let shallow = check_bucket(&a, false).unwrap();
+            assert_eq!(shallow.exit_code(), EXIT_CORRUPTION, "{shallow}");
+            assert!(
+                subjects(&shallow)[0].starts_with(&format!("chunk {}", chunks[0].hash)),
+                "{shallow}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_damaged_page_or_root_is_reported_with_what_it_makes_unreadable() {
+        for key in KEYS {
+            let memory = Arc::new(InMemory::new());
+            let a = test_support::store(&memory, "a", key).unwrap();
+            let (root1, _) = upload(&a, 1, 3);
+            let (root2, _) = upload(&a, 2, 2);
+            let page = a.root(&root1).unwrap().unwrap().pages[0].1.clone();
+            flip(&memory, &page, 5);
+            flip(&memory, &root2, 0);
+            let report = check_bucket(&a, false).unwrap();
+            assert_eq!(report.exit_code(), EXIT_CORRUPTION, "{report}");
+            let subjects = subjects(&report);
+            assert!(
+                subjects.contains(&format!("snapshot root {root2}")),
+                "{report}"
+            );
+            assert!(subjects.contains(&format!("page {page}")), "{report}");
+            assert_eq!(subjects.len(), 2, "{report}");
+            assert_eq!(report.damaged["db@s1@a"].pages, 1, "{report}");
+            assert!(report.damaged[&format!("[{root2}]")].root, "{report}");
+            let text = report.to_string();
+            assert!(text.contains("damaged ("), "{text}");
+            assert!(
+                text.contains("garbage collection deletes nothing while"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_metadata_is_corruption_and_an_orphan_tombstone_a_leak() {
+        let memory = Arc::new(InMemory::new());
+        let a = test_support::store(&memory, "a", None).unwrap();
+        let (root1, _) = upload(&a, 1, 1);
+        upload(&a, 2, 1);
+        let names = a.names();
+        a.bucket.delete(&names.meta_of(&root1)).unwrap();
+        let ghost = names.root("a", 9);
+        a.put_object(&names.tombstone_of(&ghost), b"").unwrap();
+        let report = check_bucket(&a, false).unwrap();
+        assert_eq!(report.exit_code(), EXIT_CORRUPTION, "{report}");
+        let meta = report
+            .problems
+            .iter()
+            .find(|p| p.subject == format!("metadata {}", names.meta_of(&root1)))
+            .unwrap_or_else(|| panic!("{report}"));
+        assert_eq!(meta.severity, Severity::Corruption);
+        assert_eq!(meta.affects, ["db@s1@a"]);
+        let tombstone = report
+            .problems
+            .iter()
+            .find(|p| p.subject == format!("tombstone {}", names.tombstone_of(&ghost)))
+            .unwrap_or_else(|| panic!("{report}"));
+        assert_eq!(tombstone.severity, Severity::Leak);
+
+        // A leak alone exits 3.
+        a.put_object(
+            &names.meta_of(&root1),
+            b"[owner]\nuid = 0\ngid = 0\nmode = 384\n",
+        )
+        .unwrap();
+        let report = check_bucket(&a, false).unwrap();
+        assert_eq!(report.exit_code(), EXIT_LEAKS, "{report}");
+    }
+
+    #[test]
+    fn a_wrong_or_missing_key_is_a_clear_error_not_damage() {
+        let memory = Arc::new(InMemory::new());
+        let a = test_support::store(&memory, "a", Some([7; 32])).unwrap();
+        upload(&a, 1, 2);
+        let settings = test_support::settings();
+        let wrong = open(
+            bucket(&memory),
+            "check",
+            Some(Crypto::new([8; 32])),
+            settings.clone(),
+        )
+        .err()
+        .expect("a wrong key opens the store");
+        assert!(
+            matches!(wrong, CheckError::Store(RemoteError::WrongKey(_))),
+            "{wrong}"
+        );
+        assert!(
+            wrong
+                .to_string()
+                .contains("the key does not open this store"),
+            "{wrong}"
+        );
+        let none = open(bucket(&memory), "check", None, settings.clone())
+            .err()
+            .expect("an encrypted store opens without a key");
+        assert!(none.to_string().contains("key_file"), "{none}");
+        // The right key opens it, and the check writes nothing.
+        let before = bucket(&memory).list("").unwrap().len();
+        let Opened::Store(store) = open(
+            bucket(&memory),
+            "check",
+            Some(Crypto::new([7; 32])),
+            settings,
+        )
+        .unwrap() else {
+            panic!("the store was not opened");
+        };
+        assert_eq!(check_bucket(&store, true).unwrap().exit_code(), EXIT_CLEAN);
+        assert_eq!(bucket(&memory).list("").unwrap().len(), before);
+    }
+
+    #[test]
+    fn an_empty_prefix_is_not_created_and_one_without_format_is_unusable() {
+        let memory = Arc::new(InMemory::new());
+        let settings = test_support::settings();
+        let Opened::Empty(report) = open(bucket(&memory), "c", None, settings.clone()).unwrap()
+        else {
+            panic!("an empty prefix is not Empty");
+        };
+        assert_eq!(report.exit_code(), EXIT_CLEAN);
+        assert!(bucket(&memory).list("").unwrap().is_empty(), "created");
+        bucket(&memory).put("packs/x", vec![1, 2, 3]).unwrap();
+        let Opened::Unusable(report) = open(bucket(&memory), "c", None, settings).unwrap() else {
+            panic!("a prefix without a format object is usable");
+        };
+        assert_eq!(report.exit_code(), EXIT_CORRUPTION, "{report}");
+        assert!(
+            report
+                .to_string()
+                .contains("missing, though the prefix holds 1 object")
+        );
+    }
 }

@@ -21,9 +21,9 @@ Exit status:
      truncated pack, a manifest entry naming a missing chunk, a reference count
      below its entries, a volume's missing data file, a damaged dirty map, a lost
      database, a missing format marker; in the bucket: a damaged snapshot root, a
-     missing or damaged page, a missing or short pack, with --deep a chunk failing
-     verification, a live snapshot's missing metadata, a damaged lease); leaks may
-     be present too
+     missing or damaged page, a missing or short pack, a chunk failing
+     verification (the first of each pack; with --deep, every one), a live
+     snapshot's missing metadata, a damaged lease); leaks may be present too
   3  leaks only: space or files that can be reclaimed without touching anything a
      snapshot or volume needs (unreferenced pack ranges, uncommitted pack tails,
      reference counts above their entries, entries of snapshots that no longer
@@ -59,8 +59,8 @@ pub struct CheckArgs {
     /// (default: ./config.toml if present).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Also read every chunk in the bucket and verify its hash (the data directory's
-    /// chunks are always all read).
+    /// Read and verify every chunk in the bucket, not only the first of each pack (the
+    /// data directory's chunks are always all read).
     #[arg(long)]
     deep: bool,
     /// Check the bucket of the config's [store] only, not the data directory: runs
