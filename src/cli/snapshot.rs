@@ -328,49 +328,87 @@ fn cell(text: String) -> String {
     }
 }
 
-/// Prints the table of snapshots (`ebsfs snapshot list`). Columns up to CREATED are
-/// those of earlier versions; HOST and LOCATION (`local`, `local+bucket`, `bucket`)
-/// follow. Uploads failing are reported on stderr.
+/// A snapshot as `list` shows it: its name, `status`, `progress` and parsed `info`.
+struct ListRow {
+    name: String,
+    status: String,
+    progress: String,
+    info: toml::Table,
+}
+
+/// Prints the table of snapshots (`ebsfs snapshot list`). Uploads failing are
+/// reported on stderr.
 fn list(mnt: &Path, out: &mut dyn Write) -> Result<(), Failure> {
     let mut names =
         snapshot_names(mnt).map_err(|e| Failure(1, format!("listing snapshots: {e}")))?;
     names.sort();
-    let width = names.iter().map(String::len).max().unwrap_or(0).max(40);
-    let _ = writeln!(
-        out,
-        "{:<width$} {:<10} {:>5} {:>12} {:>12} {:>6}  {:<25} {:<16} LOCATION",
-        "SNAPSHOT", "STATUS", "DONE", "SIZE", "STORED", "OWNER", "CREATED", "HOST"
-    );
-    for name in names {
-        let dir = snapshot_dir(mnt, &name);
-        let status = read_field(&dir, "status").unwrap_or_else(|_| "?".into());
-        let progress = read_field(&dir, "progress").unwrap_or_default();
-        let info: toml::Table = read_field(&dir, "info")
-            .ok()
-            .and_then(|t| toml::from_str(&t).ok())
-            .unwrap_or_default();
-        let size = info_value(&info, "size")
-            .parse::<u64>()
-            .map(|b| crate::config::ByteSize(b).to_string())
-            .unwrap_or_default();
-        let stored = info_value(&info, "stored_bytes")
-            .parse::<u64>()
-            .map(|b| crate::config::ByteSize(b).to_string())
-            .unwrap_or_default();
-        let _ = writeln!(
-            out,
-            "{name:<width$} {status:<10} {progress:>5} {size:>12} {stored:>12} {:>6}  {:<25} {:<16} {}",
-            info_value(&info, "owner"),
-            cell(info_value(&info, "created")),
-            cell(info_value(&info, "host")),
-            cell(info_value(&info, "location")),
-        );
-        let upload_error = info_value(&info, "upload_error");
+    let rows: Vec<ListRow> = names
+        .into_iter()
+        .map(|name| {
+            let dir = snapshot_dir(mnt, &name);
+            ListRow {
+                status: read_field(&dir, "status").unwrap_or_else(|_| "?".into()),
+                progress: read_field(&dir, "progress").unwrap_or_default(),
+                info: read_field(&dir, "info")
+                    .ok()
+                    .and_then(|t| toml::from_str(&t).ok())
+                    .unwrap_or_default(),
+                name,
+            }
+        })
+        .collect();
+    let _ = out.write_all(list_table(&rows).as_bytes());
+    for row in &rows {
+        let upload_error = info_value(&row.info, "upload_error");
         if !upload_error.is_empty() {
-            eprintln!("{name}: not in the snapshot store yet, upload retried: {upload_error}");
+            eprintln!(
+                "{}: not in the snapshot store yet, upload retried: {upload_error}",
+                row.name
+            );
         }
     }
     Ok(())
+}
+
+/// The table `list` prints: columns up to CREATED as in earlier versions, then HOST
+/// (the host that took the snapshot) and LOCATION (`local`: in this data directory
+/// only; `local+bucket`: also in the snapshot store; `bucket`: another host's, read
+/// from the snapshot store), as `info` reports them; a dash for what `info` lacks.
+fn list_table(rows: &[ListRow]) -> String {
+    let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(40);
+    let hosts: Vec<String> = rows
+        .iter()
+        .map(|r| cell(info_value(&r.info, "host")))
+        .collect();
+    let host_width = hosts.iter().map(String::len).max().unwrap_or(0).max(16);
+    let bytes = |info: &toml::Table, key: &str| {
+        info_value(info, key)
+            .parse::<u64>()
+            .map(|b| crate::config::ByteSize(b).to_string())
+            .unwrap_or_default()
+    };
+    let mut table = format!(
+        "{:<width$} {:<10} {:>5} {:>12} {:>12} {:>6}  {:<25} {:<host_width$} LOCATION\n",
+        "SNAPSHOT", "STATUS", "DONE", "SIZE", "STORED", "OWNER", "CREATED", "HOST"
+    );
+    for (row, host) in rows.iter().zip(hosts) {
+        let ListRow {
+            name,
+            status,
+            progress,
+            info,
+        } = row;
+        table.push_str(&format!(
+            "{name:<width$} {status:<10} {progress:>5} {:>12} {:>12} {:>6}  {:<25} \
+             {host:<host_width$} {}\n",
+            bytes(info, "size"),
+            bytes(info, "stored_bytes"),
+            info_value(info, "owner"),
+            cell(info_value(info, "created")),
+            cell(info_value(info, "location")),
+        ));
+    }
+    table
 }
 
 /// Polls `status` and `progress`: a bar on a terminal, a line per 10% otherwise.
@@ -443,4 +481,116 @@ fn delete(mnt: &Path, id: &str) -> Result<(), Failure> {
     fs::remove_dir(snapshot_dir(mnt, id)).map_err(|e| Failure(1, explain(&e, id)))?;
     println!("{id}: deleted");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, status: &str, info: &str) -> ListRow {
+        ListRow {
+            name: name.to_string(),
+            status: status.to_string(),
+            progress: "100%".to_string(),
+            info: toml::from_str(info).unwrap(),
+        }
+    }
+
+    /// The words of the line of `table` that starts with `name`.
+    fn line_of(table: &str, name: &str) -> Vec<String> {
+        table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no line for {name}:\n{table}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn list_shows_each_snapshots_host_and_location() {
+        let table = list_table(&[
+            row(
+                "db@one",
+                "completed",
+                "size = 1073741824\nstored_bytes = 4096\nowner = 0\n\
+                 created = \"2026-01-02T03:04:05+00:00\"\nhost = \"hosta\"\n\
+                 location = \"local+bucket\"\n",
+            ),
+            row(
+                "db@two",
+                "pending",
+                "owner = 1000\nhost = \"hosta\"\nlocation = \"local\"\n",
+            ),
+            row(
+                "db@one@a-host-with-a-rather-long-id",
+                "completed",
+                "owner = 0\nhost = \"a-host-with-a-rather-long-id\"\nlocation = \"bucket\"\n",
+            ),
+            row("old@x", "completed", "owner = 0\n"),
+        ]);
+        let header = line_of(&table, "SNAPSHOT");
+        assert_eq!(
+            header,
+            [
+                "SNAPSHOT", "STATUS", "DONE", "SIZE", "STORED", "OWNER", "CREATED", "HOST",
+                "LOCATION"
+            ]
+        );
+        let one = line_of(&table, "db@one");
+        assert_eq!(one[1], "completed");
+        assert_eq!(one[3..5], ["1.0", "GiB"]);
+        assert_eq!(
+            one[one.len() - 3..],
+            ["2026-01-02T03:04:05+00:00", "hosta", "local+bucket"],
+            "{table}"
+        );
+        let two = line_of(&table, "db@two");
+        assert_eq!(two[two.len() - 3..], ["-", "hosta", "local"], "{table}");
+        let foreign = line_of(&table, "db@one@a-host-with-a-rather-long-id");
+        assert_eq!(
+            foreign[foreign.len() - 2..],
+            ["a-host-with-a-rather-long-id", "bucket"],
+            "{table}"
+        );
+        // An info without host and location (an older ebsfs): dashes.
+        let old = line_of(&table, "old@x");
+        assert_eq!(old[old.len() - 3..], ["-", "-", "-"], "{table}");
+        // Columns line up, a long host id included.
+        let at = |line: &str, word: &str| line.find(word).unwrap();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(at(lines[0], "LOCATION"), at(lines[3], "bucket"), "{table}");
+        assert_eq!(
+            at(lines[0], "LOCATION"),
+            at(lines[1], "local+bucket"),
+            "{table}"
+        );
+        assert_eq!(at(lines[0], "HOST"), at(lines[2], "hosta"), "{table}");
+    }
+
+    #[test]
+    fn snapshot_refs_name_this_hosts_snapshots_and_other_hosts() {
+        let own = SnapshotRef::parse("db@one").unwrap();
+        assert_eq!((own.host(), own.to_string().as_str()), (None, "db@one"));
+        let foreign = SnapshotRef::parse("db@one@hosta").unwrap();
+        assert_eq!(foreign.host(), Some("hosta"));
+        assert_eq!(foreign.name.to_string(), "db@one");
+        assert_eq!(foreign.to_string(), "db@one@hosta");
+        let twin = SnapshotRef::parse("db@one@hosta~3").unwrap();
+        assert_eq!(twin.foreign, Some(("hosta".to_string(), Some(3))));
+        assert_eq!(twin.to_string(), "db@one@hosta~3");
+        for bad in [
+            "db",
+            "db@one@",
+            "db@one@host/x",
+            "db@one@hosta~",
+            "db@one@hosta~x",
+            "db@one@hosta~+1",
+            "a@b@c@d",
+            "../x@y",
+        ] {
+            assert!(SnapshotRef::parse(bad).is_err(), "{bad} was accepted");
+        }
+        assert_eq!(parse_ref("a@b@c@d").unwrap_err().0, 2);
+    }
 }
