@@ -198,6 +198,8 @@ pub struct BucketReport {
     pub problems: Vec<Problem>,
     /// Snapshots that cannot be read in full, by name, and how much of each.
     pub damaged: BTreeMap<String, Damage>,
+    /// The store's contents were checked (not so when [`open`] found no store).
+    pub checked: bool,
 }
 
 impl BucketReport {
@@ -210,6 +212,7 @@ impl BucketReport {
             notes: Vec::new(),
             problems: Vec::new(),
             damaged: BTreeMap::new(),
+            checked: false,
         }
     }
 
@@ -226,23 +229,9 @@ impl BucketReport {
         }
     }
 
-    fn count(&self, severity: Severity) -> usize {
-        self.problems
-            .iter()
-            .filter(|p| p.severity == severity)
-            .count()
-    }
-}
-
-impl fmt::Display for BucketReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    /// The lines of counts, after the first.
+    fn fmt_totals(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let t = &self.totals;
-        writeln!(
-            f,
-            "snapshot store {}{}",
-            self.store,
-            if self.encrypted { " (encrypted)" } else { "" }
-        )?;
         let deleted = match t.deleted {
             0 => String::new(),
             n => format!(" (and {n} deleted)"),
@@ -271,6 +260,28 @@ impl fmt::Display for BucketReport {
             ByteSize(t.stored_bytes),
             ByteSize(t.plain_bytes)
         )?;
+        Ok(())
+    }
+
+    fn count(&self, severity: Severity) -> usize {
+        self.problems
+            .iter()
+            .filter(|p| p.severity == severity)
+            .count()
+    }
+}
+
+impl fmt::Display for BucketReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "snapshot store {}{}",
+            self.store,
+            if self.encrypted { " (encrypted)" } else { "" }
+        )?;
+        if self.checked {
+            self.fmt_totals(f)?;
+        }
         for note in &self.notes {
             writeln!(f, "  note: {note}")?;
         }
@@ -368,6 +379,7 @@ pub(crate) fn check_bucket_at(
     now: SystemTime,
 ) -> Result<BucketReport, CheckError> {
     let mut report = BucketReport::new(&store.bucket.shown, store.encrypted(), deep);
+    report.checked = true;
     let names = store.names();
     let ttl = store.lease_ttl();
     let grace = Duration::from_secs(store.settings.gc_grace_seconds);
@@ -885,9 +897,11 @@ fn collectable(
         if read > 0 {
             parts.push(format!("{read} still read by a host (its lease names it)"));
         }
+        let waiting = doomed.len() + in_grace + read;
         report.notes.push(format!(
-            "{} wait for a collection: {}",
-            counted((doomed.len() + in_grace + read) as u64, "deleted snapshot"),
+            "{} {} for a collection: {}",
+            counted(waiting as u64, "deleted snapshot"),
+            if waiting == 1 { "waits" } else { "wait" },
             parts.join(", ")
         ));
     }
@@ -1420,6 +1434,12 @@ mod tests {
             panic!("an empty prefix is not Empty");
         };
         assert_eq!(report.exit_code(), EXIT_CLEAN);
+        let text = report.to_string();
+        assert!(text.contains("no ebsfs store here"), "{text}");
+        assert!(
+            !text.contains("snapshots of"),
+            "counts of nothing checked: {text}"
+        );
         assert!(bucket(&memory).list("").unwrap().is_empty(), "created");
         bucket(&memory).put("packs/x", vec![1, 2, 3]).unwrap();
         let Opened::Unusable(report) = open(bucket(&memory), "c", None, settings).unwrap() else {
