@@ -1,7 +1,7 @@
 //! The snapshot store's part of `ebsfs check`: verifies what the bucket holds, and
 //! never changes it (no request it makes writes or deletes).
 //!
-//! What is verified (docs/FORMAT.md, section 6, has the layout):
+//! What is verified (docs/FORMAT.md, section 6, has the layout; 6.5 this check):
 //! - the store's format object, then the key ([`open`]);
 //! - every snapshot's root decodes; every page a root names exists, matches its name
 //!   and decodes; every pack a page names exists and is long enough for the chunks the
