@@ -44,7 +44,7 @@ const MAX_NAMES_SHOWN: usize = 20;
 /// What [`open`] found at the store's URL.
 pub enum Opened {
     /// A store, its format and key checked.
-    Store(RemoteStore),
+    Store(Box<RemoteStore>),
     /// No object at all under the prefix: nothing to check.
     Empty(BucketReport),
     /// Objects, but no readable format object: nothing can be read safely.
@@ -129,7 +129,7 @@ pub fn open(
     }
     // The format object exists, so opening only reads it (and checks the key).
     RemoteStore::open(bucket, host, crypto, settings)
-        .map(Opened::Store)
+        .map(|store| Opened::Store(Box::new(store)))
         .map_err(CheckError::Store)
 }
 
@@ -753,7 +753,7 @@ pub(crate) fn check_bucket_at(
             );
         }
     }
-    for (tombstone, _) in &tombstones {
+    for tombstone in tombstones.keys() {
         if !roots.contains_key(&names.root_of_tombstone(tombstone)) {
             report.problems.push(Problem::new(
                 Severity::Leak,
