@@ -32,14 +32,12 @@ use super::report::{EXIT_CLEAN, EXIT_CORRUPTION, EXIT_LEAKS, Problem, Severity, 
 use crate::config::{ByteSize, StoreSettings};
 use crate::remote::client::Job;
 use crate::remote::crypto::Crypto;
-use crate::remote::format::{Lease, Names, Page, RemoteChunk, Root, SnapshotMeta, StoreFormat};
+use crate::remote::format::{Names, Page, RemoteChunk, Root, SnapshotMeta, StoreFormat};
+use crate::remote::gc::{damaged, read_all, read_lease};
 use crate::remote::{Bucket, Listed, RemoteError, RemoteResult, RemoteStore};
 
 /// Most bytes one ranged GET of a deep check spans.
 const READ_SPAN_BYTES: u64 = 8 << 20;
-
-/// At most this many snapshot names are listed per problem.
-const MAX_NAMES_SHOWN: usize = 20;
 
 /// What [`open`] found at the store's URL.
 pub enum Opened {
@@ -286,24 +284,7 @@ impl fmt::Display for BucketReport {
             writeln!(f, "  note: {note}")?;
         }
         for p in &self.problems {
-            let kind = match p.severity {
-                Severity::Corruption => "corruption",
-                Severity::Leak => "leak",
-            };
-            write!(f, "{kind}: {}: {}", p.subject, p.detail)?;
-            if !p.affects.is_empty() {
-                let shown: Vec<&str> = p
-                    .affects
-                    .iter()
-                    .take(MAX_NAMES_SHOWN)
-                    .map(String::as_str)
-                    .collect();
-                write!(f, "; read by {}", shown.join(", "))?;
-                if p.affects.len() > MAX_NAMES_SHOWN {
-                    write!(f, " and {} more", p.affects.len() - MAX_NAMES_SHOWN)?;
-                }
-            }
-            writeln!(f)?;
+            writeln!(f, "{p}")?;
         }
         for (name, damage) in &self.damaged {
             writeln!(f, "damaged snapshot {name}: {damage}")?;
@@ -1024,42 +1005,6 @@ fn listing(store: &RemoteStore, prefix: &str) -> Result<BTreeMap<String, Listed>
         .collect())
 }
 
-/// `read` of each name, several at once.
-fn read_all<T: Send + 'static>(
-    store: &RemoteStore,
-    names: &[String],
-    read: impl Fn(&RemoteStore, &str) -> RemoteResult<T> + Sync,
-) -> Vec<RemoteResult<T>> {
-    let read = &read;
-    let jobs: Vec<Job<'_, RemoteResult<T>>> = names
-        .iter()
-        .map(|name| -> Job<'_, RemoteResult<T>> { Box::new(move |_| Ok(read(store, name))) })
-        .collect();
-    store
-        .bucket
-        .parallel(store.settings.download_concurrency, jobs)
-        .into_iter()
-        .map(|r| {
-            r.unwrap_or_else(|source| {
-                Err(RemoteError::Bucket {
-                    store: store.bucket.shown.clone(),
-                    source,
-                })
-            })
-        })
-        .collect()
-}
-
-fn damaged(store: &RemoteStore, what: &str, reason: &str) -> RemoteError {
-    RemoteError::Damaged {
-        store: store.bucket.shown.clone(),
-        source: crate::remote::format::FormatError {
-            what: what.to_string(),
-            reason: reason.to_string(),
-        },
-    }
-}
-
 /// A page, read from the bucket (not through the page cache), checked against its name.
 fn read_page(store: &RemoteStore, name: &str) -> RemoteResult<Option<Page>> {
     let Some(bytes) = store.get_object(name)? else {
@@ -1071,17 +1016,6 @@ fn read_page(store: &RemoteStore, name: &str) -> RemoteResult<Option<Page>> {
     Page::decode(&bytes, name)
         .map(Some)
         .map_err(|e| damaged(store, name, &e.reason))
-}
-
-fn read_lease(store: &RemoteStore, name: &str) -> RemoteResult<Option<Lease>> {
-    let Some(bytes) = store.get_object(name)? else {
-        return Ok(None);
-    };
-    std::str::from_utf8(&bytes)
-        .ok()
-        .and_then(|text| toml::from_str(text).ok())
-        .map(Some)
-        .ok_or_else(|| damaged(store, name, "it is not a lease"))
 }
 
 fn read_meta(store: &RemoteStore, name: &str) -> RemoteResult<Option<()>> {
@@ -1102,9 +1036,7 @@ mod tests {
     use object_store::memory::InMemory;
 
     use super::*;
-    use crate::namespace::{Owner, Timestamp};
     use crate::remote::crypto::Crypto;
-    use crate::remote::format::RootFacts;
     use crate::remote::test_support;
     use crate::store::codec::{ChunkHash, Codec};
 
@@ -1114,9 +1046,9 @@ mod tests {
         Bucket::with_store(memory.clone(), "p", "memory://test/p".into()).unwrap()
     }
 
-    /// Uploads snapshot `id` of volume `db` as `store`'s host, in the order hosts write
-    /// it: pack `id` with `blocks` chunks, the page naming them, the metadata, the root.
-    /// Returns the root's name and the chunks.
+    /// Uploads snapshot `id` of volume `db` (label `s<id>`) as `store`'s host, in the
+    /// order hosts write it: pack `id` with `blocks` chunks, the page naming them, the
+    /// metadata, the root. Returns the root's name and the chunks.
     fn upload(store: &RemoteStore, id: u64, blocks: u8) -> (String, Vec<RemoteChunk>) {
         let chunks: Vec<_> = (0..blocks)
             .map(|n| {
@@ -1130,41 +1062,7 @@ mod tests {
             page.set(block as u16, Some(chunk.clone()));
         }
         let page = store.put_page(&page).unwrap();
-        let names = store.names();
-        let root_name = names.root(&store.host, id);
-        let meta = SnapshotMeta {
-            owner: Owner {
-                uid: 0,
-                gid: 0,
-                mode: 0o600,
-            },
-            description: String::new(),
-            xattrs: Default::default(),
-        };
-        store
-            .put_object(
-                &names.meta_of(&root_name),
-                toml::to_string(&meta).unwrap().as_bytes(),
-            )
-            .unwrap();
-        let root = Root {
-            facts: RootFacts {
-                host: store.host.clone(),
-                snapshot: id,
-                volume: "db".into(),
-                label: format!("s{id}"),
-                size_bytes: 1 << 30,
-                block_size: 65536,
-                created: Timestamp(1),
-                completed: Timestamp(2),
-                parent: None,
-                changed_blocks: u64::from(blocks),
-                stored_bytes: 4096,
-            },
-            pages: vec![(0, page)],
-        };
-        store.put_object(&root_name, &root.encode()).unwrap();
-        (root_name, placed)
+        (test_support::commit(store, id, &[&page]), placed)
     }
 
     /// Flips a byte of object `name` at `at` (from its end when negative).

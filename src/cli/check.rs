@@ -4,8 +4,10 @@
 
 use std::path::PathBuf;
 
-use crate::check::bucket::{self, Opened};
-use crate::check::{EXIT_CLEAN, EXIT_CORRUPTION, EXIT_ERROR, EXIT_LEAKS, check_data_dir};
+use crate::check::bucket::{self, BucketReport, Opened};
+use crate::check::{
+    CheckError, EXIT_CLEAN, EXIT_CORRUPTION, EXIT_ERROR, EXIT_LEAKS, Report, check_data_dir,
+};
 use crate::config::{Settings, StoreSettings};
 use crate::layout::Layout;
 use crate::storage::linux::LinuxStorage;
@@ -88,18 +90,10 @@ pub fn run(args: CheckArgs) -> i32 {
             (None, Some(settings)) => settings.data_dir.clone(),
             (None, None) => unreachable!("settings are loaded when no DATA_DIR is given"),
         };
-        codes.push(
-            match check_data_dir(&LinuxStorage, &Layout::new(data_dir), args.repair) {
-                Ok(report) => {
-                    print!("{report}");
-                    report.exit_code()
-                }
-                Err(e) => {
-                    eprintln!("ebsfs check: {e}");
-                    EXIT_ERROR
-                }
-            },
-        );
+        codes.push(reported(
+            check_data_dir(&LinuxStorage, &Layout::new(data_dir), args.repair),
+            Report::exit_code,
+        ));
     }
     let store = settings
         .as_ref()
@@ -165,10 +159,18 @@ fn check_store(settings: &StoreSettings, host: &str, deep: bool) -> i32 {
             return EXIT_ERROR;
         }
     };
-    match bucket::check_bucket(&store, deep) {
+    reported(bucket::check_bucket(&store, deep), BucketReport::exit_code)
+}
+
+/// Prints a check's report and returns its exit status, or says why it could not run.
+fn reported<R: std::fmt::Display>(
+    result: Result<R, CheckError>,
+    exit_code: impl FnOnce(&R) -> i32,
+) -> i32 {
+    match result {
         Ok(report) => {
             print!("{report}");
-            report.exit_code()
+            exit_code(&report)
         }
         Err(e) => {
             eprintln!("ebsfs check: {e}");
