@@ -81,7 +81,7 @@ pub struct SnapshotEngine<S: Storage> {
     capture_threads: usize,
     scheduling: Scheduling,
     /// Captures not ended yet: their progress, and what their pending images read.
-    running: Mutex<HashMap<SnapshotId, (Arc<CaptureProgress>, read::Frozen<S>)>>,
+    running: Mutex<HashMap<SnapshotId, Running<S>>>,
     /// Captures waiting for [`SnapshotEngine::run_queued`] (manual scheduling).
     queued: Mutex<Vec<CaptureJob<S>>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -96,6 +96,9 @@ pub struct SnapshotEngine<S: Storage> {
     /// With a snapshot store: uploads and the rest of this host's bucket work.
     remote: Option<Arc<upload::Uploader>>,
 }
+
+/// A capture not ended yet: its progress, and the freeze its pending image reads.
+type Running<S> = (Arc<CaptureProgress>, read::Frozen<S>);
 
 /// What the settler thread waits for.
 #[derive(Default)]
