@@ -38,6 +38,11 @@ pub use error::{FsError, FsResult};
 use inode::{Node, SnapshotFile};
 pub use xattr::XattrFlags;
 
+/// Extended attribute set on `snapshots/` to snapshot several volumes at one instant
+/// (a crash-consistent set): `setfattr -n user.ebsfs.snapshot -v db,log@nightly
+/// snapshots`.
+pub const SNAPSHOT_SET_XATTR: &str = "user.ebsfs.snapshot";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FileKind {
     Directory,
@@ -506,6 +511,12 @@ impl<S: Storage> FsCore<S> {
             Some(Node::Volume(id)) => self.volume_xattr_set(id, name, value, flags, caller),
             Some(Node::SnapshotDir(id)) => self.snapshot_xattr_set(id, name, value, flags, caller),
             Some(Node::SnapshotFile(..)) => Err(FsError::ReadOnly("snapshot files".into())),
+            Some(Node::SnapshotsDir) if name == SNAPSHOT_SET_XATTR => {
+                let spec = value.ok_or_else(|| {
+                    FsError::NotSupported(format!("{SNAPSHOT_SET_XATTR} cannot be removed"))
+                })?;
+                self.snapshot_set(spec, caller).map(|_| ())
+            }
             _ => Err(FsError::NotSupported(
                 "extended attributes are kept on volumes and snapshots only".into(),
             )),

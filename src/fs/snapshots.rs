@@ -300,6 +300,44 @@ impl<S: Storage> FsCore<S> {
         self.snapshot_dir_attr(record.id)
     }
 
+    /// `setfattr -n user.ebsfs.snapshot -v VOL[,VOL…]@LABEL snapshots`: snapshots of
+    /// every volume named, at one instant (a crash-consistent set: see
+    /// [`crate::snapshot::SnapshotEngine::create_set`]). All or nothing; each needs
+    /// read permission on its volume, like `mkdir`.
+    pub fn snapshot_set(&self, spec: &[u8], caller: &Caller) -> FsResult<Vec<SnapshotId>> {
+        let spec = std::str::from_utf8(spec)
+            .map_err(|_| FsError::Invalid("a snapshot set must be UTF-8".into()))?;
+        let (volumes, label) = spec.rsplit_once('@').ok_or_else(|| {
+            FsError::Invalid(format!(
+                "snapshot set {spec:?}: expected VOLUME[,VOLUME...]@LABEL"
+            ))
+        })?;
+        let mut members = Vec::new();
+        for volume in volumes.split(',') {
+            let name = SnapshotName::parse(&format!("{volume}@{label}"))?;
+            let view = self.ns.view();
+            let volume_id = view
+                .volume_id(name.volume().as_str())
+                .ok_or_else(|| FsError::NotFound(format!("volume {}", name.volume())))?;
+            if let Some(record) = view.volumes.get(&volume_id)
+                && !volume_permits(record, caller, Access::Read)?
+            {
+                return Err(FsError::AccessDenied(format!(
+                    "snapshot {name}: no read permission on volume {}",
+                    name.volume()
+                )));
+            }
+            members.push((name, self.live_volume(volume_id)?));
+        }
+        let owner = Owner {
+            uid: caller.uid,
+            gid: caller.gid,
+            mode: SNAPSHOT_DIR_MODE,
+        };
+        let records = self.engine.create_set(&members, owner)?;
+        Ok(records.iter().map(|r| r.id).collect())
+    }
+
     /// `rmdir snapshots/<name>`: deletes it (cancelling a pending capture).
     pub fn rmdir(&self, parent: u64, name: &OsStr, caller: &Caller) -> FsResult<()> {
         match Node::from_ino(parent) {
