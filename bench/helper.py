@@ -1052,6 +1052,17 @@ def cmd_report(a):
         badd("background hydration of a copy from the bucket (host B, cold)",
              f"— (still {bhyd.get('final_value')} after {bhyd.get('done_s', 0):.0f} s)", "≥ 300 MiB/s", False,
              "hydrate_MiBps", None)
+    creq = {r.get("what"): r for r in recs if r["type"] == "requests"}
+    cread = job_rec("bucket", "copyread", "read")
+    if cread and cread.get("ok") and cread.get("read_MBps"):
+        gets = creq.get("copyread", {}).get("get")
+        badd("cold seq read 1 MiB QD8 of a new copy on host B, `hydrate = false` (every block from the bucket)",
+             f"{cread['read_MBps'] * 1e6 / 2**20:.0f} MiB/s" + (f" ({gets:,} GETs)" if gets is not None else ""),
+             None, None,
+             "copy_read_MiBps", cread["read_MBps"] * 1e6 / 2**20)
+    if bhyd and creq.get("hydrate", {}).get("get") is not None:
+        badd("  GET requests during the background hydration", f"{creq['hydrate']['get']:,}", None, None,
+             "hydrate_gets", creq["hydrate"]["get"])
     bd = [r for r in recs if r["type"] == "bucket_daemon" and "VmHWM" in r]
     if bd:
         a_rss = bd[0]["VmHWM"]

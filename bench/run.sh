@@ -889,8 +889,22 @@ stop_ebsfs_b() {
   return 0
 }
 
+start_ebsfs_b() {  # host B on $WORK/ebsfs-data-b; returns once it lists up@s3@bench-a
+  local i
+  RUST_LOG=${RUST_LOG:-info} setsid "$BIN" mount "$EBSFS_B_MNT" --data-dir "$WORK/ebsfs-data-b" \
+    --config "$WORK/ebsfs-b.toml" </dev/null >>"$WORK/ebsfs-b.log" 2>&1 &
+  EBSFS_B_PID=$!
+  BG_PIDS+=("$EBSFS_B_PID")
+  for ((i = 0; i < 600; i++)); do
+    [[ -e $EBSFS_B_MNT/snapshots/up@s3@bench-a/volume.img ]] && return 0
+    proc_alive "$EBSFS_B_PID" || { tail -n 20 "$WORK/ebsfs-b.log" >&2; die "ebsfs host B exited"; }
+    sleep 0.1
+  done
+  die "host B does not list up@s3@bench-a after 60 s"
+}
+
 run_bucket() {
-  local m=$EBSFS_MNT aux="$WORK/state/bucket" vol put0 post0 get0 put1 post1 sha_src i remote b
+  local m=$EBSFS_MNT aux="$WORK/state/bucket" vol put0 post0 get0 put1 post1 sha_src remote b
   mkdir -p "$aux"
   write_opts "$aux"
   vol="$m/volumes/up.img"
@@ -916,22 +930,15 @@ run_bucket() {
   mkdir -p "$b" "$EBSFS_B_MNT"
   bucket_config "$WORK/ebsfs-b.toml" bench-b true
   drop_caches
-  RUST_LOG=${RUST_LOG:-info} setsid "$BIN" mount "$EBSFS_B_MNT" --data-dir "$b" \
-    --config "$WORK/ebsfs-b.toml" </dev/null >>"$WORK/ebsfs-b.log" 2>&1 &
-  EBSFS_B_PID=$!
-  BG_PIDS+=("$EBSFS_B_PID")
   CLEAN_MOUNTS+=("$EBSFS_B_MNT")
+  start_ebsfs_b
   remote="$EBSFS_B_MNT/snapshots/up@s3@bench-a/volume.img"
-  for ((i = 0; i < 600; i++)); do
-    [[ -e $remote ]] && break
-    proc_alive "$EBSFS_B_PID" || { tail -n 20 "$WORK/ebsfs-b.log" >&2; die "ebsfs host B exited"; }
-    sleep 0.1
-  done
-  [[ -e $remote ]] || die "host B does not list up@s3@bench-a after 60 s"
+  get0=$(s3s_requests GET)
   cp "$remote" "$EBSFS_B_MNT/volumes/hyd.img" || { ABORT_REASON="cp of up@s3@bench-a on host B failed"; FATAL=1; exit 1; }
   "$PY" "$HELPER" hydrate-wait --file "$EBSFS_B_MNT/volumes/hyd.img" --timeout "$SNAP_TIMEOUT" --poll 0.05 \
     --label bucket-hydrate >>"$RECORDS" \
     || { ABORT_REASON="the copy on host B did not hydrate within $SNAP_TIMEOUT s"; FATAL=1; exit 1; }
+  record requests what=hydrate get=$(( $(s3s_requests GET) - get0 ))
   sha_of "$EBSFS_B_MNT/volumes/hyd.img" sha-bucket-copy
   if [[ $SHA == "$sha_src" ]]; then
     record check group=bucket what="copy on host B, hydrated from the bucket = host A's volume (sha256)" ok=1
@@ -942,6 +949,19 @@ run_bucket() {
   fi
   "$PY" "$HELPER" daemon-stats --pid "$EBSFS_B_PID" --label "host B after the hydration" \
     | sed 's/"type": "daemon"/"type": "bucket_daemon"/' >>"$RECORDS"
+  stop_ebsfs_b
+
+  # Host B again with hydrate = false: a cold sequential read of a new copy that
+  # nothing hydrates, every block from the bucket.
+  log "=== bucket: host B with hydrate = false reads a new copy of up@s3@bench-a"
+  bucket_config "$WORK/ebsfs-b.toml" bench-b false
+  drop_caches
+  start_ebsfs_b
+  cp "$remote" "$EBSFS_B_MNT/volumes/cold.img" || { ABORT_REASON="cp of up@s3@bench-a on host B failed"; FATAL=1; exit 1; }
+  get0=$(s3s_requests GET)
+  fio_job bucket ebsfs read copyread "cold seq read 1 MiB QD8 of a copy on host B, not hydrated (from the bucket)" \
+    --filename="$EBSFS_B_MNT/volumes/cold.img" --readonly --rw=read --bs=1M --iodepth=8 --size="$CAP"
+  record requests what=copyread get=$(( $(s3s_requests GET) - get0 ))
   stop_ebsfs_b
 }
 
