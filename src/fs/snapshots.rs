@@ -721,6 +721,7 @@ mod tests {
             error: Some("disk full".into()),
             captured: false,
             remote_root: None,
+            reexamine: None,
         };
         let text = render_info(
             &record,

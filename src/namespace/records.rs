@@ -229,6 +229,10 @@ pub struct SnapshotRecord {
     /// With a snapshot store: the name of its root in the bucket, once uploaded.
     #[serde(default)]
     pub remote_root: Option<String>,
+    /// While captured: the blocks its capture re-examines besides its capture set
+    /// (`[start, end)`), so that a capture a restart interrupted resumes alike.
+    #[serde(default)]
+    pub reexamine: Option<[u64; 2]>,
 }
 
 impl SnapshotRecord {
@@ -236,10 +240,10 @@ impl SnapshotRecord {
         format!("{}@{}", self.volume, self.label)
     }
 
-    /// Whether its manifest entries are final: completed, or captured and uploading.
+    /// Whether its manifest entries are final: completed, or captured (uploading, or
+    /// whose upload failed for good: later snapshots may be incremental against it).
     pub fn is_captured(&self) -> bool {
-        self.status == SnapshotStatus::Completed
-            || (self.status == SnapshotStatus::Pending && self.captured)
+        self.status == SnapshotStatus::Completed || self.captured
     }
 
     /// Whether a capture is still reading its volume.

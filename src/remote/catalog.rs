@@ -63,6 +63,7 @@ impl Foreign {
             error: None,
             captured: false,
             remote_root: Some(self.root_name.clone()),
+            reexamine: None,
         }
     }
 

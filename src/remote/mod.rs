@@ -343,28 +343,22 @@ impl RemoteStore {
         pack: u64,
         chunks: &[(ChunkHash, Codec, u32, Vec<u8>)],
     ) -> RemoteResult<Vec<RemoteChunk>> {
-        let name = self.names().pack(self.owner_key(), pack);
-        let mut bytes = Vec::with_capacity(chunks.iter().map(|c| c.3.len() + 64).sum());
-        let mut placed = Vec::with_capacity(chunks.len());
+        let mut builder = self.pack_builder(pack, chunks.iter().map(|c| c.3.len()).sum());
         for (hash, codec, plain_len, payload) in chunks {
-            let stored = match &self.crypto {
-                Some(crypto) => crypto.seal(payload),
-                None => payload.clone(),
-            };
-            placed.push(RemoteChunk {
-                hash: *hash,
-                pack: name.clone(),
-                offset: bytes.len() as u64,
-                stored_len: stored.len() as u32,
-                plain_len: *plain_len,
-                codec: *codec,
-            });
-            bytes.extend_from_slice(&stored);
+            builder.push(*hash, *codec, *plain_len, payload);
         }
-        self.bucket
-            .put_multipart(&name, bytes, PART_BYTES)
-            .map_err(self.err())?;
-        Ok(placed)
+        builder.finish()
+    }
+
+    /// A pack object being built in memory (one buffer: payloads are appended as
+    /// they are read), uploaded by [`PackBuilder::finish`].
+    pub fn pack_builder(&self, pack: u64, capacity: usize) -> PackBuilder<'_> {
+        PackBuilder {
+            store: self,
+            name: self.names().pack(self.owner_key(), pack),
+            bytes: Vec::with_capacity(capacity + capacity / 64),
+            placed: Vec::new(),
+        }
     }
 
     /// Reads, opens, decompresses and verifies chunks that lie back to back in one
@@ -448,6 +442,42 @@ impl RemoteStore {
     /// The lease this host last wrote.
     pub fn last_lease(&self) -> Option<Lease> {
         lock(&self.lease).as_ref().map(|(l, _)| l.clone())
+    }
+}
+
+/// See [`RemoteStore::pack_builder`].
+pub struct PackBuilder<'a> {
+    store: &'a RemoteStore,
+    name: String,
+    bytes: Vec<u8>,
+    placed: Vec<RemoteChunk>,
+}
+
+impl PackBuilder<'_> {
+    /// Appends a chunk's payload (sealed alone when the store is encrypted).
+    pub fn push(&mut self, hash: ChunkHash, codec: Codec, plain_len: u32, payload: &[u8]) {
+        let offset = self.bytes.len() as u64;
+        match &self.store.crypto {
+            Some(crypto) => self.bytes.extend_from_slice(&crypto.seal(payload)),
+            None => self.bytes.extend_from_slice(payload),
+        }
+        self.placed.push(RemoteChunk {
+            hash,
+            pack: self.name.clone(),
+            offset,
+            stored_len: (self.bytes.len() as u64 - offset) as u32,
+            plain_len,
+            codec,
+        });
+    }
+
+    /// Uploads the pack; returns where each chunk went.
+    pub fn finish(self) -> RemoteResult<Vec<RemoteChunk>> {
+        self.store
+            .bucket
+            .put_multipart(&self.name, self.bytes, PART_BYTES)
+            .map_err(self.store.err())?;
+        Ok(self.placed)
     }
 }
 

@@ -84,6 +84,7 @@ impl<S: Storage> SnapshotEngine<S> {
                 let id = c.next_snapshot_id()?;
                 let freeze = volume.freeze(id, rescan)?;
                 let size_bytes = freeze.size_bytes;
+                let reexamine = [freeze.reexamine.start, freeze.reexamine.end];
                 frozen = Some((id, freeze));
                 let record = SnapshotRecord {
                     id,
@@ -109,6 +110,7 @@ impl<S: Storage> SnapshotEngine<S> {
                     error: None,
                     captured: false,
                     remote_root: None,
+                    reexamine: Some(reexamine),
                 };
                 c.put_snapshot(record.clone())?;
                 Ok(record)

@@ -522,16 +522,22 @@ impl<S: Storage> SnapshotEngine<S> {
                             Err(_) => {}
                         }
                     }
-                    let state = lock(&up2.state);
-                    if state.stopped {
-                        return;
-                    }
-                    let (state, _) = up2
-                        .changed
-                        .wait_timeout(state, every)
-                        .unwrap_or_else(|p| p.into_inner());
-                    if state.stopped {
-                        return;
+                    // Other work wakes the same condition: wait out the period.
+                    let until = Instant::now() + every;
+                    let mut state = lock(&up2.state);
+                    loop {
+                        if state.stopped {
+                            return;
+                        }
+                        let left = until.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        state = up2
+                            .changed
+                            .wait_timeout(state, left)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
                     }
                 }
             });
@@ -668,12 +674,12 @@ impl<S: Storage> SnapshotEngine<S> {
         }
     }
 
-    /// A snapshot whose upload cannot succeed: `error`, its entries dropped.
+    /// A snapshot whose upload cannot succeed: `error`. Its entries stay (a later
+    /// snapshot of the volume may be incremental against them) until it is deleted.
     fn fail_upload(&self, id: SnapshotId, reason: &str) -> super::SnapshotResult<()> {
         let Some(record) = self.ns.view().snapshots.get(&id).cloned() else {
             return Ok(());
         };
-        self.drop_entries(record.lineage, id)?;
         self.clear_uploaded(id)
             .map_err(super::SnapshotError::from)?;
         self.finish_failed(
@@ -1000,20 +1006,16 @@ impl<S: Storage> SnapshotEngine<S> {
                 .iter()
                 .map(|pack| {
                     scope.spawn(move || -> UploadResult<Vec<RemoteChunk>> {
-                        let mut payloads: Vec<(
-                            ChunkHash,
-                            crate::store::codec::Codec,
-                            u32,
-                            Vec<u8>,
-                        )> = Vec::with_capacity(pack.len());
+                        let size = pack.iter().map(|(_, loc)| loc.stored_len as usize).sum();
+                        let mut builder =
+                            up.store.pack_builder(crate::namespace::random_u64(), size);
                         self.store
                             .read_payloads(pack, |i, payload| {
                                 let (hash, loc) = pack[i];
-                                payloads.push((hash, loc.codec, loc.plain_len, payload.to_vec()));
+                                builder.push(hash, loc.codec, loc.plain_len, payload);
                             })
                             .map_err(|e| UploadFailure::Fatal(e.to_string()))?;
-                        let number = crate::namespace::random_u64();
-                        Ok(up.store.put_pack(number, &payloads)?)
+                        Ok(builder.finish()?)
                     })
                 })
                 .collect();
