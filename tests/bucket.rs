@@ -81,16 +81,6 @@ fn wait_unlisted(fs: &Ebsfs, id: &str) {
     });
 }
 
-/// `cp snapshots/<id>/volume.img volumes/<name>.img` on `fs`, timed.
-fn cp_image(fs: &Ebsfs, id: &str, name: &str) {
-    let start = Instant::now();
-    run("cp", &[image(fs, id), fs.volume(name)]);
-    eprintln!(
-        "cp of {id} into volume {name}: {:.1} ms",
-        start.elapsed().as_secs_f64() * 1000.0
-    );
-}
-
 /// A string of a snapshot's `info`, panicking with the whole `info` if it is missing.
 fn info_text(fs: &Ebsfs, id: &str, key: &str) -> String {
     info_str(fs, id, key).unwrap_or_else(|| panic!("info of {id} has no {key}: {:?}", fs.info(id)))
@@ -203,15 +193,8 @@ fn a_snapshot_taken_on_one_host_is_read_and_cloned_on_another() {
     let mut a = host(&s3, s3.config(HOST_A));
     let mut b = host(&s3, s3.config(HOST_B).top("hydrate = false"));
 
-    let volume = a.volume("db");
-    run("truncate", &["-s256M", &path_str(&volume)]);
-    run("mkfs.ext4", &["-q", "-F", &path_str(&volume)]);
-    let dir = a.loop_mount(&volume, "db", "");
-    write_tree(&dir);
-    let files = tree_sums(&dir);
-    assert!(files.len() > 40, "tree written: {files:?}");
-    a.loop_unmount(&dir);
-    let volume_sum = sha256(&volume);
+    let files = ext4_volume_with_tree(&mut a, "db", "256M");
+    let volume_sum = sha256(&a.volume("db"));
     take_snapshot(&a, "db@one");
     assert_eq!(info_text(&a, "db@one", "host"), HOST_A);
     assert_eq!(info_text(&a, "db@one", "location"), "local+bucket");

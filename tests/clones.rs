@@ -24,18 +24,6 @@ const BLOCK: u64 = 64 * KIB;
 // Helpers.
 // ---------------------------------------------------------------------------------
 
-/// `cp snapshots/<id>/volume.img volumes/<name>.img`, timed.
-fn cp_image(fs: &Ebsfs, id: &str, name: &str) {
-    let start = Instant::now();
-    run("cp", &[image(fs, id), fs.volume(name)]);
-    let took = start.elapsed();
-    eprintln!(
-        "cp of {id} ({} MiB) into volume {name}: {:.1} ms",
-        fs::metadata(image(fs, id)).unwrap().len() / MIB,
-        took.as_secs_f64() * 1000.0
-    );
-}
-
 /// `ebsfs volume ARGS --mount MNT`.
 fn volume_cli(fs: &Ebsfs, args: &[&str]) -> std::process::Output {
     let mut all = vec!["volume"];
@@ -225,14 +213,7 @@ fn ext4_on_a_clone_is_writable_and_leaves_its_snapshot_untouched() {
         return;
     }
     let mut fs = Ebsfs::start();
-    let base = fs.volume("base");
-    run("truncate", &["-s1G", &path_str(&base)]);
-    run("mkfs.ext4", &["-q", "-F", &path_str(&base)]);
-    let dir = fs.loop_mount(&base, "base", "");
-    write_tree(&dir);
-    let original = tree_sums(&dir);
-    assert!(original.len() > 40, "tree written: {original:?}");
-    fs.loop_unmount(&dir);
+    let original = ext4_volume_with_tree(&mut fs, "base", "1G");
     take_snapshot(&fs, "base@fs");
     let snap_sum = sha256(&image(&fs, "base@fs"));
 

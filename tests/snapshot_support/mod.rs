@@ -393,3 +393,29 @@ pub fn write_tree(dir: &Path) {
     fs::create_dir_all(dir.join("empty/dir")).unwrap();
     fs::write(dir.join("small"), b"a small file\n").unwrap();
 }
+
+/// Volume `name` of `size` (as `truncate -s` takes it) formatted as ext4 and holding
+/// [`write_tree`]: the files' [`tree_sums`].
+pub fn ext4_volume_with_tree(fs: &mut Ebsfs, name: &str, size: &str) -> BTreeMap<String, String> {
+    let volume = fs.volume(name);
+    run("truncate", &[&format!("-s{size}"), &path_str(&volume)]);
+    run("mkfs.ext4", &["-q", "-F", &path_str(&volume)]);
+    let dir = fs.loop_mount(&volume, name, "");
+    write_tree(&dir);
+    let files = tree_sums(&dir);
+    assert!(files.len() > 40, "tree written: {files:?}");
+    fs.loop_unmount(&dir);
+    files
+}
+
+/// `cp snapshots/<id>/volume.img volumes/<name>.img`, timed.
+pub fn cp_image(fs: &Ebsfs, id: &str, name: &str) {
+    let start = Instant::now();
+    run("cp", &[image(fs, id), fs.volume(name)]);
+    let took = start.elapsed();
+    eprintln!(
+        "cp of {id} ({} MiB) into volume {name}: {:.1} ms",
+        fs::metadata(image(fs, id)).unwrap().len() / MIB,
+        took.as_secs_f64() * 1000.0
+    );
+}
