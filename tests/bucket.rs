@@ -15,7 +15,6 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::s3::{S3Server, StoreConfig};
@@ -166,15 +165,6 @@ fn wait_for_uploaded_packs(
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-fn read_range(path: &Path, offset: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    fs::File::open(path)
-        .unwrap()
-        .read_exact_at(&mut buf, offset)
-        .unwrap_or_else(|e| panic!("read {len} at {offset} of {}: {e}", path.display()));
-    buf
 }
 
 // ---------------------------------------------------------------------------------

@@ -51,15 +51,6 @@ fn write_synced(path: &Path, offset: u64, bytes: &[u8]) {
     file.sync_data().unwrap();
 }
 
-fn read_range(path: &Path, offset: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    fs::File::open(path)
-        .unwrap()
-        .read_exact_at(&mut buf, offset)
-        .unwrap_or_else(|e| panic!("read {len} at {offset} of {}: {e}", path.display()));
-    buf
-}
-
 /// Copies a snapshot image to a scratch file outside the mount (holes stay holes).
 fn scratch_copy(fs: &Ebsfs, id: &str, name: &str) -> PathBuf {
     let copy = fs.scratch(name);

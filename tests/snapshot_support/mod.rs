@@ -8,6 +8,7 @@ use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -418,4 +419,14 @@ pub fn cp_image(fs: &Ebsfs, id: &str, name: &str) {
         fs::metadata(image(fs, id)).unwrap().len() / MIB,
         took.as_secs_f64() * 1000.0
     );
+}
+
+/// `len` bytes of a file at `offset`.
+pub fn read_range(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut buf, offset)
+        .unwrap_or_else(|e| panic!("read {len} at {offset} of {}: {e}", path.display()));
+    buf
 }
