@@ -296,6 +296,23 @@ impl<S: Storage> FsCore<S> {
         }
     }
 
+    /// [`FsCore::getattr`] asked through open file `fh`: the image of a snapshot
+    /// deleted while open still has its attributes (the kernel asks for them when a
+    /// read reaches the end of the file).
+    pub fn getattr_open(&self, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
+        let found = self.getattr(ino);
+        let Err(FsError::NotFound(_)) = found else {
+            return found;
+        };
+        let record = match fh.and_then(|fh| self.handles.get(&fh).map(|h| h.clone())) {
+            Some(Handle::Image(image)) => (*image.record).clone(),
+            Some(Handle::Remote(image)) => image.record.clone(),
+            _ => return found,
+        };
+        let attr = snapshots::file_attr(&record, SnapshotFile::Image, record.size_bytes);
+        if attr.ino == ino { Ok(attr) } else { found }
+    }
+
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
         let shown = name.to_string_lossy();
         match Node::from_ino(parent) {

@@ -120,7 +120,10 @@ impl<S: Storage> FsCore<S> {
             } else {
                 "local"
             },
-            upload_error: up.and_then(|up| up.upload_error(record.id)),
+            // A completed snapshot has no upload to fail, whatever the last attempt said.
+            upload_error: up
+                .filter(|_| record.status == SnapshotStatus::Pending)
+                .and_then(|up| up.upload_error(record.id)),
         }
     }
 
@@ -186,35 +189,7 @@ impl<S: Storage> FsCore<S> {
             SnapshotFile::Changed if super::remote::is_foreign(id) || !record.is_captured() => 0,
             _ => self.snapshot_file_text(id, file)?.len() as u64,
         };
-        let time = record.completed.unwrap_or(record.created).to_system_time();
-        Ok(Attr {
-            ino: Node::SnapshotFile(id, file).ino(),
-            kind: FileKind::RegularFile,
-            size,
-            // The image's blocks are shared with other snapshots and volumes: it is
-            // counted at its full size (`stored_bytes` in `info` is what it added).
-            // That also tells `cp` it is not sparse, so that it copies with
-            // `copy_file_range`, which makes the copy by reference; `SEEK_HOLE` still
-            // finds the holes for the tools that ask.
-            blocks: if file == SnapshotFile::Image {
-                size.div_ceil(512)
-            } else {
-                0
-            },
-            // Owner-writable, so that a copy (`cp` copies the mode) is a writable
-            // volume; writes to the snapshot itself fail with EROFS.
-            perm: if file == SnapshotFile::Image {
-                0o644
-            } else {
-                0o444
-            },
-            nlink: 1,
-            uid: record.owner.uid,
-            gid: record.owner.gid,
-            atime: time,
-            mtime: time,
-            ctime: time,
-        })
+        Ok(file_attr(&record, file, size))
     }
 
     /// Current contents of `status`, `progress` or `info`.
@@ -528,6 +503,39 @@ impl<S: Storage> FsCore<S> {
             }
             Ok(())
         })
+    }
+}
+
+/// The attributes of file `file` of snapshot `record`, `size` bytes long.
+pub(super) fn file_attr(record: &SnapshotRecord, file: SnapshotFile, size: u64) -> Attr {
+    let time = record.completed.unwrap_or(record.created).to_system_time();
+    Attr {
+        ino: Node::SnapshotFile(record.id, file).ino(),
+        kind: FileKind::RegularFile,
+        size,
+        // The image's blocks are shared with other snapshots and volumes: it is
+        // counted at its full size (`stored_bytes` in `info` is what it added).
+        // That also tells `cp` it is not sparse, so that it copies with
+        // `copy_file_range`, which makes the copy by reference; `SEEK_HOLE` still
+        // finds the holes for the tools that ask.
+        blocks: if file == SnapshotFile::Image {
+            size.div_ceil(512)
+        } else {
+            0
+        },
+        // Owner-writable, so that a copy (`cp` copies the mode) is a writable
+        // volume; writes to the snapshot itself fail with EROFS.
+        perm: if file == SnapshotFile::Image {
+            0o644
+        } else {
+            0o444
+        },
+        nlink: 1,
+        uid: record.owner.uid,
+        gid: record.owner.gid,
+        atime: time,
+        mtime: time,
+        ctime: time,
     }
 }
 
