@@ -183,16 +183,32 @@ pub fn run<S: Storage>(
 
 /// Plans the re-examined blocks (see [`Freeze::plan_reexamine`]) and sets the
 /// progress total. Blocks an older snapshot holds data in are read whatever the live
-/// file looks like now: a hole there is a change to record.
+/// file looks like now: a hole there is a change to record; so are the blocks a
+/// volume made from a snapshot still reads from it.
 fn plan<S: Storage>(job: &CaptureJob<S>, ns: &Namespace) -> Result<(), SnapshotError> {
     let freeze = &job.freeze;
-    let older_data = if job.base.is_empty() || freeze.reexamine.is_empty() {
+    let mut older_data = if job.base.is_empty() || freeze.reexamine.is_empty() {
         Vec::new()
     } else {
         let txn = ns.read()?;
         let table = txn.open_table(MANIFEST).map_err(NamespaceError::from)?;
         manifest::nonzero_blocks(&table, &job.base, freeze.reexamine.clone())?
     };
+    // A volume made from a snapshot reads the blocks it does not hold yet from that
+    // snapshot: a hole in its data file there is not a block of zeros.
+    if !freeze.reexamine.is_empty()
+        && let Some(source) = job.volume.active_source()
+    {
+        let limit = freeze.reexamine.end.min(source.limit_blocks());
+        let from_source = source.blocks.data_blocks(limit).map_err(|e| {
+            SnapshotError::CaptureFailed(format!("listing the source snapshot's blocks: {e}"))
+        })?;
+        older_data.extend(
+            from_source
+                .into_iter()
+                .filter(|&b| freeze.reexamine.contains(&b) && !source.is_own(b)),
+        );
+    }
     let total = freeze
         .plan_reexamine(job.volume.data_file(), older_data)
         .map_err(|e| SnapshotError::CaptureFailed(format!("planning the capture: {e}")))?;
