@@ -1189,3 +1189,53 @@ fn changed_and_snapshot_diff_list_the_ranges_written_in_between() {
         describe_output(&out)
     );
 }
+
+/// A snapshot locked with `setfattr -n user.ebsfs.lock` (or `ebsfs snapshot lock`)
+/// cannot be removed by root before its time; the lock cannot be shortened or removed.
+#[test]
+fn a_locked_snapshot_cannot_be_removed_even_by_root() {
+    if !require_fuse() {
+        return;
+    }
+    let fs = Ebsfs::start();
+    let img = fs.volume("lk");
+    write_urandom(&img, 0, 2);
+    take_snapshot(&fs, "lk@kept");
+    take_snapshot(&fs, "lk@other");
+    let kept = fs.snapshot("lk@kept");
+    set_xattr(&kept, "user.ebsfs.lock", b"2200-01-01T00:00:00Z").unwrap();
+    assert_errno(
+        "rmdir of a locked snapshot",
+        fs::remove_dir(&kept),
+        libc::EPERM,
+    );
+    assert_errno(
+        "shortening a lock",
+        set_xattr(&kept, "user.ebsfs.lock", b"2199-01-01T00:00:00Z"),
+        libc::EPERM,
+    );
+    assert_eq!(
+        get_xattr(&kept, "user.ebsfs.lock").unwrap(),
+        b"2200-01-01T00:00:00.000Z"
+    );
+    let out = try_run(
+        BIN,
+        &[
+            "snapshot",
+            "lock",
+            "lk@other",
+            "--until",
+            "2200-06-01T00:00:00Z",
+            "--mount",
+            fs.mnt.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert_errno(
+        "rmdir of a snapshot locked by the CLI",
+        fs::remove_dir(fs.snapshot("lk@other")),
+        libc::EPERM,
+    );
+    assert!(kept.exists() && fs.snapshot("lk@other").exists());
+    assert_eq!(sha256(&image(&fs, "lk@kept")), sha256(&img));
+}

@@ -55,6 +55,17 @@ pub enum SnapshotCommand {
         #[command(flatten)]
         location: MountLocation,
     },
+    /// Lock a snapshot against deletion, by anyone (root included), until a time in
+    /// UTC (setfattr -n user.ebsfs.lock -v TIME snapshots/VOLUME@LABEL). A lock can be
+    /// extended, never shortened.
+    Lock {
+        id: String,
+        /// e.g. 2027-01-01T00:00:00Z
+        #[arg(long)]
+        until: String,
+        #[command(flatten)]
+        location: MountLocation,
+    },
     /// Byte ranges in which snapshot TO differs from FROM, an earlier snapshot it
     /// descends from: `OFFSET LENGTH` lines (bytes), or JSON with --json.
     Diff {
@@ -123,6 +134,33 @@ fn dispatch(cmd: SnapshotCommand) -> Result<(), Failure> {
                 ));
             }
             with_mount(&location, |mnt| delete(mnt, &id.to_string()))
+        }
+        SnapshotCommand::Lock {
+            id,
+            until,
+            location,
+        } => {
+            let id = parse_ref(&id)?.to_string();
+            with_mount(&location, |mnt| {
+                set_xattr(
+                    &snapshot_dir(mnt, &id),
+                    crate::snapshot::LOCK_XATTR,
+                    until.as_bytes(),
+                )
+                .map_err(|e| match e.raw_os_error() {
+                    Some(libc::EINVAL) => Failure(
+                        2,
+                        format!("{id}: --until takes a time in UTC such as 2027-01-01T00:00:00Z"),
+                    ),
+                    Some(libc::EPERM) => Failure(
+                        1,
+                        format!("{id}: not its owner, or already locked until later"),
+                    ),
+                    _ => Failure(1, explain(&e, &id)),
+                })?;
+                println!("{id} locked until {until}");
+                Ok(())
+            })
         }
         SnapshotCommand::Diff {
             from,

@@ -111,6 +111,7 @@ impl FsError {
                 SnapshotError::Exists(_) => libc::EEXIST,
                 SnapshotError::NotFound(_) | SnapshotError::NoVolume(_) => libc::ENOENT,
                 SnapshotError::Busy(_) => libc::EBUSY,
+                SnapshotError::Locked { .. } => libc::EPERM,
                 SnapshotError::NotReady(_) => libc::EAGAIN,
                 SnapshotError::Cancelled => libc::ECANCELED,
                 SnapshotError::Volume(v) => volume_errno(v),

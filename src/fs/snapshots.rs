@@ -24,7 +24,7 @@ use super::volumes::{apply_owner_change, volume_permits};
 use super::xattr::{self, XattrFlags, XattrName};
 use super::{Access, Attr, Caller, FileKind, FsCore, FsError, FsResult, SetAttr};
 use crate::names::SnapshotName;
-use crate::namespace::{Owner, SnapshotId, SnapshotRecord, SnapshotStatus};
+use crate::namespace::{Owner, SnapshotId, SnapshotRecord, SnapshotStatus, Timestamp};
 use crate::snapshot::diff;
 use crate::snapshot::read::OpenImage;
 use crate::storage::Storage;
@@ -64,6 +64,9 @@ struct Info<'a> {
     description: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
+    /// Until when it cannot be deleted (`user.ebsfs.lock`), while that is ahead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    locked_until: Option<String>,
     /// The host that took it.
     host: &'a str,
     /// `local` (in the data directory only), `local+bucket` (also in the bucket),
@@ -95,6 +98,7 @@ fn render_info(record: &SnapshotRecord, at: &Location) -> String {
         owner: record.owner.uid,
         description: &record.description,
         error: record.error.as_deref(),
+        locked_until: crate::snapshot::locked_until(record).map(|t| t.to_rfc3339()),
         host: &at.host,
         location: at.location,
         upload_error: at.upload_error.as_deref(),
@@ -489,6 +493,9 @@ impl<S: Storage> FsCore<S> {
                     "{what}: only its owner may change it"
                 )));
             }
+            if key == crate::snapshot::LOCK_XATTR {
+                return set_lock(record, value, flags, &what);
+            }
             match value {
                 Some(v) => xattr::set(&mut record.xattrs, key, v, flags, &what)?,
                 None if !record.xattrs.remove(key) => {
@@ -504,6 +511,55 @@ impl<S: Storage> FsCore<S> {
             Ok(())
         })
     }
+}
+
+/// Sets or removes a snapshot's deletion lock (see [`crate::snapshot::LOCK_XATTR`]).
+/// A lock in force can be extended, never shortened or removed, even by root.
+fn set_lock(
+    record: &mut SnapshotRecord,
+    value: Option<&[u8]>,
+    flags: XattrFlags,
+    what: &str,
+) -> FsResult<()> {
+    let key = crate::snapshot::LOCK_XATTR;
+    let current = crate::snapshot::locked_until(record);
+    let Some(value) = value else {
+        if let Some(until) = current {
+            return Err(FsError::NotPermitted(format!(
+                "{what} is locked until {}: the lock cannot be removed",
+                until.to_rfc3339()
+            )));
+        }
+        return if record.xattrs.remove(key) {
+            Ok(())
+        } else {
+            Err(FsError::NoAttribute(key.to_string()))
+        };
+    };
+    let until = std::str::from_utf8(value)
+        .ok()
+        .and_then(Timestamp::parse_rfc3339)
+        .ok_or_else(|| {
+            FsError::Invalid(format!(
+                "{key} takes a time in UTC such as 2027-01-01T00:00:00Z, before 2262-04-11, not {:?}",
+                String::from_utf8_lossy(value)
+            ))
+        })?;
+    if let Some(current) = current
+        && until < current
+    {
+        return Err(FsError::NotPermitted(format!(
+            "{what} is locked until {}: a lock can be extended, not shortened",
+            current.to_rfc3339()
+        )));
+    }
+    xattr::set(
+        &mut record.xattrs,
+        key,
+        until.to_rfc3339().as_bytes(),
+        flags,
+        what,
+    )
 }
 
 /// The attributes of file `file` of snapshot `record`, `size` bytes long.

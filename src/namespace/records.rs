@@ -66,6 +66,69 @@ impl Timestamp {
     }
 }
 
+impl Timestamp {
+    /// Parses RFC 3339 in UTC: `2027-01-01T00:00:00Z`, with optional fractional
+    /// seconds, `Z` or `+00:00`. `None` for anything else.
+    pub fn parse_rfc3339(text: &str) -> Option<Timestamp> {
+        let text = text.trim();
+        let body = text
+            .strip_suffix('Z')
+            .or_else(|| text.strip_suffix("+00:00"))?;
+        let (date, time) = body.split_once('T')?;
+        let mut d = date.split('-');
+        let (year, month, day): (i64, u32, u32) = (
+            d.next()?.parse().ok()?,
+            d.next()?.parse().ok()?,
+            d.next()?.parse().ok()?,
+        );
+        let (hms, fraction) = match time.split_once('.') {
+            Some((hms, f)) if !f.is_empty() && f.len() <= 9 => (hms, f),
+            Some(_) => return None,
+            None => (time, ""),
+        };
+        let mut t = hms.split(':');
+        let (hour, minute, second): (i64, i64, i64) = (
+            t.next()?.parse().ok()?,
+            t.next()?.parse().ok()?,
+            t.next()?.parse().ok()?,
+        );
+        if d.next().is_some()
+            || t.next().is_some()
+            || !(1..=12).contains(&month)
+            || day == 0
+            || hour > 23
+            || minute > 59
+            || second > 59
+        {
+            return None;
+        }
+        let days = days_from_civil(year, month, day);
+        if civil_from_days(days) != (year, month, day) {
+            return None; // 31 April and the like
+        }
+        let nanos: i64 = if fraction.is_empty() {
+            0
+        } else {
+            format!("{fraction:0<9}").parse().ok()?
+        };
+        let secs = days * 86_400 + hour * 3600 + minute * 60 + second;
+        secs.checked_mul(1_000_000_000)?
+            .checked_add(nanos)
+            .map(Timestamp)
+    }
+}
+
+/// (year, month, day) → days since 1970-01-01 (the inverse of [`civil_from_days`]).
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(month);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's method).
 fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
@@ -269,6 +332,34 @@ pub(super) fn decode_record<T: for<'de> Deserialize<'de>>(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn rfc3339_parses_back_what_it_prints_and_refuses_nonsense() {
+        for t in [0i64, 1_798_761_600_123_000_000, 951_782_400_000_000_000] {
+            let ts = Timestamp(t);
+            assert_eq!(Timestamp::parse_rfc3339(&ts.to_rfc3339()), Some(ts));
+        }
+        assert_eq!(
+            Timestamp::parse_rfc3339("2027-01-01T00:00:00Z"),
+            Some(Timestamp(1_798_761_600_000_000_000))
+        );
+        assert_eq!(
+            Timestamp::parse_rfc3339("2027-01-01T00:00:00+00:00"),
+            Timestamp::parse_rfc3339("2027-01-01T00:00:00.000Z")
+        );
+        for bad in [
+            "2027-01-01",
+            "2027-01-01T00:00:00",
+            "2027-13-01T00:00:00Z",
+            "2027-04-31T00:00:00Z",
+            "2027-01-01T24:00:00Z",
+            "2027-01-01T00:00:00+02:00",
+            "tomorrow",
+        ] {
+            assert_eq!(Timestamp::parse_rfc3339(bad), None, "{bad}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -440,6 +440,12 @@ impl<S: Storage> SnapshotEngine<S> {
                     Err(SnapshotError::NotFound(name.to_string()))
                 };
             };
+            if let Some(until) = super::locked_until(&record) {
+                return Err(SnapshotError::Locked {
+                    name: name.to_string(),
+                    until: until.to_rfc3339(),
+                });
+            }
             if !record.is_capturing() {
                 break (guard, id, record);
             }

@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::layout::Layout;
-use crate::namespace::{Namespace, NamespaceError, SnapshotId};
+use crate::namespace::{Namespace, NamespaceError, SnapshotId, Timestamp};
 use crate::storage::Storage;
 use crate::store::{ChunkStore, StoreError};
 use crate::volume::VolumeError;
@@ -46,6 +46,8 @@ pub enum SnapshotError {
     NotReady(String),
     #[error("capture cancelled")]
     Cancelled,
+    #[error("snapshot {name} is locked until {until}: it cannot be deleted before then")]
+    Locked { name: String, until: String },
     #[error("capture failed: {0}")]
     CaptureFailed(String),
     #[error(transparent)]
@@ -99,6 +101,17 @@ pub struct SnapshotEngine<S: Storage> {
 
 /// A capture not ended yet: its progress, and the freeze its pending image reads.
 type Running<S> = (Arc<CaptureProgress>, read::Frozen<S>);
+
+/// Extended attribute of a snapshot holding the time (RFC 3339, UTC) until which it
+/// cannot be deleted, by anyone: `setfattr -n user.ebsfs.lock -v 2027-01-01T00:00:00Z`.
+pub const LOCK_XATTR: &str = "user.ebsfs.lock";
+
+/// Until when `record` is locked against deletion, if it is now.
+pub fn locked_until(record: &crate::namespace::SnapshotRecord) -> Option<Timestamp> {
+    let text = record.xattrs.get(LOCK_XATTR)?;
+    let until = Timestamp::parse_rfc3339(std::str::from_utf8(&text).ok()?)?;
+    (until > Timestamp::now()).then_some(until)
+}
 
 /// What the settler thread waits for.
 #[derive(Default)]
