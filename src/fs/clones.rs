@@ -273,31 +273,11 @@ impl<S: Storage> FsCore<S> {
             return Ok(true);
         };
         let size = volume.size()?;
-        let limit = source.limit_blocks();
-        let data_blocks = source
-            .blocks
-            .data_blocks(limit)
-            .map_err(super::io_error("listing the blocks of a volume's snapshot"))?;
-        let missing = data_blocks.iter().filter(|&&b| !source.is_own(b));
-        for (done, &block) in missing.enumerate() {
-            if done >= budget || yield_now() {
-                return Ok(true);
-            }
-            source
-                .hydrate(volume.data_file(), block, size)
-                .map_err(super::io_error(format!(
-                    "hydrating block {block} of volume {}",
-                    volume.id
-                )))?;
-        }
-        // The rest reads zeros in the snapshot: marking them present copies nothing.
-        let mut word = 0;
-        while word * 64 < limit {
-            let (first, last) = (word * 64, (word * 64 + 63).min(limit - 1));
-            source
-                .mark_zero_blocks(first, last, &data_blocks)
-                .map_err(super::io_error(format!("hydrating volume {}", volume.id)))?;
-            word += 1;
+        let complete = source
+            .hydrate_some(volume.data_file(), size, budget, yield_now)
+            .map_err(super::io_error(format!("hydrating volume {}", volume.id)))?;
+        if !complete {
+            return Ok(true);
         }
         self.finish_hydration(&volume)?;
         Ok(true)

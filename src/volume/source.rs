@@ -27,6 +27,9 @@ use crate::sync::{Mutex, MutexGuard, lock};
 
 use super::dirty::DirtyMap;
 
+/// Blocks of the snapshot listed at a time by background hydration.
+pub const LIST_WINDOW: u64 = 16 * 1024;
+
 /// Locks over hydration; a block always uses the same one.
 const SHARDS: usize = 64;
 
@@ -136,9 +139,40 @@ impl<S: Storage> Source<S> {
         self.hydrate_locked(data, block, size_bytes)
     }
 
+    /// Background hydration: copies up to `budget` blocks still missing, stopping
+    /// early when `yield_now` says volume I/O wants the disk; once every data block
+    /// is present, marks the rest (zeros in the snapshot) present without copying.
+    /// Returns whether every block below the limit is present.
+    pub fn hydrate_some(
+        &self,
+        data: &S::File,
+        size_bytes: u64,
+        budget: usize,
+        yield_now: impl Fn() -> bool,
+    ) -> io::Result<bool> {
+        let limit = self.limit_blocks();
+        let data_blocks = self.blocks.data_blocks(limit)?;
+        let missing = data_blocks.iter().filter(|&&b| !self.is_own(b));
+        for (done, &block) in missing.enumerate() {
+            if done >= budget || yield_now() {
+                return Ok(false);
+            }
+            self.hydrate(data, block, size_bytes)?;
+        }
+        // The rest reads zeros in the snapshot: marking them present copies nothing.
+        let mut word = 0;
+        while word * 64 < limit {
+            let (first, last) = (word * 64, (word * 64 + 63).min(limit - 1));
+            self.mark_zero_blocks(first, last, &data_blocks)?;
+            word += 1;
+        }
+        let (present, total) = self.progress();
+        Ok(present >= total)
+    }
+
     /// Marks the blocks of `words` (64-block words) that are still missing and hold
     /// zeros in the snapshot as present, without copying anything.
-    pub fn mark_zero_blocks(&self, first: u64, last: u64, data_blocks: &[u64]) -> io::Result<()> {
+    fn mark_zero_blocks(&self, first: u64, last: u64, data_blocks: &[u64]) -> io::Result<()> {
         let (_guards, missing) = self.lock_missing(first, last);
         for block in missing {
             if data_blocks.binary_search(&block).is_err() {
