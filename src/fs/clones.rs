@@ -272,9 +272,8 @@ impl<S: Storage> FsCore<S> {
         let Some(source) = volume.active_source() else {
             return Ok(true);
         };
-        let size = volume.size()?;
         let complete = source
-            .hydrate_some(volume.data_file(), size, budget, yield_now)
+            .hydrate_some(volume.data_file(), budget, yield_now)
             .map_err(super::io_error(format!("hydrating volume {}", volume.id)))?;
         if !complete {
             return Ok(true);

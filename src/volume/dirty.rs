@@ -292,6 +292,11 @@ impl<S: Storage> DirtyMap<S> {
         self.bits.count_ones()
     }
 
+    /// Number of set blocks in `blocks`.
+    pub fn count_in(&self, blocks: std::ops::Range<u64>) -> u64 {
+        self.bits.count_in(blocks)
+    }
+
     /// Indices of the 64-block words with any block set, in order.
     pub fn nonzero_words(&self) -> Vec<usize> {
         self.bits.nonzero_words()

@@ -851,8 +851,8 @@ mod tests {
             Ok(())
         }
 
-        fn data_blocks(&self, limit: u64) -> io::Result<Vec<u64>> {
-            Ok((0..limit).filter(|&b| b != 3).collect())
+        fn data_blocks(&self, blocks: std::ops::Range<u64>) -> io::Result<Vec<u64>> {
+            Ok(blocks.filter(|&b| b != 3).collect())
         }
     }
 
@@ -952,6 +952,90 @@ mod tests {
         block[0] = b'a';
         assert_eq!(freeze.take(&v, 0).unwrap(), block);
     }
+
+    /// A snapshot whose every fifth block holds data (block `b` filled with `b % 251 +
+    /// 1`), the rest zeros; counts what `data_blocks` is asked and lists.
+    struct CountingSnapshot {
+        calls: std::sync::atomic::AtomicU64,
+        listed: std::sync::atomic::AtomicU64,
+    }
+
+    impl CountingSnapshot {
+        fn byte(block: u64) -> u8 {
+            if block.is_multiple_of(5) {
+                (block % 251) as u8 + 1
+            } else {
+                0
+            }
+        }
+    }
+
+    impl source::SnapshotBlocks for CountingSnapshot {
+        fn read_block(&self, block: u64, buf: &mut [u8]) -> io::Result<()> {
+            buf.fill(CountingSnapshot::byte(block));
+            Ok(())
+        }
+
+        fn data_blocks(&self, blocks: std::ops::Range<u64>) -> io::Result<Vec<u64>> {
+            let blocks: Vec<u64> = blocks.filter(|b| b.is_multiple_of(5)).collect();
+            self.calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.listed
+                .fetch_add(blocks.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(blocks)
+        }
+    }
+
+    #[test]
+    fn hydration_lists_each_block_of_the_snapshot_once() {
+        // Fault: every batch of 16 blocks listed all of the snapshot's data blocks
+        // again, so hydrating a copy took time quadratic in its size.
+        let (storage, layout) = setup();
+        let v = Volume::create(&storage, &layout, VolumeId(1), BS, 1 << 40).unwrap();
+        let blocks = 2 * source::LIST_WINDOW + 100;
+        v.set_size(blocks * BS).unwrap();
+        let present = DirtyMap::create(
+            &storage,
+            &layout.volume_file(VolumeId(1), VolumeFile::Present),
+            blocks * BS,
+        )
+        .unwrap();
+        let snapshot = Arc::new(CountingSnapshot {
+            calls: std::sync::atomic::AtomicU64::new(0),
+            listed: std::sync::atomic::AtomicU64::new(0),
+        });
+        v.reattach_source(Source::new(snapshot.clone(), present, BS))
+            .unwrap();
+        let source = v.active_source().unwrap();
+        let mut steps = 0;
+        while !source.hydrate_some(v.data_file(), 16, || false).unwrap() {
+            steps += 1;
+            assert!(steps < blocks, "hydration does not end");
+        }
+        let data_blocks = blocks.div_ceil(5);
+        assert!(steps >= data_blocks / 16, "{steps} steps of 16 blocks");
+        let listed = snapshot.listed.load(std::sync::atomic::Ordering::Relaxed);
+        let calls = snapshot.calls.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!(
+            "{data_blocks} data blocks in {blocks}: {calls} listings, {listed} blocks listed"
+        );
+        assert_eq!(listed, data_blocks, "blocks listed ({calls} listings)");
+        assert_eq!(calls, blocks.div_ceil(source::LIST_WINDOW), "listings");
+        assert_eq!(source.progress(), (blocks, blocks));
+        // Only the data blocks were copied, and they read back.
+        assert_eq!(v.allocated_bytes().unwrap(), data_blocks * BS);
+        let mut buf = vec![0u8; BS as usize];
+        for block in [0, 1, 5, LIST_WINDOW_LAST, blocks - 1] {
+            let block = block.min(blocks - 1);
+            v.data_file().read_at(&mut buf, block * BS).unwrap();
+            assert!(
+                buf.iter().all(|&b| b == CountingSnapshot::byte(block)),
+                "block {block} in the data file"
+            );
+        }
+    }
+
+    const LIST_WINDOW_LAST: u64 = source::LIST_WINDOW - 1;
 
     #[test]
     fn a_freeze_moves_the_map_aside_and_puts_a_fresh_one_in_place() {
