@@ -2,7 +2,8 @@
 //! image is an equal copy that costs no space, ext4 on a copy leaves its snapshot
 //! untouched, a copy outlives its source snapshot, a `kill -9` mid-hydration loses
 //! nothing, a copy's snapshots are incremental against its source, the CLI, holes in
-//! snapshot images, partial copies, and reads of a copy through a loop device.
+//! snapshot images, partial copies, reads of a copy through a loop device, and copies
+//! longer than one of the kernel's `copy_file_range` requests.
 //!
 //! Timings are printed, never asserted (machines are noisy).
 
@@ -1096,4 +1097,109 @@ fn an_unhydrated_clone_reads_the_snapshot_through_a_loop_device() {
          snapshot image {image_iops:.0} IOPS (clone/image {:.2})",
         clone_iops / image_iops
     );
+}
+
+// ---------------------------------------------------------------------------------
+// 10. Copies longer than one kernel request.
+// ---------------------------------------------------------------------------------
+
+/// Writes the file `data` (outside the mount) into `file` at byte `offset`.
+fn write_at_bytes(file: &Path, offset: u64, data: &Path) {
+    run(
+        "dd",
+        &[
+            format!("if={}", data.display()),
+            format!("of={}", file.display()),
+            "bs=1M".into(),
+            format!("seek={offset}"),
+            "oflag=seek_bytes".into(),
+            "conv=notrunc".into(),
+            "status=none".into(),
+        ],
+    );
+}
+
+/// `cp` of a snapshot image longer than two of the requests the kernel cuts a
+/// `copy_file_range` into (at most 4 GiB − 4 KiB each), and `ebsfs volume create
+/// --from` of it: equal copies, both made by reference, so the data directory grows
+/// by less than 1 MiB. The image is 9 GiB and 5000 bytes, mostly holes, with data at
+/// its start, across the end of the first request and at its very end.
+#[test]
+fn copies_longer_than_one_kernel_request_are_made_by_reference() {
+    if !require_fuse() {
+        return;
+    }
+    let fs = Ebsfs::start_with("hydrate = false\n");
+    let size = 9 * GIB + 5000;
+    // (offset, MiB of random data)
+    let data = [(0, 3), (4 * GIB - 2 * MIB, 4), (size - 3 * MIB, 3)];
+    let src = fs.volume("src");
+    let reference = fs.scratch("reference");
+    for file in [&src, &reference] {
+        run("truncate", &[format!("-s{size}"), path_str(file)]);
+    }
+    for (i, &(offset, mib)) in data.iter().enumerate() {
+        let piece = fs.scratch(&format!("piece-{i}"));
+        run(
+            "dd",
+            &[
+                "if=/dev/urandom".to_string(),
+                format!("of={}", piece.display()),
+                "bs=1M".into(),
+                format!("count={mib}"),
+                "status=none".into(),
+            ],
+        );
+        write_at_bytes(&src, offset, &piece);
+        write_at_bytes(&reference, offset, &piece);
+    }
+    let expected = sha256(&reference);
+    take_snapshot(&fs, "src@s");
+    assert_eq!(fs::metadata(image(&fs, "src@s")).unwrap().len(), size);
+
+    let du_before = du_bytes(&fs.data);
+    let start = Instant::now();
+    run("cp", &[image(&fs, "src@s"), fs.volume("copy")]);
+    let took = start.elapsed();
+    let grew = du_bytes(&fs.data).saturating_sub(du_before);
+    eprintln!(
+        "cp of a {size}-byte snapshot image: {:.1} ms, data directory grew by {grew} bytes",
+        took.as_secs_f64() * 1000.0
+    );
+    assert!(
+        grew < MIB,
+        "cp of the image: the data directory grew by {grew} bytes\n{}",
+        tail_lines(&fs.log(), 20)
+    );
+    let copy = fs.volume("copy");
+    assert_eq!(fs::metadata(&copy).unwrap().len(), size, "size of the copy");
+    assert_eq!(hydrated_percent(&copy), 0, "hydrated with hydrate = false");
+    assert_eq!(
+        sha256(&copy),
+        expected,
+        "the copy differs from the snapshot"
+    );
+
+    let du_before = du_bytes(&fs.data);
+    let start = Instant::now();
+    let out = volume_cli(&fs, &["create", "made", "--from", "src@s"]);
+    let took = start.elapsed();
+    assert!(
+        out.status.success(),
+        "volume create --from: {}",
+        describe_output(&out)
+    );
+    let grew = du_bytes(&fs.data).saturating_sub(du_before);
+    eprintln!(
+        "volume create --from the same snapshot: {:.1} ms, data directory grew by {grew} bytes",
+        took.as_secs_f64() * 1000.0
+    );
+    assert!(
+        grew < MIB,
+        "volume create --from: the data directory grew by {grew} bytes\n{}",
+        tail_lines(&fs.log(), 20)
+    );
+    let made = fs.volume("made");
+    assert_eq!(fs::metadata(&made).unwrap().len(), size, "size of made");
+    assert_eq!(sha256(&made), expected, "made differs from the snapshot");
 }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::{debug, info, warn};
 
 use super::{FsCore, FsError, FsResult, Handle, VolumeSlot};
 use crate::layout::VolumeFile;
@@ -121,7 +121,8 @@ impl<S: Storage> FsCore<S> {
     }
 
     /// Makes `[offset, offset + len)` of `volume` the snapshot's bytes by reference, if
-    /// the volume is blank or already a copy of that snapshot untouched in the range.
+    /// the volume is blank, already a copy of that snapshot untouched in the range, or
+    /// a copy of it that ends at `offset` (the kernel's next request of a long copy).
     /// `None`: not possible here, copy instead.
     fn share_blocks(
         &self,
@@ -150,7 +151,30 @@ impl<S: Storage> FsCore<S> {
                         && (offset / bs..end.div_ceil(bs)).all(|b| !source.is_own(b))
                 });
                 if !untouched {
-                    return Ok(None);
+                    // Past the copy's end: the part shared grows, up to a block
+                    // boundary as in the first request.
+                    if end < snapshot.size_bytes {
+                        end -= end % bs;
+                    }
+                    if end <= offset {
+                        return Ok(None);
+                    }
+                    let base_is_source = record.base_snapshot == Some(snapshot.id);
+                    let extended = volume.extend_copy(offset, end, base_is_source, || {
+                        self.ns.change(&guard, |c| -> FsResult<()> {
+                            let mut record = record.clone();
+                            record.hydrated = false;
+                            Ok(c.put_volume(record)?)
+                        })
+                    })?;
+                    if !extended {
+                        return Ok(None);
+                    }
+                    debug!(
+                        "volume {}: bytes {offset}..{end} shared with snapshot {} too",
+                        record.name,
+                        snapshot.name()
+                    );
                 }
             }
             Some(_) => return Ok(None),
@@ -171,10 +195,10 @@ impl<S: Storage> FsCore<S> {
                     return Ok(None);
                 }
                 let present_path = self.layout.volume_file(volume.id, VolumeFile::Present);
-                let present =
-                    DirtyMap::create(&self.storage, &present_path, snapshot.size_bytes).map_err(
-                        super::io_error(format!("creating {}", present_path.display())),
-                    )?;
+                // The source limit: the end of this request. The next one raises it.
+                let present = DirtyMap::create(&self.storage, &present_path, end).map_err(
+                    super::io_error(format!("creating {}", present_path.display())),
+                )?;
                 let point = SnapshotRef {
                     lineage: snapshot.lineage,
                     snapshot: snapshot.id,
@@ -185,7 +209,7 @@ impl<S: Storage> FsCore<S> {
                     bs,
                 ));
                 let source = Source::new(blocks, present, bs);
-                let converted = volume.become_copy_of(source, snapshot.size_bytes, || {
+                let converted = volume.become_copy_of(source, || {
                     self.ns.change(&guard, |c| -> FsResult<()> {
                         c.put_lineage_parent(volume.id, point)?;
                         let mut record = record.clone();
@@ -201,7 +225,8 @@ impl<S: Storage> FsCore<S> {
                     return Ok(None);
                 }
                 info!(
-                    "volume {} is now a copy of snapshot {} ({} bytes, shared, nothing copied)",
+                    "volume {} is now a copy of snapshot {} ({end} of its {} bytes so far, \
+                     shared, nothing copied)",
                     record.name,
                     snapshot.name(),
                     snapshot.size_bytes
@@ -272,28 +297,35 @@ impl<S: Storage> FsCore<S> {
         let Some(source) = volume.active_source() else {
             return Ok(true);
         };
+        let raises = source.raises();
         let complete = source
             .hydrate_some(volume.data_file(), budget, yield_now)
             .map_err(super::io_error(format!("hydrating volume {}", volume.id)))?;
         if !complete {
             return Ok(true);
         }
-        self.finish_hydration(&volume)?;
+        self.finish_hydration(&volume, raises)?;
         Ok(true)
     }
 
-    /// Records that a volume holds every block itself.
-    fn finish_hydration(&self, volume: &Arc<Volume<S>>) -> FsResult<()> {
+    /// Records that a volume holds every block itself, if it still does once the
+    /// blocks are synced and no copy request can raise its limit (under the
+    /// namespace lock): `raises` is how many times the limit had been raised when
+    /// hydration last found blocks missing.
+    fn finish_hydration(&self, volume: &Arc<Volume<S>>, raises: u64) -> FsResult<()> {
         let Some(source) = volume.active_source() else {
             return Ok(());
         };
-        let (present, total) = source.progress();
-        if present < total {
+        if !source.all_present() {
             return Ok(());
         }
         // The blocks must be durable before the record says the snapshot is not needed.
         volume.sync(true)?;
         let guard = self.ns.lock();
+        // A copy request may have raised the limit past blocks the sync did not see.
+        if source.raises() != raises || !source.all_present() {
+            return Ok(());
+        }
         let Some(mut record) = self.ns.view().volumes.get(&volume.id).cloned() else {
             return Ok(());
         };

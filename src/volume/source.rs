@@ -16,7 +16,20 @@
 //!   needed it is acknowledged only after the bit is in the map's file (the dirty
 //!   map's rule, for the same reason: see `dirty`);
 //! - hydrating a block and writing it are serialised by the block's lock, so a
-//!   hydration never overwrites a write, and two partial writes never both copy.
+//!   hydration never overwrites a write, and two partial writes never both copy;
+//! - in memory the limit never lies past the volume's size, and blocks past the
+//!   limit are never read from the snapshot: bytes the copy did not take from the
+//!   snapshot never show its data. In the file the limit may lie past the size after
+//!   a crash (see [`Volume::extend_copy`](super::Volume::extend_copy)); the next
+//!   open lowers it to the size.
+//!
+//! The limit falls with a shrink, and rises only when a copy by reference of the
+//! same snapshot continues past the volume's end ([`Volume::extend_copy`](super::Volume::extend_copy)):
+//! the kernel cuts one `copy_file_range` into requests of at most 4 GiB − 4 KiB, so
+//! a larger copy arrives as several. Everything that writes the data file or hydrates
+//! holds the *limit lock* shared; a resize and a rise hold it exclusively, so none of
+//! them sees the size and the limit change under it. Locks are taken in this order:
+//! the limit lock, blocks' hydration locks, the volume's freeze barrier.
 //!
 //! Background hydration walks the snapshot once, in windows of [`LIST_WINDOW`]
 //! blocks: it asks [`SnapshotBlocks::data_blocks`] for each window once, marks the
@@ -30,8 +43,10 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use crate::storage::{Storage, StorageFile};
-use crate::sync::atomic::{AtomicBool, Ordering};
-use crate::sync::{Mutex, MutexGuard, lock};
+use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use crate::sync::{
+    Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, lock, read, write,
+};
 
 use super::dirty::DirtyMap;
 
@@ -69,6 +84,12 @@ pub struct Source<S: Storage> {
     pub present: DirtyMap<S>,
     block_size: u64,
     locks: Vec<Mutex<()>>,
+    /// Shared by whatever writes the data file or hydrates, exclusive to resize the
+    /// volume or raise the limit (see the module documentation).
+    limit_lock: RwLock<()>,
+    /// Times the limit was raised: hydration that finds every block present checks
+    /// that none was raised since it last looked.
+    raises: AtomicU64,
     /// Every block below the limit is present: the snapshot is no longer read.
     hydrated: AtomicBool,
     /// Where background hydration stands.
@@ -94,6 +115,8 @@ impl<S: Storage> Source<S> {
             present,
             block_size,
             locks: (0..SHARDS).map(|_| Mutex::new(())).collect(),
+            limit_lock: RwLock::new(()),
+            raises: AtomicU64::new(0),
             hydrated: AtomicBool::new(false),
             cursor: Mutex::new(Cursor::default()),
         }
@@ -105,6 +128,32 @@ impl<S: Storage> Source<S> {
 
     pub fn set_hydrated(&self) {
         self.hydrated.store(true, Ordering::Release);
+    }
+
+    /// The volume reads blocks from the snapshot again (the limit is about to rise
+    /// past blocks it does not hold). Its record must say so first.
+    pub(super) fn clear_hydrated(&self) {
+        self.hydrated.store(false, Ordering::Release);
+    }
+
+    /// The limit lock, shared: the limit does not rise, nor does the volume's size
+    /// change by a resize, while it is held.
+    pub fn limit_shared(&self) -> RwLockReadGuard<'_, ()> {
+        read(&self.limit_lock)
+    }
+
+    /// The limit lock, exclusive: nothing writes the data file or hydrates.
+    pub(super) fn limit_exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        write(&self.limit_lock)
+    }
+
+    /// Times the limit was raised so far.
+    pub fn raises(&self) -> u64 {
+        self.raises.load(Ordering::Acquire)
+    }
+
+    pub(super) fn note_raised(&self) {
+        self.raises.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Blocks at or past this index never come from the snapshot.
@@ -147,7 +196,8 @@ impl<S: Storage> Source<S> {
     }
 
     /// Copies block `block`'s snapshot contents into `data` (up to `size_bytes`, the
-    /// volume's size) and marks it present. The caller holds the block's lock.
+    /// volume's size) and marks it present. The caller holds the limit lock (shared
+    /// or exclusive) and the block's lock.
     pub fn hydrate_locked(&self, data: &S::File, block: u64, size_bytes: u64) -> io::Result<()> {
         let start = block * self.block_size;
         let end = (start + self.block_size).min(size_bytes);
@@ -165,6 +215,7 @@ impl<S: Storage> Source<S> {
 
     /// Hydrates block `block` unless it is present (background hydration).
     pub fn hydrate(&self, data: &S::File, block: u64) -> io::Result<()> {
+        let _limit = self.limit_shared();
         let (_guards, missing) = self.lock_missing(block, block);
         if missing.is_empty() {
             return Ok(());
@@ -230,6 +281,7 @@ impl<S: Storage> Source<S> {
         let mut first = window.start;
         while first < window.end {
             let last = (first | 63).min(window.end - 1);
+            let _limit = self.limit_shared();
             let (_guards, missing) = self.lock_missing(first, last);
             let zero = missing
                 .into_iter()
