@@ -27,6 +27,7 @@ use log::{debug, info, warn};
 use super::{FsCore, FsError, FsResult, Handle, VolumeSlot};
 use crate::layout::VolumeFile;
 use crate::namespace::{Records, SnapshotRef, VolumeId, VolumeRecord};
+use crate::remote::reader::RemoteBlocks;
 use crate::snapshot::SnapshotEngine;
 use crate::snapshot::read::{ChainBlocks, OpenImage};
 use crate::storage::Storage;
@@ -52,12 +53,59 @@ pub(super) fn source_blocks<S: Storage>(
     if record.hydrated {
         return None;
     }
+    if let Some(parent) = view.remote_parents.get(&record.id) {
+        return Some(remote_source(engine, &parent.root));
+    }
     let parent = view.lineage_parents.get(&record.id)?;
     Some(Arc::new(ChainBlocks::new(
         engine.clone(),
         view.chain(parent.lineage, parent.snapshot),
         u64::from(record.block_size),
     )))
+}
+
+/// Whether `record`'s volume may become a copy of a snapshot by reference: made
+/// from no snapshot, never snapshotted, and of the snapshot's block size (whether
+/// it holds data, `Volume::become_copy_of` decides).
+pub(super) fn blank_copy_target(view: &Records, record: &VolumeRecord, block_size: u32) -> bool {
+    record.block_size == block_size
+        && view.lineage(record.id).next().is_none()
+        && !view.lineage_parents.contains_key(&record.id)
+        && !view.remote_parents.contains_key(&record.id)
+}
+
+/// The blocks of the snapshot in the bucket a volume was made from. If its root
+/// cannot be read now, the volume still opens: its blocks not hydrated yet read as
+/// errors (`EIO`, logged) until a restart finds the root again.
+fn remote_source<S: Storage>(
+    engine: &Arc<SnapshotEngine<S>>,
+    root: &str,
+) -> Arc<dyn SnapshotBlocks> {
+    let Some(up) = engine.uploader() else {
+        return Arc::new(Unreadable(format!(
+            "it was made from snapshot {root} in a bucket, and no [store] is configured"
+        )));
+    };
+    match RemoteBlocks::open(up.store.clone(), root) {
+        Ok(blocks) => Arc::new(blocks),
+        Err(e) => {
+            log::error!("the snapshot a volume was made from cannot be read: {e}");
+            Arc::new(Unreadable(e.to_string()))
+        }
+    }
+}
+
+/// A source that cannot be read: every block fails with the reason.
+struct Unreadable(String);
+
+impl SnapshotBlocks for Unreadable {
+    fn read_block(&self, _block: u64, _buf: &mut [u8]) -> std::io::Result<()> {
+        Err(std::io::Error::other(self.0.clone()))
+    }
+
+    fn data_blocks(&self, _blocks: std::ops::Range<u64>) -> std::io::Result<Vec<u64>> {
+        Err(std::io::Error::other(self.0.clone()))
+    }
 }
 
 impl<S: Storage> FsCore<S> {
@@ -84,6 +132,12 @@ impl<S: Storage> FsCore<S> {
         {
             return Ok(shared);
         }
+        if let Handle::Remote(image) = &source
+            && offset_in == offset_out
+            && let Some(shared) = self.share_remote_blocks(&volume, image, offset_out, len)?
+        {
+            return Ok(shared);
+        }
         self.copy_bytes(&source, offset_in, &volume, offset_out, len)
     }
 
@@ -103,6 +157,7 @@ impl<S: Storage> FsCore<S> {
             let at = offset_in + done;
             let n = match source {
                 Handle::Image(image) => image.read(&mut buf[..want], at)?,
+                Handle::Remote(image) => image.read(&mut buf[..want], at)?,
                 Handle::Volume(v) => v.read_at(&mut buf[..want], at)?,
                 Handle::Text(text) => {
                     let start = (at as usize).min(text.len());
@@ -179,8 +234,7 @@ impl<S: Storage> FsCore<S> {
             }
             Some(_) => return Ok(None),
             None => {
-                let never_snapshotted = view.lineage(volume.id).next().is_none();
-                if record.block_size != snapshot.block_size || !never_snapshotted {
+                if !blank_copy_target(&view, &record, snapshot.block_size) {
                     return Ok(None);
                 }
                 // The volume reads whole blocks from the snapshot, from the first on:
@@ -245,15 +299,21 @@ impl<S: Storage> FsCore<S> {
     /// snapshot: the snapshot's name and how much the volume holds itself.
     pub(super) fn copy_info(&self, id: VolumeId) -> Option<(String, String)> {
         let view = self.ns.view();
-        let parent = view.lineage_parents.get(&id)?;
-        let source = view
-            .snapshots
-            .get(&parent.snapshot)
-            .filter(|s| !s.hidden)
-            .map_or_else(
-                || format!("(deleted snapshot {})", parent.snapshot),
-                |s| s.name(),
-            );
+        let source = view.remote_parents.get(&id).map(|r| r.name.clone());
+        let parent = match source {
+            Some(_) => None,
+            None => Some(*view.lineage_parents.get(&id)?),
+        };
+        let source = source.unwrap_or_else(|| {
+            let parent = parent.expect("local parent");
+            view.snapshots
+                .get(&parent.snapshot)
+                .filter(|s| !s.hidden)
+                .map_or_else(
+                    || format!("(deleted snapshot {})", parent.snapshot),
+                    |s| s.name(),
+                )
+        });
         let record = view.volumes.get(&id)?;
         let percent = if record.hydrated {
             100

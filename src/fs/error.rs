@@ -64,6 +64,9 @@ pub enum FsError {
     Format(#[from] FormatError),
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
+    /// The snapshot store (bucket) failed or refused.
+    #[error(transparent)]
+    Remote(#[from] crate::remote::RemoteError),
     #[error("data directory {data_dir} is in use by another ebsfs ({holder})")]
     DataDirInUse { data_dir: String, holder: String },
     /// The data directory holds data but its metadata database is gone or empty.
@@ -119,6 +122,7 @@ impl FsError {
             FsError::Namespace(_) | FsError::Format(_) | FsError::DatabaseLost { .. } => libc::EIO,
             FsError::Io { source, .. } => io_errno(source),
             FsError::DataDirInUse { .. } => libc::EBUSY,
+            FsError::Remote(_) => libc::EIO,
         }
     }
 

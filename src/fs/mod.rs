@@ -13,6 +13,7 @@ mod clones;
 pub mod error;
 pub mod inode;
 mod recovery;
+pub mod remote;
 mod snapshots;
 mod startup;
 mod volumes;
@@ -104,6 +105,8 @@ enum Handle<S: Storage> {
     Volume(Arc<Volume<S>>),
     Text(Arc<[u8]>),
     Image(Arc<OpenImage<S>>),
+    /// Another host's snapshot image, read from the bucket.
+    Remote(Arc<remote::RemoteImage>),
 }
 
 impl<S: Storage> Clone for Handle<S> {
@@ -112,6 +115,7 @@ impl<S: Storage> Clone for Handle<S> {
             Handle::Volume(v) => Handle::Volume(v.clone()),
             Handle::Text(t) => Handle::Text(t.clone()),
             Handle::Image(i) => Handle::Image(i.clone()),
+            Handle::Remote(i) => Handle::Remote(i.clone()),
         }
     }
 }
@@ -171,7 +175,24 @@ impl<S: Storage> FsCore<S> {
     /// Opens (or initialises) the data directory `settings.data_dir` in `storage`
     /// and recovers from any crash. See [`startup`] for what start-up checks.
     pub fn start(settings: Settings, storage: S, scheduling: Scheduling) -> FsResult<FsCore<S>> {
-        let opened = startup::open(&settings, &storage, scheduling)?;
+        let remote = match &settings.store {
+            Some(store) => Some(Arc::new(
+                crate::remote::RemoteStore::connect(store, &settings.host_id)
+                    .map_err(FsError::Remote)?,
+            )),
+            None => None,
+        };
+        FsCore::start_with_store(settings, storage, scheduling, remote)
+    }
+
+    /// [`FsCore::start`] with the snapshot store given (tests use an in-memory one).
+    pub fn start_with_store(
+        settings: Settings,
+        storage: S,
+        scheduling: Scheduling,
+        remote: Option<Arc<crate::remote::RemoteStore>>,
+    ) -> FsResult<FsCore<S>> {
+        let opened = startup::open(&settings, &storage, scheduling, remote)?;
         // SAFETY: geteuid/getegid only read process credentials.
         let owner_ids = unsafe { (libc::geteuid(), libc::getegid()) };
         Ok(FsCore {
@@ -229,6 +250,7 @@ impl<S: Storage> FsCore<S> {
         }
         self.hydrate_signal.stop();
         self.engine.wait_all();
+        self.engine.stop_remote_worker();
         self.engine.stop_settler();
         for slot in self.volumes.iter() {
             if let VolumeSlot::Live(volume) = slot.value()
@@ -317,6 +339,11 @@ impl<S: Storage> FsCore<S> {
                     view.visible_snapshots()
                         .map(|s| dir(Node::SnapshotDir(s.id).ino(), &s.name())),
                 );
+                entries.extend(
+                    self.foreign_list()
+                        .iter()
+                        .map(|f| dir(Node::SnapshotDir(f.id).ino(), &f.name)),
+                );
             }
             Some(Node::SnapshotDir(id)) => {
                 self.snapshot_record(id)?;
@@ -379,6 +406,13 @@ impl<S: Storage> FsCore<S> {
                     return Err(FsError::ReadOnly(format!("snapshot file {}", file.name())));
                 }
                 match file {
+                    SnapshotFile::Image if remote::is_foreign(id) => {
+                        let image = self.open_remote_image(id)?;
+                        Ok((
+                            self.add_handle(Handle::Remote(Arc::new(image))),
+                            OpenMode::Image,
+                        ))
+                    }
                     SnapshotFile::Image => {
                         let image = self.open_image(id)?;
                         Ok((
@@ -412,6 +446,7 @@ impl<S: Storage> FsCore<S> {
                 n
             }
             Some(Handle::Image(image)) => image.read(buf, offset)?,
+            Some(Handle::Remote(image)) => image.read(buf, offset)?,
             None => match Node::from_ino(ino) {
                 Some(Node::Volume(id)) => self.live_volume(id)?.read_at(buf, offset)?,
                 _ => {

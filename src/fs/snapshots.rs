@@ -63,9 +63,23 @@ struct Info<'a> {
     description: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
+    /// The host that took it.
+    host: &'a str,
+    /// `local` (in the data directory only), `local+bucket` (also in the bucket),
+    /// `bucket` (another host's, read from the bucket).
+    location: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upload_error: Option<&'a str>,
 }
 
-fn render_info(record: &SnapshotRecord) -> String {
+/// Where a snapshot lives, for `info`.
+pub(super) struct Location {
+    pub host: String,
+    pub location: &'static str,
+    pub upload_error: Option<String>,
+}
+
+fn render_info(record: &SnapshotRecord, at: &Location) -> String {
     let info = Info {
         id: record.id,
         volume: &record.volume,
@@ -80,13 +94,43 @@ fn render_info(record: &SnapshotRecord) -> String {
         owner: record.owner.uid,
         description: &record.description,
         error: record.error.as_deref(),
+        host: &at.host,
+        location: at.location,
+        upload_error: at.upload_error.as_deref(),
     };
     toml::to_string(&info).unwrap_or_else(|e| format!("error = \"cannot render info: {e}\"\n"))
 }
 
 impl<S: Storage> FsCore<S> {
+    /// Which host a snapshot belongs to and where it is kept.
+    pub(super) fn location(&self, record: &SnapshotRecord) -> Location {
+        if let Some(foreign) = self.foreign(record.id) {
+            return Location {
+                host: foreign.host().to_string(),
+                location: "bucket",
+                upload_error: None,
+            };
+        }
+        let up = self.uploader();
+        Location {
+            host: self.settings.host_id.clone(),
+            location: if record.remote_root.is_some() {
+                "local+bucket"
+            } else {
+                "local"
+            },
+            upload_error: up.and_then(|up| up.upload_error(record.id)),
+        }
+    }
+
     /// A visible snapshot's record.
     pub(super) fn snapshot_record(&self, id: SnapshotId) -> FsResult<SnapshotRecord> {
+        if super::remote::is_foreign(id) {
+            return self
+                .foreign(id)
+                .map(|f| f.record())
+                .ok_or_else(|| FsError::NotFound(format!("snapshot {id}")));
+        }
         self.ns
             .view()
             .snapshots
@@ -100,7 +144,12 @@ impl<S: Storage> FsCore<S> {
         let shown = name.to_string_lossy().into_owned();
         let id = name
             .to_str()
-            .and_then(|n| self.ns.view().snapshot_id(n))
+            .and_then(|n| {
+                self.ns
+                    .view()
+                    .snapshot_id(n)
+                    .or_else(|| Some(self.foreign_by_name(n)?.id))
+            })
             .ok_or(FsError::NotFound(shown))?;
         self.snapshot_dir_attr(id)
     }
@@ -174,13 +223,17 @@ impl<S: Storage> FsCore<S> {
         let text = match file {
             SnapshotFile::Status => format!("{}\n", record.status.as_str()),
             SnapshotFile::Progress => {
-                let percent = match record.status {
-                    SnapshotStatus::Completed => 100,
-                    _ => self.engine.progress(id).map_or(0, |p| p.percent()),
+                let uploading = self.uploader().map(|up| up.upload_percent(id));
+                let percent = match (record.status, uploading) {
+                    (SnapshotStatus::Completed, _) => 100,
+                    // With a store, capturing is the first half and uploading the second.
+                    (_, Some(upload)) if record.captured => 50 + upload.unwrap_or(0) / 2,
+                    (_, Some(_)) => self.engine.progress(id).map_or(0, |p| p.percent()) / 2,
+                    (_, None) => self.engine.progress(id).map_or(0, |p| p.percent()),
                 };
                 format!("{percent}%\n")
             }
-            SnapshotFile::Info => render_info(&record),
+            SnapshotFile::Info => render_info(&record, &self.location(&record)),
             SnapshotFile::Image => {
                 return Err(FsError::Invalid("volume.img is not a text file".into()));
             }
@@ -249,6 +302,9 @@ impl<S: Storage> FsCore<S> {
         let text = name
             .to_str()
             .ok_or(FsError::Name(crate::names::NameError::NotUtf8))?;
+        if let Some(foreign) = self.foreign_by_name(text) {
+            self.refuse_foreign(foreign.id, "delete")?;
+        }
         let id = self
             .ns
             .view()
@@ -320,10 +376,17 @@ impl<S: Storage> FsCore<S> {
         id: SnapshotId,
         change: impl FnOnce(&mut SnapshotRecord) -> FsResult<()>,
     ) -> FsResult<()> {
+        self.refuse_foreign(id, "change")?;
         let guard = self.ns.lock();
         let mut record = self.snapshot_record(id)?;
         change(&mut record)?;
+        let uploaded = record.remote_root.is_some();
         self.ns.change(&guard, |c| c.put_snapshot(record))?;
+        drop(guard);
+        if uploaded {
+            // Other hosts see the new sharing once its `meta` object is rewritten.
+            self.engine.meta_due(id);
+        }
         Ok(())
     }
 
@@ -656,8 +719,18 @@ mod tests {
             description: "weekly \"full\"".into(),
             xattrs: Xattrs::default(),
             error: Some("disk full".into()),
+            captured: false,
+            remote_root: None,
+            reexamine: None,
         };
-        let text = render_info(&record);
+        let text = render_info(
+            &record,
+            &Location {
+                host: "h1".into(),
+                location: "local",
+                upload_error: None,
+            },
+        );
         let parsed: toml::Table = toml::from_str(&text).unwrap();
         for key in [
             "volume",

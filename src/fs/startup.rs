@@ -27,6 +27,8 @@ use crate::config::Settings;
 use crate::layout::{ClaimError, Layout, VolumeFile, parse_volume_file};
 use crate::namespace::tables::NEXT_VOLUME_ID;
 use crate::namespace::{Namespace, NamespaceError, VolumeId, VolumeRecord};
+use crate::remote::RemoteStore;
+use crate::snapshot::upload::Uploader;
 use crate::snapshot::{Scheduling, SnapshotEngine};
 use crate::storage::Storage;
 use crate::store::ChunkStore;
@@ -46,6 +48,7 @@ pub(super) fn open<S: Storage>(
     settings: &Settings,
     storage: &S,
     scheduling: Scheduling,
+    remote: Option<Arc<RemoteStore>>,
 ) -> FsResult<Opened<S>> {
     let layout = Layout::new(settings.data_dir.clone());
     storage
@@ -69,6 +72,13 @@ pub(super) fn open<S: Storage>(
         settings.compression_level,
         settings.cache_size_bytes,
     )?);
+    let uploader = match remote {
+        Some(remote) => {
+            remote.set_instance(ns.instance()?);
+            Some(Arc::new(Uploader::new(remote)))
+        }
+        None => None,
+    };
     let engine = Arc::new(SnapshotEngine::new(
         storage,
         &layout,
@@ -76,6 +86,7 @@ pub(super) fn open<S: Storage>(
         store.clone(),
         settings.capture_threads,
         scheduling,
+        uploader,
     ));
     let host_crash = session.last_stop == LastStop::HostCrash;
     let mut volumes = HashMap::new();
@@ -98,6 +109,9 @@ pub(super) fn open<S: Storage>(
         .collect();
     engine.recover(&live)?;
     recovery::after_crash(&session, &ns, &store)?;
+    engine.resume_uploads().map_err(FsError::Remote)?;
+    engine.start_remote_worker();
+    engine.start_catalog_poller();
     if !swept.is_empty() {
         let guard = ns.lock();
         ns.change(&guard, |c| c.forget_deleted_volumes(&swept))?;

@@ -224,6 +224,15 @@ impl<S: Storage> FsCore<S> {
                 _ => Err(FsError::Invalid(format!("lseek whence {whence}"))),
             };
         }
+        if let Some(Handle::Remote(image)) = self.handles.get(&fh).map(|h| h.clone()) {
+            let size = image.blocks.size_bytes();
+            let found = match whence {
+                libc::SEEK_DATA => image.seek(offset, true)?,
+                libc::SEEK_HOLE => image.seek(offset, false)?,
+                _ => return Err(FsError::Invalid(format!("lseek whence {whence}"))),
+            };
+            return found.ok_or_else(|| past_end(size));
+        }
         if let Some(Handle::Image(image)) = self.handles.get(&fh).map(|h| h.clone()) {
             let size = image.record.size_bytes;
             let found = match whence {

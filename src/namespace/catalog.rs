@@ -17,6 +17,16 @@ pub struct SnapshotRef {
     pub snapshot: SnapshotId,
 }
 
+/// The snapshot in the bucket a volume was made from: it reads, for every block it
+/// does not hold itself, what that snapshot holds.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RemoteParent {
+    /// The root object's name.
+    pub root: String,
+    /// The name it was shown as (`<volume>@<label>@<host>`).
+    pub name: String,
+}
+
 /// Where to look for a block, in order: each lineage up to a snapshot, falling back
 /// to the next when it has no entry for the block (see `snapshot::manifest`).
 pub type Chain = Vec<SnapshotRef>;
@@ -27,6 +37,8 @@ pub struct Records {
     pub snapshots: BTreeMap<SnapshotId, SnapshotRecord>,
     /// Lineages made from a snapshot (volumes from snapshots) → that snapshot.
     pub lineage_parents: BTreeMap<VolumeId, SnapshotRef>,
+    /// Volumes made from a snapshot in the bucket → that snapshot.
+    pub remote_parents: BTreeMap<VolumeId, RemoteParent>,
     volume_names: HashMap<String, VolumeId>,
     snapshot_names: HashMap<String, SnapshotId>,
 }
@@ -36,9 +48,11 @@ impl Records {
         volumes: Vec<VolumeRecord>,
         snapshots: Vec<SnapshotRecord>,
         lineage_parents: BTreeMap<VolumeId, SnapshotRef>,
+        remote_parents: BTreeMap<VolumeId, RemoteParent>,
     ) -> Records {
         let mut records = Records {
             lineage_parents,
+            remote_parents,
             ..Records::default()
         };
         for v in volumes {
@@ -158,9 +172,9 @@ impl Records {
             .any(|(&child, &parent)| parent == point && self.lineage_alive(child))
     }
 
-    /// The snapshot of `lineage` being captured, if any.
+    /// The snapshot of `lineage` being captured, if any (one captured and still
+    /// uploading does not count).
     pub fn pending_in(&self, lineage: VolumeId) -> Option<&SnapshotRecord> {
-        self.lineage(lineage)
-            .find(|s| s.status == SnapshotStatus::Pending)
+        self.lineage(lineage).find(|s| s.is_capturing())
     }
 }

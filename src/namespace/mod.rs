@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, WriteTransaction};
 
 use crate::storage::Storage;
-pub use catalog::{Chain, Records, SnapshotRef};
+pub use catalog::{Chain, Records, RemoteParent, SnapshotRef};
 pub use records::{
     Owner, SnapshotId, SnapshotRecord, SnapshotStatus, Timestamp, VolumeId, VolumeRecord, Xattrs,
 };
@@ -119,6 +119,7 @@ impl Namespace {
             storage.sync_dir(crate::storage::parent_of(path))?;
         }
         check_schema(&db)?;
+        upgrade_schema(&db)?;
         let records = load_records(&db)?;
         Ok(Namespace {
             db,
@@ -203,6 +204,13 @@ impl Namespace {
         Ok(out)
     }
 
+    /// This database's instance number (see `tables`).
+    pub fn instance(&self) -> NsResult<u64> {
+        let txn = self.read()?;
+        let table = txn.open_table(FORMAT)?;
+        Ok(table.get(INSTANCE_KEY)?.map_or(0, |v| v.value()))
+    }
+
     /// The next id a counter will hand out (ids at or past it were never committed).
     pub fn next_id(&self, counter: &str) -> NsResult<u64> {
         let txn = self.read()?;
@@ -226,7 +234,45 @@ fn init_schema(db: &Database) -> NsResult<()> {
         txn.open_table(LINEAGE_PARENTS)?;
     }
     txn.commit()?;
+    upgrade_schema(db)
+}
+
+/// Brings a database of an older schema to [`SCHEMA_VERSION`] in one transaction
+/// (a crash leaves it as it was): version 2 added the snapshot store's tables and the
+/// instance number.
+fn upgrade_schema(db: &Database) -> NsResult<()> {
+    let txn = db.begin_write()?;
+    {
+        let mut format = txn.open_table(FORMAT)?;
+        let version = format.get(SCHEMA_KEY)?.map_or(0, |v| v.value());
+        let instance = format.get(INSTANCE_KEY)?.map(|v| v.value());
+        if version >= SCHEMA_VERSION && instance.is_some() {
+            return Ok(());
+        }
+        txn.open_table(REMOTE_PARENTS)?;
+        txn.open_table(UPLOADED)?;
+        txn.open_table(TOMBSTONES_DUE)?;
+        if instance.is_none() {
+            format.insert(INSTANCE_KEY, random_u64())?;
+        }
+        format.insert(SCHEMA_KEY, SCHEMA_VERSION)?;
+    }
+    txn.commit()?;
     Ok(())
+}
+
+/// A random number from the kernel (`getrandom(2)`), else from the clock and pid.
+pub fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
+    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if got == bytes.len() as isize {
+        return u64::from_le_bytes(bytes);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    now.as_nanos() as u64 ^ (u64::from(std::process::id()) << 32)
 }
 
 fn check_schema(db: &Database) -> NsResult<()> {
@@ -276,7 +322,18 @@ fn load_records(db: &Database) -> NsResult<Records> {
             },
         );
     }
-    Ok(Records::new(volumes, snapshots, parents))
+    let mut remote_parents = std::collections::BTreeMap::new();
+    for row in txn.open_table(REMOTE_PARENTS)?.range::<u64>(..)? {
+        let (child, text) = row?;
+        remote_parents.insert(
+            VolumeId(child.value()),
+            decode_record(
+                &format!("remote parent of volume {}", child.value()),
+                text.value(),
+            )?,
+        );
+    }
+    Ok(Records::new(volumes, snapshots, parents, remote_parents))
 }
 
 fn next_counter(txn: &WriteTransaction, name: &str) -> NsResult<u64> {
@@ -366,6 +423,22 @@ impl Change<'_> {
             .open_table(LINEAGE_PARENTS)?
             .insert(child.0, (parent.lineage.0, parent.snapshot.0))?;
         self.staged().lineage_parents.insert(child, parent);
+        Ok(())
+    }
+
+    /// Records that volume `child` was made from a snapshot in the bucket.
+    pub fn put_remote_parent(&mut self, child: VolumeId, parent: RemoteParent) -> NsResult<()> {
+        self.txn
+            .open_table(REMOTE_PARENTS)?
+            .insert(child.0, encode_record(&parent).as_str())?;
+        self.staged().remote_parents.insert(child, parent);
+        Ok(())
+    }
+
+    /// Forgets volume `child`'s snapshot in the bucket.
+    pub fn remove_remote_parent(&mut self, child: VolumeId) -> NsResult<()> {
+        self.txn.open_table(REMOTE_PARENTS)?.remove(child.0)?;
+        self.staged().remote_parents.remove(&child);
         Ok(())
     }
 

@@ -222,11 +222,33 @@ pub struct SnapshotRecord {
     #[serde(default)]
     pub xattrs: Xattrs,
     pub error: Option<String>,
+    /// With a snapshot store: the capture is durable in the data directory and the
+    /// snapshot stays `pending` only until its upload completes.
+    #[serde(default)]
+    pub captured: bool,
+    /// With a snapshot store: the name of its root in the bucket, once uploaded.
+    #[serde(default)]
+    pub remote_root: Option<String>,
+    /// While captured: the blocks its capture re-examines besides its capture set
+    /// (`[start, end)`), so that a capture a restart interrupted resumes alike.
+    #[serde(default)]
+    pub reexamine: Option<[u64; 2]>,
 }
 
 impl SnapshotRecord {
     pub fn name(&self) -> String {
         format!("{}@{}", self.volume, self.label)
+    }
+
+    /// Whether its manifest entries are final: completed, or captured (uploading, or
+    /// whose upload failed for good: later snapshots may be incremental against it).
+    pub fn is_captured(&self) -> bool {
+        self.status == SnapshotStatus::Completed || self.captured
+    }
+
+    /// Whether a capture is still reading its volume.
+    pub fn is_capturing(&self) -> bool {
+        self.status == SnapshotStatus::Pending && !self.captured
     }
 }
 

@@ -15,14 +15,26 @@
 //! - `lineage_parents`: lineage id → (parent lineage, parent snapshot): a volume made
 //!   from a snapshot reads, for every block its own lineage has no entry for, what
 //!   that snapshot holds
+//! - `remote_parents`: volume id → [`super::RemoteParent`] (TOML): a volume made
+//!   from a snapshot in the bucket
+//! - `uploaded`:  (snapshot id, chunk hash) → where the chunk went in the bucket
+//!   ([`crate::remote::format::RemoteChunk`], encoded): an upload's progress, so a
+//!   resumed upload sends nothing twice; dropped once the snapshot completed
+//! - `tombstones_due`: root name → (): deleted snapshots whose tombstone the bucket
+//!   has not received yet
+//!
+//! `format` also holds "instance", a random number drawn when the database was
+//! made: it keeps the names of objects this data directory writes to a bucket apart
+//! from those of an earlier data directory of the same host.
 
 use redb::TableDefinition;
 
 /// Version of the table layout this build reads and writes.
-pub const SCHEMA_VERSION: u64 = 1;
+pub const SCHEMA_VERSION: u64 = 2;
 
 pub const FORMAT: TableDefinition<&str, u64> = TableDefinition::new("format");
 pub const SCHEMA_KEY: &str = "schema";
+pub const INSTANCE_KEY: &str = "instance";
 pub const VOLUMES: TableDefinition<u64, &str> = TableDefinition::new("volumes");
 pub const SNAPSHOTS: TableDefinition<u64, &str> = TableDefinition::new("snapshots");
 pub const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
@@ -38,6 +50,9 @@ pub const PACKS: TableDefinition<u32, u64> = TableDefinition::new("packs");
 pub const DELETED_VOLUMES: TableDefinition<u64, ()> = TableDefinition::new("deleted_volumes");
 pub const LINEAGE_PARENTS: TableDefinition<u64, (u64, u64)> =
     TableDefinition::new("lineage_parents");
+pub const REMOTE_PARENTS: TableDefinition<u64, &str> = TableDefinition::new("remote_parents");
+pub const UPLOADED: TableDefinition<(u64, &[u8; 32]), &[u8]> = TableDefinition::new("uploaded");
+pub const TOMBSTONES_DUE: TableDefinition<&str, ()> = TableDefinition::new("tombstones_due");
 
 /// Manifest value meaning "this block is all zeros": no chunk is stored for it.
 pub const ZERO_BLOCK: [u8; 32] = [0; 32];

@@ -59,12 +59,25 @@ impl BucketError {
 
 pub type BucketResult<T> = Result<T, BucketError>;
 
+/// One request of [`Bucket::parallel`].
+pub type Job<'a, T> = Box<dyn FnOnce(&Bucket) -> BucketResult<T> + Send + 'a>;
+
 /// An object's name and when the server says it was last written.
 #[derive(Clone, Debug)]
 pub struct Listed {
     pub name: String,
     pub size: u64,
     pub modified: SystemTime,
+}
+
+/// The longest wait between two attempts of a request.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The longest one request can take, retries included, with `timeout` as
+/// `request_timeout_seconds`: attempts begin until three timeouts have passed, each
+/// after at most `MAX_BACKOFF`, and last at most a timeout (see `Bucket::connect`).
+pub fn request_bound(timeout: Duration) -> Duration {
+    timeout * 4 + MAX_BACKOFF
 }
 
 pub struct Bucket {
@@ -74,6 +87,8 @@ pub struct Bucket {
     prefix: String,
     /// What the user calls it, for messages.
     pub shown: String,
+    /// Write requests made (PUTs, and each multipart upload's parts and completion).
+    pub writes: std::sync::atomic::AtomicU64,
 }
 
 fn credentials(
@@ -142,7 +157,7 @@ impl Bucket {
             .with_retry(RetryConfig {
                 backoff: BackoffConfig {
                     init_backoff: Duration::from_millis(100),
-                    max_backoff: Duration::from_secs(5),
+                    max_backoff: MAX_BACKOFF,
                     base: 2.0,
                 },
                 max_retries: 5,
@@ -204,6 +219,7 @@ impl Bucket {
             store,
             prefix,
             shown,
+            writes: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -211,7 +227,13 @@ impl Bucket {
         ObjectPath::from(format!("{}{name}", self.prefix))
     }
 
+    fn count_writes(&self, n: usize) {
+        self.writes
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn put(&self, name: &str, bytes: Vec<u8>) -> BucketResult<()> {
+        self.count_writes(1);
         let path = self.path(name);
         self.runtime
             .block_on(self.store.put(&path, PutPayload::from(bytes)))
@@ -224,6 +246,8 @@ impl Bucket {
         if bytes.len() <= part {
             return self.put(name, bytes);
         }
+        // Create, the parts, complete.
+        self.count_writes(2 + bytes.len().div_ceil(part));
         let path = self.path(name);
         let bytes = Bytes::from(bytes);
         self.runtime
@@ -321,7 +345,7 @@ impl Bucket {
     pub fn parallel<T: Send + 'static>(
         &self,
         concurrency: usize,
-        jobs: Vec<Box<dyn FnOnce(&Bucket) -> BucketResult<T> + Send + '_>>,
+        jobs: Vec<Job<'_, T>>,
     ) -> Vec<BucketResult<T>> {
         let mut results: Vec<Option<BucketResult<T>>> = (0..jobs.len()).map(|_| None).collect();
         let jobs: std::sync::Mutex<Vec<(usize, _)>> =

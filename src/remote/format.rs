@@ -3,15 +3,15 @@
 //! ```text
 //! <prefix>/ebsfs-store                 the store's format: version, encryption, key check
 //! <prefix>/hosts/<host>                a host's lease: what it still needs, if it captures
-//! <prefix>/packs/<host>/<pack>         chunk payloads, back to back (immutable)
+//! <prefix>/packs/<host>/<inst>/<n>     chunk payloads, back to back (immutable)
 //! <prefix>/pages/<hash>                one page of a snapshot's block map (immutable,
 //!                                      content-addressed: shared by every snapshot that
 //!                                      has the same page)
-//! <prefix>/snapshots/<host>/<id>       a snapshot's root: its facts and its pages. Written
+//! <prefix>/snapshots/<host>/<inst>/<id> a snapshot's root: its facts and its pages. Written
 //!                                      last: the commit point readers trust (immutable)
-//! <prefix>/meta/<host>/<id>            who may read it (owner, mode, ACL), rewritten when
+//! <prefix>/meta/<host>/<inst>/<id>     who may read it (owner, mode, ACL), rewritten when
 //!                                      that changes
-//! <prefix>/deleted/<host>/<id>         a deleted snapshot's tombstone
+//! <prefix>/deleted/<host>/<inst>/<id>  a deleted snapshot's tombstone
 //! ```
 //!
 //! With encryption the names after the first `/` are keyed hashes (`Names`), and every
@@ -78,8 +78,9 @@ impl Names<'_> {
         self.hidden("snapshots", &format!("{host}/{snapshot}"))
     }
 
-    pub fn meta(&self, host: &str, snapshot: u64) -> String {
-        self.hidden("meta", &format!("{host}/{snapshot}"))
+    /// The metadata object of the snapshot whose root is `root`.
+    pub fn meta_of(&self, root: &str) -> String {
+        format!("meta/{}", root.strip_prefix("snapshots/").unwrap_or(root))
     }
 
     /// The tombstone of the snapshot whose root is `root`.
@@ -131,6 +132,35 @@ pub struct RemoteChunk {
     pub stored_len: u32,
     pub plain_len: u32,
     pub codec: Codec,
+}
+
+impl RemoteChunk {
+    /// Compact bytes (for the data directory's record of an upload's progress).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.pack.len());
+        out.push(self.codec as u8);
+        out.extend_from_slice(&self.hash.0);
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        out.extend_from_slice(&self.stored_len.to_le_bytes());
+        out.extend_from_slice(&self.plain_len.to_le_bytes());
+        put_string(&mut out, &self.pack);
+        out
+    }
+
+    pub fn decode(bytes: &[u8], what: &str) -> Result<RemoteChunk, FormatError> {
+        let mut r = Reader { bytes, at: 0, what };
+        let codec = Codec::from_u8(r.u8()?).ok_or_else(|| damaged(what, "unknown codec"))?;
+        let chunk = RemoteChunk {
+            codec,
+            hash: ChunkHash(r.hash()?),
+            offset: r.u64()?,
+            stored_len: r.u32()?,
+            plain_len: r.u32()?,
+            pack: r.string()?,
+        };
+        r.end()?;
+        Ok(chunk)
+    }
 }
 
 /// One page of a snapshot's block map: the non-zero blocks in
@@ -420,6 +450,13 @@ mod tests {
         same.set(7, Some(chunk(1, "packs/a/1")));
         assert_eq!(same.encode(), bytes);
         assert!(Page::decode(&bytes[..bytes.len() - 1], "page").is_err());
+    }
+
+    #[test]
+    fn chunk_locations_round_trip() {
+        let c = chunk(4, "packs/h/i/7");
+        assert_eq!(RemoteChunk::decode(&c.encode(), "c").unwrap(), c);
+        assert!(RemoteChunk::decode(&c.encode()[1..], "c").is_err());
     }
 
     #[test]

@@ -10,9 +10,12 @@
 //! never what a host's lease says it still reads or what a capture in progress may
 //! reference. docs/FORMAT.md, section 6, has the layout and the argument.
 
+pub mod catalog;
 pub mod client;
 pub mod crypto;
 pub mod format;
+pub mod gc;
+pub mod reader;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -71,6 +74,13 @@ pub struct RemoteStore {
     crypto: Option<Crypto>,
     pub settings: StoreSettings,
     pages: Mutex<PageCache>,
+    /// Chunks read from the bucket, decoded (see `reader`).
+    pub chunks: Mutex<reader::ChunkCache>,
+    /// Target size of this store's pack objects ([`PACK_OBJECT_BYTES`]; tests use less).
+    pub pack_bytes: std::sync::atomic::AtomicUsize,
+    /// `<host>/<instance>`: names this data directory's packs and roots apart from
+    /// those of any other data directory (set once its database is open).
+    owner_key: std::sync::OnceLock<String>,
     /// The last lease this host wrote, and when (this host's clock).
     lease: Mutex<Option<(Lease, Instant)>>,
 }
@@ -99,7 +109,7 @@ impl PageCache {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -139,7 +149,10 @@ impl RemoteStore {
                 order: Default::default(),
                 limit: (settings.cache_size_bytes / (64 << 10)).clamp(64, 65_536) as usize,
             }),
+            chunks: Mutex::new(reader::ChunkCache::new(settings.cache_size_bytes)),
             settings,
+            owner_key: std::sync::OnceLock::new(),
+            pack_bytes: std::sync::atomic::AtomicUsize::new(PACK_OBJECT_BYTES),
             lease: Mutex::new(None),
         };
         store.check_format()?;
@@ -168,6 +181,21 @@ impl RemoteStore {
 
     pub fn encrypted(&self) -> bool {
         self.crypto.is_some()
+    }
+
+    /// Sets the key naming this data directory's objects (its database's instance).
+    pub fn set_instance(&self, instance: u64) {
+        let _ = self.owner_key.set(format!("{}/{instance:016x}", self.host));
+    }
+
+    /// `<host>/<instance>`, or just the host before [`RemoteStore::set_instance`].
+    pub fn owner_key(&self) -> &str {
+        self.owner_key.get().map_or(&self.host, String::as_str)
+    }
+
+    /// The name of this data directory's snapshot `id`'s root.
+    pub fn root_name(&self, id: u64) -> String {
+        self.names().root(self.owner_key(), id)
     }
 
     /// Reads the store's format object, writing it for a new store.
@@ -315,28 +343,22 @@ impl RemoteStore {
         pack: u64,
         chunks: &[(ChunkHash, Codec, u32, Vec<u8>)],
     ) -> RemoteResult<Vec<RemoteChunk>> {
-        let name = self.names().pack(&self.host, pack);
-        let mut bytes = Vec::with_capacity(chunks.iter().map(|c| c.3.len() + 64).sum());
-        let mut placed = Vec::with_capacity(chunks.len());
+        let mut builder = self.pack_builder(pack, chunks.iter().map(|c| c.3.len()).sum());
         for (hash, codec, plain_len, payload) in chunks {
-            let stored = match &self.crypto {
-                Some(crypto) => crypto.seal(payload),
-                None => payload.clone(),
-            };
-            placed.push(RemoteChunk {
-                hash: *hash,
-                pack: name.clone(),
-                offset: bytes.len() as u64,
-                stored_len: stored.len() as u32,
-                plain_len: *plain_len,
-                codec: *codec,
-            });
-            bytes.extend_from_slice(&stored);
+            builder.push(*hash, *codec, *plain_len, payload);
         }
-        self.bucket
-            .put_multipart(&name, bytes, PART_BYTES)
-            .map_err(self.err())?;
-        Ok(placed)
+        builder.finish()
+    }
+
+    /// A pack object being built in memory (one buffer: payloads are appended as
+    /// they are read), uploaded by [`PackBuilder::finish`].
+    pub fn pack_builder(&self, pack: u64, capacity: usize) -> PackBuilder<'_> {
+        PackBuilder {
+            store: self,
+            name: self.names().pack(self.owner_key(), pack),
+            bytes: Vec::with_capacity(capacity + capacity / 64),
+            placed: Vec::new(),
+        }
     }
 
     /// Reads, opens, decompresses and verifies chunks that lie back to back in one
@@ -423,6 +445,42 @@ impl RemoteStore {
     }
 }
 
+/// See [`RemoteStore::pack_builder`].
+pub struct PackBuilder<'a> {
+    store: &'a RemoteStore,
+    name: String,
+    bytes: Vec<u8>,
+    placed: Vec<RemoteChunk>,
+}
+
+impl PackBuilder<'_> {
+    /// Appends a chunk's payload (sealed alone when the store is encrypted).
+    pub fn push(&mut self, hash: ChunkHash, codec: Codec, plain_len: u32, payload: &[u8]) {
+        let offset = self.bytes.len() as u64;
+        match &self.store.crypto {
+            Some(crypto) => self.bytes.extend_from_slice(&crypto.seal(payload)),
+            None => self.bytes.extend_from_slice(payload),
+        }
+        self.placed.push(RemoteChunk {
+            hash,
+            pack: self.name.clone(),
+            offset,
+            stored_len: (self.bytes.len() as u64 - offset) as u32,
+            plain_len,
+            codec,
+        });
+    }
+
+    /// Uploads the pack; returns where each chunk went.
+    pub fn finish(self) -> RemoteResult<Vec<RemoteChunk>> {
+        self.store
+            .bucket
+            .put_multipart(&self.name, self.bytes, PART_BYTES)
+            .map_err(self.store.err())?;
+        Ok(self.placed)
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -459,6 +517,133 @@ pub(crate) mod test_support {
             request_timeout_seconds: 5,
             lease_seconds: 8,
         }
+    }
+
+    /// An in-memory bucket that fails on demand: every request while `down`, and
+    /// writes once `writes_left` reaches 0 (negative: never).
+    #[derive(Debug)]
+    pub struct Faulty {
+        pub inner: Arc<object_store::memory::InMemory>,
+        pub down: std::sync::atomic::AtomicBool,
+        pub writes_left: std::sync::atomic::AtomicI64,
+    }
+
+    impl Faulty {
+        pub fn new(inner: Arc<object_store::memory::InMemory>) -> Arc<Faulty> {
+            Arc::new(Faulty {
+                inner,
+                down: false.into(),
+                writes_left: (-1).into(),
+            })
+        }
+
+        fn check(&self, write: bool) -> object_store::Result<()> {
+            use std::sync::atomic::Ordering;
+            let refused = self.down.load(Ordering::SeqCst)
+                || (write
+                    && self
+                        .writes_left
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                            (n > 0).then_some(n - 1).or((n < 0).then_some(n))
+                        })
+                        .is_err());
+            if refused {
+                return Err(object_store::Error::Generic {
+                    store: "faulty",
+                    source: "connection refused (test)".into(),
+                });
+            }
+            Ok(())
+        }
+    }
+
+    impl std::fmt::Display for Faulty {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "faulty")
+        }
+    }
+
+    use futures::StreamExt;
+    use object_store::path::Path as P;
+    use object_store::{
+        CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+        PutMultipartOptions, PutOptions, PutPayload, PutResult,
+    };
+
+    #[async_trait::async_trait]
+    impl ObjectStore for Faulty {
+        async fn put_opts(
+            &self,
+            location: &P,
+            payload: PutPayload,
+            opts: PutOptions,
+        ) -> object_store::Result<PutResult> {
+            self.check(true)?;
+            self.inner.put_opts(location, payload, opts).await
+        }
+
+        async fn put_multipart_opts(
+            &self,
+            location: &P,
+            opts: PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            self.check(true)?;
+            self.inner.put_multipart_opts(location, opts).await
+        }
+
+        async fn get_opts(
+            &self,
+            location: &P,
+            options: GetOptions,
+        ) -> object_store::Result<GetResult> {
+            self.check(false)?;
+            self.inner.get_opts(location, options).await
+        }
+
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<'static, object_store::Result<P>>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<P>> {
+            if let Err(e) = self.check(true) {
+                return futures::stream::once(async move { Err(e) }).boxed();
+            }
+            self.inner.delete_stream(locations)
+        }
+
+        fn list(
+            &self,
+            prefix: Option<&P>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<ObjectMeta>> {
+            if let Err(e) = self.check(false) {
+                return futures::stream::once(async move { Err(e) }).boxed();
+            }
+            self.inner.list(prefix)
+        }
+
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&P>,
+        ) -> object_store::Result<ListResult> {
+            self.check(false)?;
+            self.inner.list_with_delimiter(prefix).await
+        }
+
+        async fn copy_opts(
+            &self,
+            from: &P,
+            to: &P,
+            options: CopyOptions,
+        ) -> object_store::Result<()> {
+            self.check(true)?;
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    /// A store over a faulty bucket.
+    pub fn faulty_store(bucket: &Arc<Faulty>, host: &str) -> RemoteResult<RemoteStore> {
+        let bucket =
+            Bucket::with_store(bucket.clone(), "p", "faulty://test/p".into()).expect("bucket");
+        RemoteStore::open(bucket, host, None, settings())
     }
 
     /// A store over `memory` (an `object_store` in-memory bucket shared by "hosts").

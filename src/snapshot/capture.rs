@@ -11,11 +11,13 @@
 //! Published entries are committed in batches of [`BATCH_ENTRIES`]: the pack is
 //! fsynced, then one transaction adds the entries and their chunk references. Memory
 //! and transaction size stay bounded whatever the size of the volume. The entries of a
-//! pending snapshot are never read: images are read only once completed, and no
-//! snapshot newer than a pending one exists (one capture per volume at a time), so
-//! nothing resolves through them. The last batch commits with the `completed` status;
-//! a capture that fails, or that a crash interrupts, has its committed entries removed
-//! before it is marked `error` (see [`super::lifecycle`] and [`super::recovery`]).
+//! pending snapshot are read only by readers of its pending image, for blocks marked
+//! done after their batch committed (the rest they read from the freeze); no snapshot
+//! newer than one being captured exists (one capture per volume at a time), so nothing
+//! else resolves through them. The last batch commits with the status; a capture that
+//! fails has its committed entries removed before it is marked `error`; one a
+//! `kill -9` interrupts resumes at the next start, skipping the blocks whose entries
+//! are committed (see [`super::recovery`]).
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -264,6 +266,11 @@ fn worker<S: Storage>(workers: &Workers<'_, S>) -> Result<(), SnapshotError> {
         let chunk_table = txn.open_table(CHUNKS).map_err(NamespaceError::from)?;
         let mut result = UnitResult::default();
         for block in blocks {
+            // Committed before a restart: its entry stands.
+            if job.freeze.is_done(block) {
+                job.progress.done_blocks.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             job.freeze
                 .take_into(live, block, &mut data)
                 .map_err(|e| SnapshotError::CaptureFailed(format!("reading block {block}: {e}")))?;
@@ -389,6 +396,9 @@ impl<S: Storage> Workers<'_, S> {
             d.set_pack_len(self.writer.pack.id, self.writer.end())?;
             Ok(garbage)
         })?;
+        self.job
+            .freeze
+            .mark_done(batch.entries.iter().map(|(block, _)| *block));
         self.store.release(self.ns, garbage);
         Ok(())
     }

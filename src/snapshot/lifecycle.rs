@@ -84,6 +84,7 @@ impl<S: Storage> SnapshotEngine<S> {
                 let id = c.next_snapshot_id()?;
                 let freeze = volume.freeze(id, rescan)?;
                 let size_bytes = freeze.size_bytes;
+                let reexamine = [freeze.reexamine.start, freeze.reexamine.end];
                 frozen = Some((id, freeze));
                 let record = SnapshotRecord {
                     id,
@@ -107,6 +108,9 @@ impl<S: Storage> SnapshotEngine<S> {
                         .unwrap_or_default(),
                     xattrs: vol.xattrs.user_only(),
                     error: None,
+                    captured: false,
+                    remote_root: None,
+                    reexamine: Some(reexamine),
                 };
                 c.put_snapshot(record.clone())?;
                 Ok(record)
@@ -225,8 +229,13 @@ impl<S: Storage> SnapshotEngine<S> {
                 let Some(mut record) = c.records().snapshots.get(&job.snapshot).cloned() else {
                     return Err(SnapshotError::Cancelled);
                 };
-                record.status = SnapshotStatus::Completed;
-                record.completed = Some(Timestamp::now());
+                if self.remote.is_some() {
+                    // Completed once uploaded (see `upload`).
+                    record.captured = true;
+                } else {
+                    record.status = SnapshotStatus::Completed;
+                    record.completed = Some(Timestamp::now());
+                }
                 record.parent = c.records().visible_parent(job.lineage, job.snapshot);
                 record.changed_blocks = captured.changed_blocks;
                 record.stored_bytes = captured.stored_bytes;
@@ -245,10 +254,16 @@ impl<S: Storage> SnapshotEngine<S> {
             committed
         };
         self.settled(settle);
+        self.queue_upload(record.id);
         info!(
-            "snapshot {} completed: {} blocks changed, {} bytes stored \
+            "snapshot {} {}: {} blocks changed, {} bytes stored \
              (capture {:.2}s, fsync {:.2}s, commit {:.2}s)",
             record.name(),
+            if record.captured {
+                "captured, uploading"
+            } else {
+                "completed"
+            },
             record.changed_blocks,
             record.stored_bytes,
             read_time.as_secs_f64(),
@@ -341,6 +356,8 @@ impl<S: Storage> SnapshotEngine<S> {
 
     /// `rmdir snapshots/<name>`. A pending snapshot is cancelled first.
     pub fn delete(&self, name: &str) -> SnapshotResult<()> {
+        // No upload may put a root between the look at the record and the deletion.
+        let _commit = self.remote.as_ref().map(|up| lock(&up.commit));
         let mut cancelled = false;
         let (guard, id, record) = loop {
             let guard = self.ns.lock();
@@ -356,7 +373,7 @@ impl<S: Storage> SnapshotEngine<S> {
                     Err(SnapshotError::NotFound(name.to_string()))
                 };
             };
-            if record.status != SnapshotStatus::Pending {
+            if !record.is_capturing() {
                 break (guard, id, record);
             }
             let queued = {
@@ -392,17 +409,20 @@ impl<S: Storage> SnapshotEngine<S> {
         let pins = self.pinned();
         let settle = self.ns.change(&guard, |c| -> SnapshotResult<Settle> {
             let mut settle = Settle::new(SETTLE_BATCH);
-            if record.status != SnapshotStatus::Completed {
+            if !record.is_captured() {
                 c.remove_snapshot(id)?;
                 return Ok(settle);
             }
             let mut hidden = record.clone();
             hidden.hidden = true;
+            // One still uploading stops: it is kept only as the volume's base.
+            hidden.status = SnapshotStatus::Completed;
+            Self::tombstone_due(c, &hidden)?;
             c.put_snapshot(hidden)?;
             let successor = c
                 .records()
                 .lineage(record.lineage)
-                .find(|s| s.id > id && s.status == SnapshotStatus::Completed)
+                .find(|s| s.id > id && s.is_captured())
                 .cloned();
             if let Some(mut successor) = successor {
                 successor.parent = record.parent.clone();
@@ -413,6 +433,7 @@ impl<S: Storage> SnapshotEngine<S> {
         })?;
         drop(guard);
         self.settled(settle);
+        self.wake_tombstones();
         info!("snapshot {name} deleted");
         Ok(())
     }
@@ -430,6 +451,11 @@ impl<S: Storage> SnapshotEngine<S> {
         self.ns.change(guard, |c| -> SnapshotResult<Settle> {
             let mut settle = Settle::new(SETTLE_BATCH);
             c.remove_volume(id)?;
+            // Its snapshots hold every block themselves (its first capture compared
+            // them all): the snapshot in the bucket it was made from is not needed.
+            if c.records().remote_parents.contains_key(&id) {
+                c.remove_remote_parent(id)?;
+            }
             settle.collect_hidden(c, id, &pins)?;
             Ok(settle)
         })

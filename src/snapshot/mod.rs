@@ -18,6 +18,7 @@ pub mod manifest;
 pub mod read;
 pub mod recovery;
 pub mod settle;
+pub mod upload;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -89,6 +90,8 @@ pub struct SnapshotEngine<S: Storage> {
     settler_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Open images per snapshot: a deleted snapshot stays whole while pinned.
     pins: Mutex<HashMap<SnapshotId, usize>>,
+    /// With a snapshot store: uploads and the rest of this host's bucket work.
+    remote: Option<Arc<upload::Uploader>>,
 }
 
 /// What the settler thread waits for.
@@ -157,6 +160,7 @@ impl<S: Storage> SnapshotEngine<S> {
         store: Arc<ChunkStore<S>>,
         capture_threads: usize,
         scheduling: Scheduling,
+        remote: Option<Arc<upload::Uploader>>,
     ) -> SnapshotEngine<S> {
         SnapshotEngine {
             ns,
@@ -171,6 +175,7 @@ impl<S: Storage> SnapshotEngine<S> {
             settle_signal: Arc::new(SettleSignal::default()),
             settler_thread: Mutex::new(None),
             pins: Mutex::new(HashMap::new()),
+            remote,
         }
     }
 

@@ -57,8 +57,11 @@ impl<S: Storage> SnapshotEngine<S> {
                     .map_err(|e| io_error(format!("moving {}", path.display()), e))?;
                 continue;
             };
-            let status = view.snapshots.get(&snapshot_id).map(|s| s.status);
-            if kind == CaptureFile::Cow || status == Some(SnapshotStatus::Completed) {
+            let captured = view
+                .snapshots
+                .get(&snapshot_id)
+                .is_some_and(|s| s.is_captured());
+            if kind == CaptureFile::Cow || captured {
                 leftovers.push(name);
                 continue;
             }
@@ -100,7 +103,7 @@ impl<S: Storage> SnapshotEngine<S> {
         let unfinished: Vec<(VolumeId, SnapshotId)> = view
             .snapshots
             .values()
-            .filter(|s| s.status != SnapshotStatus::Completed)
+            .filter(|s| !s.is_captured())
             .map(|s| (s.lineage, s.id))
             .collect();
         for &(lineage, id) in &unfinished {
@@ -114,7 +117,7 @@ impl<S: Storage> SnapshotEngine<S> {
                 .records()
                 .snapshots
                 .values()
-                .filter(|s| s.status == SnapshotStatus::Pending)
+                .filter(|s| s.is_capturing())
                 .cloned()
                 .collect();
             for mut record in interrupted {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use log::error;
 
-use crate::namespace::{Change, SnapshotId, SnapshotRecord, SnapshotStatus, VolumeId};
+use crate::namespace::{Change, SnapshotId, SnapshotRecord, VolumeId};
 use crate::storage::Storage;
 use crate::store::ChunkLocation;
 use crate::store::codec::ChunkHash;
@@ -52,9 +52,7 @@ impl Settle {
     ) -> SnapshotResult<()> {
         let volume_alive = c.records().volumes.contains_key(&lineage);
         let snapshots: Vec<SnapshotRecord> = c.records().lineage(lineage).cloned().collect();
-        let pending = snapshots
-            .iter()
-            .any(|s| s.status == SnapshotStatus::Pending);
+        let pending = snapshots.iter().any(SnapshotRecord::is_capturing);
         for hidden in snapshots.iter().filter(|s| s.hidden) {
             // An open image reads it; a volume made from it reads through it.
             if pinned.contains(&hidden.id) || c.records().has_dependents(lineage, hidden.id) {
@@ -62,7 +60,7 @@ impl Settle {
             }
             let successor = snapshots
                 .iter()
-                .find(|s| s.id > hidden.id && s.status == SnapshotStatus::Completed)
+                .find(|s| s.id > hidden.id && s.is_captured())
                 .map(|s| s.id);
             if successor.is_none() && (volume_alive || pending) {
                 continue;

@@ -278,6 +278,22 @@ impl<S: Storage> ChunkStore<S> {
         run: &[(ChunkHash, ChunkLocation)],
         mut sink: impl FnMut(usize, &[u8]) -> bool,
     ) -> StoreResult<()> {
+        self.with_run(run, |n, hash, loc, payload| {
+            let plain = codec::decode(payload, loc.codec, loc.plain_len as usize, *hash)?;
+            if sink(n, &plain) {
+                self.cache.insert(*hash, Arc::new(plain.into_owned()));
+            }
+            Ok(())
+        })
+    }
+
+    /// Hands `visit(n, hash, location, payload)` each stored payload of a run of
+    /// chunks lying back to back in a pack, read with one read.
+    fn with_run(
+        &self,
+        run: &[(ChunkHash, ChunkLocation)],
+        mut visit: impl FnMut(usize, &ChunkHash, &ChunkLocation, &[u8]) -> StoreResult<()>,
+    ) -> StoreResult<()> {
         let first = run[0].1;
         let last = run[run.len() - 1].1;
         let len = (last.offset + u64::from(last.stored_len) - first.offset) as usize;
@@ -290,14 +306,41 @@ impl<S: Storage> ChunkStore<S> {
                 .map_err(io_at(&pack.path))?;
             for (n, (hash, loc)) in run.iter().enumerate() {
                 let at = (loc.offset - first.offset) as usize;
-                let payload = &bytes[at..at + loc.stored_len as usize];
-                let plain = codec::decode(payload, loc.codec, loc.plain_len as usize, *hash)?;
-                if sink(n, &plain) {
-                    self.cache.insert(*hash, Arc::new(plain.into_owned()));
-                }
+                visit(n, hash, loc, &bytes[at..at + loc.stored_len as usize])?;
             }
             Ok(())
         })
+    }
+
+    /// Reads chunks as stored (compressed or raw), each verified against its hash
+    /// first, for copying elsewhere: `sink(i, payload)`.
+    pub fn read_payloads(
+        &self,
+        chunks: &[(ChunkHash, ChunkLocation)],
+        mut sink: impl FnMut(usize, &[u8]),
+    ) -> StoreResult<()> {
+        let mut i = 0;
+        while i < chunks.len() {
+            let mut run_end = i + 1;
+            while run_end < chunks.len()
+                && chunks[run_end].1.pack == chunks[i].1.pack
+                && chunks[run_end].1.offset
+                    == pack::align_up(
+                        chunks[run_end - 1].1.offset + u64::from(chunks[run_end - 1].1.stored_len),
+                    )
+            {
+                run_end += 1;
+            }
+            let run = &chunks[i..run_end];
+            self.with_run(run, |n, hash, loc, payload| {
+                codec::decode(payload, loc.codec, loc.plain_len as usize, *hash)?;
+                sink(i + n, payload);
+                Ok(())
+            })
+            .inspect_err(|e| self.note_bad(run, e))?;
+            i = run_end;
+        }
+        Ok(())
     }
 
     /// Registers a running capture: until it ends, freed space is only queued, so

@@ -26,6 +26,20 @@
 //!
 //! Bytes at or past the frozen size read as zeros, so a capture never sees data
 //! written after the freeze beyond the old end of the volume.
+//!
+//! The preservation file describes itself: each preserved page is one slot of
+//! [`SLOT_BYTES`] (a header naming the page, with a checksum, then the page), written
+//! in the same `pwrite` as the rest of its run, and that `pwrite` returns before the
+//! write it protects is issued. After a `kill -9`, the file therefore holds every
+//! page any write since the freeze changed ([`Freeze::reopen`] reads them back; a slot
+//! reserved but never written reads as zeros and fails its checksum), so an
+//! interrupted capture resumes with exactly its point in time. A power loss gives no
+//! such order (nothing is synced before the write): a capture a host crash
+//! interrupted is not resumed.
+//!
+//! A block is *done* once its entry is committed (the capture worker's read alone is
+//! not enough: a reader of the pending image still needs its frozen contents until
+//! the entry can be read instead), and writers stop preserving it then.
 
 use std::collections::HashMap;
 use std::io;
@@ -50,6 +64,38 @@ pub const UNIT_BLOCKS: u64 = 64;
 
 /// Page index (byte offset / [`PAGE`]) → offset of its preserved copy.
 type Records = HashMap<u64, u64>;
+
+/// A preserved page's slot in the preservation file: header, then the page.
+const SLOT_HEADER: u64 = 32;
+pub const SLOT_BYTES: u64 = SLOT_HEADER + PAGE;
+const SLOT_MAGIC: &[u8; 8] = b"EBSCOWP1";
+
+/// The checksum in a slot's header: of the page's index and its bytes.
+fn slot_check(page: u64, data: &[u8]) -> [u8; 16] {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&page.to_le_bytes());
+    hasher.update(data);
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+    out
+}
+
+/// Fills `slot` (one [`SLOT_BYTES`]) for `page`, whose bytes are already in place.
+fn seal_slot(slot: &mut [u8], page: u64) {
+    let check = slot_check(page, &slot[SLOT_HEADER as usize..]);
+    slot[..8].copy_from_slice(SLOT_MAGIC);
+    slot[8..16].copy_from_slice(&page.to_le_bytes());
+    slot[16..32].copy_from_slice(&check);
+}
+
+/// The page a slot holds, if it is whole.
+fn open_slot(slot: &[u8]) -> Option<u64> {
+    if slot.len() != SLOT_BYTES as usize || &slot[..8] != SLOT_MAGIC {
+        return None;
+    }
+    let page = u64::from_le_bytes(slot[8..16].try_into().ok()?);
+    (slot[16..32] == slot_check(page, &slot[SLOT_HEADER as usize..])).then_some(page)
+}
 
 /// The live contents of a volume, as reads see them (a volume made from a snapshot
 /// reads blocks it has not written from the snapshot, not from its data file).
@@ -123,8 +169,70 @@ impl<S: Storage> Freeze<S> {
         }
     }
 
+    /// The freeze of a capture a `kill -9` interrupted, from its files: the capture
+    /// set, and the preservation file, whose whole slots are read back (a torn or
+    /// never-written one is skipped; new slots go after the last). `done`: blocks
+    /// whose entries are committed. Blocks of the re-examined range with preserved
+    /// pages count as touched (a punch since the freeze may have made them holes).
+    pub fn reopen(
+        blocks: DirtyMap<S>,
+        reexamine: Range<u64>,
+        size_bytes: u64,
+        block_size: u64,
+        cow: S::File,
+        cow_path: &Path,
+        done: impl IntoIterator<Item = u64>,
+    ) -> io::Result<Freeze<S>> {
+        let freeze = Freeze::new(blocks, reexamine, size_bytes, block_size, cow, cow_path);
+        let len = freeze.cow.len()?;
+        let slots = len.div_ceil(SLOT_BYTES);
+        let mut buf = vec![0u8; (SLOT_BYTES * 256) as usize];
+        let mut slot = 0;
+        while slot < slots {
+            let count = (slots - slot).min(256);
+            let bytes = &mut buf[..(count * SLOT_BYTES) as usize];
+            let n = freeze.cow.read_at(bytes, slot * SLOT_BYTES)?;
+            bytes[n..].fill(0);
+            for (i, chunk) in bytes.chunks(SLOT_BYTES as usize).enumerate() {
+                if let Some(page) = open_slot(chunk) {
+                    let block = page * PAGE / block_size;
+                    let offset = (slot + i as u64) * SLOT_BYTES + SLOT_HEADER;
+                    freeze.records(block).entry(page).or_insert(offset);
+                    if freeze.reexamine.contains(&block) {
+                        freeze.touched.set(block);
+                    }
+                }
+            }
+            slot += count;
+        }
+        freeze.cow_next.store(slots * SLOT_BYTES, Ordering::Relaxed);
+        for block in done {
+            freeze.done.set(block);
+        }
+        Ok(freeze)
+    }
+
     pub fn cow_path(&self) -> &Path {
         &self.cow_path
+    }
+
+    /// Whether `block`'s entry is committed (see the module documentation).
+    pub fn is_done(&self, block: u64) -> bool {
+        self.done.get(block)
+    }
+
+    /// Records that the entries of `blocks` are committed: writers stop preserving
+    /// them, and readers of the pending image read the entries.
+    pub fn mark_done(&self, blocks: impl IntoIterator<Item = u64>) {
+        for block in blocks {
+            self.done.set(block);
+        }
+    }
+
+    /// Whether the capture reads `block` from the frozen view (it is in the capture
+    /// set or the re-examined range); other blocks are as the base snapshot has them.
+    pub fn is_frozen(&self, block: u64) -> bool {
+        self.blocks.is_set(block) || self.reexamine.contains(&block)
     }
 
     pub fn failure(&self) -> Option<String> {
@@ -306,22 +414,34 @@ impl<S: Storage> Freeze<S> {
             let run_end = (page..pages.end)
                 .find(|p| records.contains_key(p))
                 .unwrap_or(pages.end);
-            let mut copy = vec![0u8; ((run_end - page) * PAGE) as usize];
-            self.read_frozen(live, &mut copy, page * PAGE)?;
+            let pages_in_run = run_end - page;
+            let mut frozen = vec![0u8; (pages_in_run * PAGE) as usize];
+            self.read_frozen(live, &mut frozen, page * PAGE)?;
+            let mut slots = vec![0u8; (pages_in_run * SLOT_BYTES) as usize];
+            for (i, (slot, data)) in slots
+                .chunks_mut(SLOT_BYTES as usize)
+                .zip(frozen.chunks(PAGE as usize))
+                .enumerate()
+            {
+                slot[SLOT_HEADER as usize..].copy_from_slice(data);
+                seal_slot(slot, page + i as u64);
+            }
             let offset = self
                 .cow_next
-                .fetch_add(copy.len() as u64, Ordering::Relaxed);
-            self.cow.write_all_at(&copy, offset)?;
+                .fetch_add(slots.len() as u64, Ordering::Relaxed);
+            // Returns before the write this protects is issued (see the module docs).
+            self.cow.write_all_at(&slots, offset)?;
             for (i, p) in (page..run_end).enumerate() {
-                records.insert(p, offset + i as u64 * PAGE);
+                records.insert(p, offset + i as u64 * SLOT_BYTES + SLOT_HEADER);
             }
             page = run_end;
         }
         Ok(())
     }
 
-    /// The frozen contents of `block`, for the capture worker, into `buf` (resized
-    /// to one block). Each block of the set is taken once.
+    /// The frozen contents of `block`, for the capture worker or a reader of the
+    /// pending image, into `buf` (resized to one block). Exact until the block is done
+    /// (see the module documentation).
     pub fn take_into<L: LiveRead + ?Sized>(
         &self,
         live: &L,
@@ -349,7 +469,6 @@ impl<S: Storage> Freeze<S> {
                 ));
             }
         }
-        self.done.set(block);
         Ok(())
     }
 
@@ -449,15 +568,62 @@ mod tests {
         let (live, freeze) = setup(&[1, 2]);
         // One unaligned write over pages 1 and 2 of block 1.
         write(&live, &freeze, BS + PAGE + 10, &[0xaa; 5000]);
-        assert_eq!(freeze.cow_next.load(Ordering::Relaxed), 2 * PAGE);
+        assert_eq!(freeze.cow_next.load(Ordering::Relaxed), 2 * SLOT_BYTES);
         assert_eq!(freeze.take(&live, 1).unwrap(), vec![2u8; BS as usize]);
-        // After the capture, writes are no longer preserved.
+        // Once its entry is committed, writes are no longer preserved.
+        freeze.mark_done([1]);
         write(&live, &freeze, BS, &[0xbb; 100]);
-        assert_eq!(freeze.cow_next.load(Ordering::Relaxed), 2 * PAGE);
+        assert_eq!(freeze.cow_next.load(Ordering::Relaxed), 2 * SLOT_BYTES);
         // Untouched block is read live; a block outside the set is never preserved.
         assert_eq!(freeze.take(&live, 2).unwrap(), vec![3u8; BS as usize]);
         write(&live, &freeze, 5 * BS, &[0xcc; 100]);
-        assert_eq!(freeze.cow_next.load(Ordering::Relaxed), 2 * PAGE);
+        assert_eq!(freeze.cow_next.load(Ordering::Relaxed), 2 * SLOT_BYTES);
+    }
+
+    #[test]
+    fn a_reopened_freeze_has_every_preserved_page_and_skips_torn_slots() {
+        let (live, freeze) = setup(&[1, 2, 3]);
+        write(&live, &freeze, BS + 10, &[0xaa; 100]);
+        write(&live, &freeze, 3 * BS, &[0xbb; BS as usize]);
+        let storage = MemStorage::new();
+        storage.create_dir_all(Path::new("/t")).unwrap();
+        // A copy of the preservation file with a torn slot after the good ones.
+        let len = freeze.cow.len().unwrap();
+        let mut bytes = vec![0u8; len as usize];
+        freeze.cow.read_at(&mut bytes, 0).unwrap();
+        let mut torn = bytes[..SLOT_BYTES as usize].to_vec();
+        torn[SLOT_BYTES as usize - 1] ^= 1;
+        bytes.extend_from_slice(&torn);
+        bytes.extend_from_slice(&vec![0u8; SLOT_BYTES as usize]);
+        let cow_path = Path::new("/t/cow2");
+        let cow = storage.open(cow_path, OpenOptions::CREATE).unwrap();
+        cow.write_all_at(&bytes, 0).unwrap();
+        let set = DirtyMap::create(
+            &storage,
+            Path::new("/t/set2"),
+            crate::volume::dirty::NEVER_SHRUNK,
+        )
+        .unwrap();
+        for b in [1, 2, 3] {
+            set.mark(b, b).unwrap();
+        }
+        let reopened = Freeze::reopen(set, 0..0, 7 * BS + 100, BS, cow, cow_path, [2]).unwrap();
+        assert_eq!(reopened.take(&live, 1).unwrap(), vec![2u8; BS as usize]);
+        assert_eq!(reopened.take(&live, 3).unwrap(), vec![4u8; BS as usize]);
+        assert!(reopened.is_done(2) && !reopened.is_done(1));
+        // New slots go after everything, torn ones included.
+        assert_eq!(
+            reopened.cow_next.load(Ordering::Relaxed),
+            len + 2 * SLOT_BYTES
+        );
+        write(&live, &reopened, 2 * BS, &[0xcc; 10]);
+        assert_eq!(
+            reopened.cow_next.load(Ordering::Relaxed),
+            len + 2 * SLOT_BYTES,
+            "done"
+        );
+        write(&live, &reopened, BS + 3 * PAGE, &[0xdd; 10]);
+        assert_eq!(reopened.take(&live, 1).unwrap(), vec![2u8; BS as usize]);
     }
 
     #[test]

@@ -726,6 +726,72 @@ impl<S: Storage> Volume<S> {
         Ok(freeze)
     }
 
+    /// Puts back the freeze of snapshot `snapshot`'s capture that a `kill -9`
+    /// interrupted, from its capture set and preservation file (see `freeze`), before
+    /// the volume takes any write. `done`: blocks whose entries are committed.
+    pub fn resume_freeze(
+        &self,
+        snapshot: SnapshotId,
+        reexamine: std::ops::Range<u64>,
+        size_bytes: u64,
+        done: impl IntoIterator<Item = u64>,
+    ) -> VolumeResult<Arc<Freeze<S>>> {
+        let set_path = self
+            .layout
+            .capture_file(self.id, snapshot, CaptureFile::Set);
+        let cow_path = self
+            .layout
+            .capture_file(self.id, snapshot, CaptureFile::Cow);
+        let set = DirtyMap::open(&self.storage, &set_path).map_err(|e| VolumeError::Io {
+            volume: self.id,
+            op: "resume",
+            offset: 0,
+            source: io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+        })?;
+        let cow = self
+            .storage
+            .open(&cow_path, OpenOptions::EXISTING)
+            .map_err(self.io_err("resume", 0))?;
+        let freeze = Arc::new(
+            Freeze::reopen(
+                set,
+                reexamine,
+                size_bytes,
+                self.block_size,
+                cow,
+                &cow_path,
+                done,
+            )
+            .map_err(self.io_err("resume", 0))?,
+        );
+        let mut epoch = self.epoch_exclusive();
+        if epoch.freeze.is_some() {
+            return Err(VolumeError::CaptureInProgress { volume: self.id });
+        }
+        epoch.freeze = Some(freeze.clone());
+        Ok(freeze)
+    }
+
+    /// The freeze of the capture in progress, if any.
+    pub fn active_freeze(&self) -> Option<Arc<Freeze<S>>> {
+        self.epoch_shared().freeze.clone()
+    }
+
+    /// Reads `block` as `freeze` shows it, holding off the end of the capture
+    /// meanwhile; `None` if that freeze is over (the capture committed every entry).
+    pub fn read_frozen_block(
+        &self,
+        freeze: &Arc<Freeze<S>>,
+        block: u64,
+        buf: &mut Vec<u8>,
+    ) -> Option<io::Result<()>> {
+        let epoch = self.epoch_shared();
+        match &epoch.freeze {
+            Some(active) if Arc::ptr_eq(active, freeze) => Some(freeze.take_into(self, block, buf)),
+            _ => None,
+        }
+    }
+
     fn reexamine_range(
         &self,
         dirty: &DirtyMap<S>,

@@ -1,0 +1,1320 @@
+//! Uploading captured snapshots to the bucket, and everything else this host tells
+//! the bucket: its lease, tombstones of deleted snapshots, garbage collection.
+//!
+//! With a snapshot store, a capture ends with its entries committed in the data
+//! directory as usual, but the snapshot stays `pending` (`captured`): the volume is
+//! thawed and the next snapshot may start, and the capture is durable locally. One
+//! background thread then uploads captured snapshots in id order:
+//!
+//! 1. the lease is written, listing the roots this upload reads (its base) and the
+//!    server time the upload began (`capturing_since`): no collection removes an
+//!    object younger than that, or reachable from a root in the lease;
+//! 2. the chunks the snapshot references and the bucket lacks go up in pack objects
+//!    (several at once); after each batch the data directory records where they
+//!    went (`uploaded` table), so a resumed upload sends nothing twice;
+//! 3. the snapshot's block map goes up page by page: an incremental upload rewrites
+//!    only the pages holding blocks changed since its base (the newest earlier
+//!    snapshot of the volume already in the bucket) and reuses the base's other pages;
+//! 4. its `meta` object (owner, mode, attributes), then its root — the commit point,
+//!    written last, under `commit` so that no `rmdir` runs between the last check
+//!    and the record — and only then is the snapshot `completed` locally.
+//!
+//! Crash or kill -9 at any point: before the root, the snapshot is still `pending`
+//! and captured; the next start resumes the upload, reusing the packs recorded in
+//! `uploaded` (a pack written but not recorded is sent again; the stray copy is
+//! garbage a collection removes). After the root and before the local commit, the
+//! resumed upload writes the same root again (same name, same contents up to the
+//! completion time). Failures of the store (unreachable, throttled, refused) leave
+//! the snapshot `pending` with the reason in `info` (`upload_error`); it is retried
+//! with backoff (1 s doubling to 5 min) until it succeeds, and resumes after a
+//! restart. A failure of local data (a chunk that does not verify) is final: the
+//! snapshot becomes `error`.
+//!
+//! If this host's lease may have lapsed (a renewal came more than half its length
+//! after the previous one, or the daemon was down), an upload cannot know that a
+//! collection spared the objects it reuses: before the root it renews the lease,
+//! waits a quarter of the lease's length (the longest a collection acts on what it
+//! listed) and checks that every page and pack the root names exists; if one does
+//! not, the upload starts over without reusing anything. docs/FORMAT.md, section 6,
+//! has the whole argument.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use log::{error, info, warn};
+use redb::ReadableTable;
+
+use crate::namespace::tables::{CHUNKS, MANIFEST, SNAPSHOT_BLOCKS, TOMBSTONES_DUE, UPLOADED};
+use crate::namespace::{
+    NamespaceError, Records, SnapshotId, SnapshotRecord, SnapshotStatus, Timestamp,
+};
+use crate::remote::catalog::Catalog;
+use crate::remote::format::{Lease, PAGE_BLOCKS, Page, RemoteChunk, Root, RootFacts, SnapshotMeta};
+use crate::remote::{RemoteError, RemoteStore, gc};
+use crate::storage::Storage;
+use crate::store::ChunkLocation;
+use crate::store::codec::ChunkHash;
+use crate::store::index;
+
+use super::manifest::{self, BlockContent};
+use super::settle::{SETTLE_BATCH, Settle};
+use super::{Scheduling, SnapshotEngine, lock, lower_thread_priority};
+
+/// How an upload attempt ended short of completing.
+#[derive(Debug)]
+pub enum UploadFailure {
+    /// The store failed: retried later.
+    Retry(String),
+    /// Local data is wrong: the snapshot becomes `error`.
+    Fatal(String),
+    /// The daemon is stopping: resumed at the next start.
+    Stopped,
+}
+
+impl From<RemoteError> for UploadFailure {
+    fn from(e: RemoteError) -> Self {
+        match e {
+            RemoteError::WrongKey(_) | RemoteError::Setup { .. } => {
+                UploadFailure::Retry(e.to_string())
+            }
+            _ => UploadFailure::Retry(e.to_string()),
+        }
+    }
+}
+
+impl From<NamespaceError> for UploadFailure {
+    fn from(e: NamespaceError) -> Self {
+        UploadFailure::Retry(format!("metadata database: {e}"))
+    }
+}
+
+impl From<redb::Error> for UploadFailure {
+    fn from(e: redb::Error) -> Self {
+        UploadFailure::from(NamespaceError::from(e))
+    }
+}
+
+macro_rules! redb_into {
+    ($($t:ty),*) => {$(
+        impl From<$t> for UploadFailure {
+            fn from(e: $t) -> Self {
+                UploadFailure::from(NamespaceError::from(e))
+            }
+        }
+    )*};
+}
+redb_into!(
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::TransactionError
+);
+
+type UploadResult<T> = Result<T, UploadFailure>;
+
+/// First wait before retrying a failed upload, and the longest.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// How often a host collects garbage in the bucket, besides after deletions.
+const GC_EVERY: Duration = Duration::from_secs(3600);
+
+/// This host's side of the bucket.
+pub struct Uploader {
+    pub store: Arc<RemoteStore>,
+    state: Mutex<WorkerState>,
+    changed: Condvar,
+    /// Held from an upload's last check of its record to its local commit, and by
+    /// `rmdir` of a snapshot still uploading.
+    pub(super) commit: Mutex<()>,
+    /// Roots read outside the records (an upload's base, open images of other
+    /// hosts' snapshots), with how many readers each: listed in the lease.
+    extra_roots: Mutex<BTreeMap<String, usize>>,
+    /// The lease has been renewed in time ever since the daemon started (and the
+    /// first write came in time after the previous daemon's last one).
+    lease_continuous: AtomicBool,
+    /// When the lease was last written (this host's clock).
+    last_renewal: Mutex<Option<Instant>>,
+    /// Roots this host completed lately, kept in the lease for one lease length: a
+    /// collection that listed the roots before one was written still finds it there
+    /// (it reads the roots leases name), after `capturing_since` went.
+    recent_roots: Mutex<Vec<(String, Instant)>>,
+    /// Server time the upload at hand began, if any.
+    capturing_since: Mutex<Option<u64>>,
+    /// Why the last attempt at uploading a snapshot failed, and how many did.
+    errors: Mutex<HashMap<SnapshotId, (String, u32)>>,
+    /// Pages done and pages to do, of the upload at hand.
+    progress: Mutex<HashMap<SnapshotId, (u64, u64)>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    last_gc: Mutex<Option<Instant>>,
+    /// Bytes of chunks uploaded (for the log and the benchmarks).
+    pub uploaded_bytes: AtomicU64,
+    /// Other hosts' snapshots.
+    pub catalog: Catalog,
+    poller: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+#[derive(Default)]
+struct WorkerState {
+    /// Snapshots waiting for an upload attempt, with when it may start.
+    queue: BTreeMap<SnapshotId, Instant>,
+    /// Deletions to tell the bucket, or a collection to run.
+    tombstones: bool,
+    /// Uploaded snapshots whose sharing changed: their `meta` objects to rewrite.
+    meta: BTreeSet<SnapshotId>,
+    stopped: bool,
+}
+
+/// A root listed in the lease while this guard lives.
+struct RootGuard<'a> {
+    uploader: &'a Uploader,
+    roots: Vec<String>,
+}
+
+impl Drop for RootGuard<'_> {
+    fn drop(&mut self) {
+        let mut extra = lock(&self.uploader.extra_roots);
+        for root in &self.roots {
+            if let Some(n) = extra.get_mut(root) {
+                *n -= 1;
+                if *n == 0 {
+                    extra.remove(root);
+                }
+            }
+        }
+    }
+}
+
+fn secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+impl Uploader {
+    pub fn new(store: Arc<RemoteStore>) -> Uploader {
+        Uploader {
+            store,
+            state: Mutex::new(WorkerState::default()),
+            changed: Condvar::new(),
+            commit: Mutex::new(()),
+            extra_roots: Mutex::new(BTreeMap::new()),
+            lease_continuous: AtomicBool::new(false),
+            last_renewal: Mutex::new(None),
+            capturing_since: Mutex::new(None),
+            recent_roots: Mutex::new(Vec::new()),
+            errors: Mutex::new(HashMap::new()),
+            progress: Mutex::new(HashMap::new()),
+            thread: Mutex::new(None),
+            last_gc: Mutex::new(None),
+            uploaded_bytes: AtomicU64::new(0),
+            catalog: Catalog::default(),
+            poller: Mutex::new(None),
+        }
+    }
+
+    /// Why the last upload attempt of `id` failed, if it did.
+    pub fn upload_error(&self, id: SnapshotId) -> Option<String> {
+        lock(&self.errors)
+            .get(&id)
+            .map(|(reason, _)| reason.clone())
+    }
+
+    /// Percent of `id`'s upload done, if it is uploading.
+    pub fn upload_percent(&self, id: SnapshotId) -> Option<u64> {
+        lock(&self.progress)
+            .get(&id)
+            .map(|&(done, total)| (done * 100).checked_div(total).unwrap_or(0))
+    }
+
+    /// Lists `roots` in the lease until the guard drops (the caller writes the lease).
+    fn protect(&self, roots: impl IntoIterator<Item = String>) -> RootGuard<'_> {
+        let roots: Vec<String> = roots.into_iter().collect();
+        let mut extra = lock(&self.extra_roots);
+        for root in &roots {
+            *extra.entry(root.clone()).or_insert(0) += 1;
+        }
+        RootGuard {
+            uploader: self,
+            roots,
+        }
+    }
+
+    /// Starts reading root `root` of another host (an open image, a volume made
+    /// from it): listed in the lease, which is written before this returns; fails
+    /// if the snapshot was deleted meanwhile (its tombstone exists), since a
+    /// collection may then already be removing its objects.
+    pub fn begin_reading(&self, view: &Records, root: &str) -> Result<(), RemoteError> {
+        *lock(&self.extra_roots).entry(root.to_string()).or_insert(0) += 1;
+        let checked = self.write_lease(view).and_then(|()| {
+            let tombstone = self.store.names().tombstone_of(root);
+            match self.store.bucket.head(&tombstone) {
+                Ok(None) => Ok(()),
+                Ok(Some(_)) => Err(RemoteError::Setup {
+                    store: self.store.bucket.shown.clone(),
+                    reason: format!("snapshot {root} was deleted"),
+                }),
+                Err(source) => Err(RemoteError::Bucket {
+                    store: self.store.bucket.shown.clone(),
+                    source,
+                }),
+            }
+        });
+        if checked.is_err() {
+            self.end_reading(root);
+        }
+        checked
+    }
+
+    /// Stops reading root `root` (it leaves the lease at the next renewal).
+    pub fn end_reading(&self, root: &str) {
+        let mut extra = lock(&self.extra_roots);
+        if let Some(n) = extra.get_mut(root) {
+            *n -= 1;
+            if *n == 0 {
+                extra.remove(root);
+            }
+        }
+    }
+
+    /// The roots this host still reads: deleted snapshots kept as bases, the
+    /// snapshots its volumes were made from (until hydrated and uploaded once), and
+    /// the extra roots.
+    fn lease_roots(&self, view: &Records) -> Vec<String> {
+        let mut roots: BTreeSet<String> = view
+            .snapshots
+            .values()
+            .filter(|s| s.hidden)
+            .filter_map(|s| s.remote_root.clone())
+            .collect();
+        for (volume, parent) in &view.remote_parents {
+            let uploaded_since = view
+                .lineage(*volume)
+                .any(|s| s.status == SnapshotStatus::Completed && s.remote_root.is_some());
+            let hydrated = view.volumes.get(volume).is_some_and(|v| v.hydrated);
+            if !(hydrated && uploaded_since) {
+                roots.insert(parent.root.clone());
+            }
+        }
+        roots.extend(lock(&self.extra_roots).keys().cloned());
+        let ttl = self.store.lease_ttl();
+        let mut recent = lock(&self.recent_roots);
+        recent.retain(|(_, at)| at.elapsed() < ttl);
+        roots.extend(recent.iter().map(|(root, _)| root.clone()));
+        roots.into_iter().collect()
+    }
+
+    /// Writes this host's lease now; tracks whether it stayed continuous.
+    pub fn write_lease(&self, view: &Records) -> Result<(), RemoteError> {
+        let lease = Lease {
+            host: self.store.host.clone(),
+            roots: self.lease_roots(view),
+            capturing_since: *lock(&self.capturing_since),
+        };
+        let half = self.store.lease_ttl() / 2;
+        let previous = *lock(&self.last_renewal);
+        let started = Instant::now();
+        self.store.write_lease(lease)?;
+        // A write that took long may have landed late: judge by when it began.
+        let in_time = previous.is_some_and(|p| started.duration_since(p) < half);
+        if !in_time && previous.is_some() && self.lease_continuous.swap(false, Ordering::AcqRel) {
+            {
+                warn!(
+                    "snapshot store {}: this host's lease was not renewed in time; uploads \
+                     check what they reuse before completing",
+                    self.store.bucket.shown
+                );
+            }
+        }
+        *lock(&self.last_renewal) = Some(started);
+        Ok(())
+    }
+
+    /// First lease of this daemon: continuous with the previous daemon's if that one
+    /// was written less than half a lease ago (server time), keeping its
+    /// `capturing_since` then (an upload it had begun resumes now).
+    pub fn first_lease(&self, view: &Records) -> Result<(), RemoteError> {
+        let name = self.store.names().lease(&self.store.host);
+        let old = self
+            .store
+            .bucket
+            .head(&name)
+            .map_err(|source| RemoteError::Bucket {
+                store: self.store.bucket.shown.clone(),
+                source,
+            })?;
+        let old_lease: Option<Lease> = match &old {
+            Some(_) => self
+                .store
+                .get_object(&name)?
+                .and_then(|b| String::from_utf8(b).ok())
+                .and_then(|t| toml::from_str(&t).ok()),
+            None => None,
+        };
+        if let Some(since) = old_lease.as_ref().and_then(|l| l.capturing_since) {
+            *lock(&self.capturing_since) = Some(since);
+        }
+        self.write_lease(view)?;
+        let now = self
+            .store
+            .bucket
+            .head(&name)
+            .ok()
+            .flatten()
+            .map(|l| l.modified);
+        let continuous = match (old, now) {
+            (Some(old), Some(now)) => now
+                .duration_since(old.modified)
+                .is_ok_and(|gap| gap < self.store.lease_ttl() / 2),
+            // No earlier lease: nothing was ever protected by it.
+            (None, _) => true,
+            _ => false,
+        };
+        if !continuous {
+            *lock(&self.capturing_since) = None;
+            self.write_lease(view)?;
+            warn!(
+                "snapshot store {}: this host's lease had lapsed; uploads check what they \
+                 reuse before completing",
+                self.store.bucket.shown
+            );
+        }
+        self.lease_continuous.store(continuous, Ordering::Release);
+        Ok(())
+    }
+
+    fn pack_bytes(&self) -> u64 {
+        self.store.pack_bytes.load(Ordering::Relaxed) as u64
+    }
+
+    fn renewal_due(&self) -> bool {
+        lock(&self.last_renewal).is_none_or(|at| at.elapsed() >= self.store.lease_renew())
+    }
+
+    fn stopped(&self) -> bool {
+        lock(&self.state).stopped
+    }
+
+    fn wake(&self) {
+        self.changed.notify_all();
+    }
+}
+
+/// An upload in progress: the pages being rebuilt and the chunks on their way.
+struct Batch {
+    /// Chunks to send, with where they are locally, in the order found.
+    chunks: Vec<(ChunkHash, ChunkLocation)>,
+    queued: BTreeSet<ChunkHash>,
+    bytes: u64,
+}
+
+/// A page waiting for chunks of the batch.
+struct WaitingPage {
+    page: Page,
+    /// (block in page, chunk hash) still without a place in the bucket.
+    missing: Vec<(u16, ChunkHash)>,
+}
+
+impl<S: Storage> SnapshotEngine<S> {
+    /// The bucket side of this engine, if a store is configured.
+    pub fn uploader(&self) -> Option<&Arc<Uploader>> {
+        self.remote.as_ref()
+    }
+
+    /// Queues snapshot `id`'s upload (also the ones a restart found captured).
+    pub(super) fn queue_upload(&self, id: SnapshotId) {
+        if let Some(up) = &self.remote {
+            lock(&up.state).queue.insert(id, Instant::now());
+            up.wake();
+        }
+    }
+
+    /// Queues every captured snapshot still pending, and tombstones still due
+    /// (at start-up), then writes the first lease.
+    pub fn resume_uploads(&self) -> Result<(), RemoteError> {
+        let Some(up) = &self.remote else {
+            return Ok(());
+        };
+        let view = self.ns.view();
+        up.first_lease(&view)?;
+        for s in view
+            .snapshots
+            .values()
+            .filter(|s| s.captured && s.status == SnapshotStatus::Pending)
+        {
+            info!("snapshot {}: resuming its upload", s.name());
+            self.queue_upload(s.id);
+        }
+        lock(&up.state).tombstones = true;
+        up.wake();
+        Ok(())
+    }
+
+    /// Starts the thread that talks to the bucket (threads scheduling).
+    pub fn start_remote_worker(self: &Arc<Self>) {
+        let Some(up) = &self.remote else {
+            return;
+        };
+        if self.scheduling == Scheduling::Manual {
+            return;
+        }
+        let engine: Weak<SnapshotEngine<S>> = Arc::downgrade(self);
+        let up = up.clone();
+        let handle = std::thread::Builder::new()
+            .name("bucket".into())
+            .spawn(move || {
+                lower_thread_priority();
+                remote_worker(engine, up)
+            });
+        match handle {
+            Ok(handle) => *lock(&self.remote.as_ref().expect("checked").thread) = Some(handle),
+            Err(e) => error!("cannot start the bucket thread: {e}"),
+        }
+    }
+
+    /// Lists the bucket for other hosts' snapshots now.
+    pub fn refresh_catalog(&self) -> Result<usize, RemoteError> {
+        let Some(up) = &self.remote else {
+            return Ok(0);
+        };
+        let local: HashSet<String> = self
+            .ns
+            .view()
+            .snapshots
+            .values()
+            .filter_map(|s| s.remote_root.clone())
+            .collect();
+        up.catalog.refresh(&up.store, &local)
+    }
+
+    /// Starts the thread that lists other hosts' snapshots every `poll_seconds`.
+    pub fn start_catalog_poller(self: &Arc<Self>) {
+        let Some(up) = &self.remote else {
+            return;
+        };
+        if self.scheduling == Scheduling::Manual {
+            return;
+        }
+        let engine: Weak<SnapshotEngine<S>> = Arc::downgrade(self);
+        let up2 = up.clone();
+        let every = Duration::from_secs(up.store.settings.poll_seconds);
+        let handle = std::thread::Builder::new()
+            .name("bucket-list".into())
+            .spawn(move || {
+                let mut failing = false;
+                loop {
+                    {
+                        let Some(engine) = engine.upgrade() else {
+                            return;
+                        };
+                        match engine.refresh_catalog() {
+                            Ok(_) if failing => {
+                                info!("snapshot store: listing works again");
+                                failing = false;
+                            }
+                            Ok(_) => {}
+                            Err(e) if !failing => {
+                                warn!("snapshot store: cannot list other hosts' snapshots: {e}");
+                                failing = true;
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                    // Other work wakes the same condition: wait out the period.
+                    let until = Instant::now() + every;
+                    let mut state = lock(&up2.state);
+                    loop {
+                        if state.stopped {
+                            return;
+                        }
+                        let left = until.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        state = up2
+                            .changed
+                            .wait_timeout(state, left)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                }
+            });
+        match handle {
+            Ok(handle) => *lock(&up.poller) = Some(handle),
+            Err(e) => error!("cannot start the bucket listing thread: {e}"),
+        }
+    }
+
+    /// Stops the bucket thread: an upload at hand stops at its next step and resumes
+    /// at the next start.
+    pub fn stop_remote_worker(&self) {
+        let Some(up) = &self.remote else {
+            return;
+        };
+        lock(&up.state).stopped = true;
+        up.wake();
+        for handle in [lock(&up.thread).take(), lock(&up.poller).take()]
+            .into_iter()
+            .flatten()
+        {
+            if handle.join().is_err() {
+                error!("a bucket thread panicked");
+            }
+        }
+    }
+
+    /// One round of bucket work on the calling thread (manual scheduling, tests):
+    /// every due tombstone, then every queued upload once. Returns the uploads that
+    /// completed.
+    pub fn run_remote_work(&self) -> usize {
+        let Some(up) = self.remote.clone() else {
+            return 0;
+        };
+        if let Err(e) = up.write_lease(&self.ns.view()) {
+            warn!("renewing the lease: {e}");
+        }
+        if let Err(e) = self.send_tombstones(&up) {
+            warn!("sending tombstones: {e}");
+        }
+        self.send_meta(&up);
+        let queued: Vec<SnapshotId> = lock(&up.state).queue.keys().copied().collect();
+        let mut done = 0;
+        for id in queued {
+            if self.attempt_upload(&up, id) {
+                done += 1;
+            }
+        }
+        done
+    }
+
+    /// Runs a collection of the bucket's garbage now.
+    pub fn collect_bucket_garbage(&self) -> Result<gc::GcReport, RemoteError> {
+        let Some(up) = &self.remote else {
+            return Err(RemoteError::Setup {
+                store: String::new(),
+                reason: "no snapshot store is configured".into(),
+            });
+        };
+        up.write_lease(&self.ns.view())?;
+        let report = gc::collect(&up.store, false);
+        *lock(&up.last_gc) = Some(Instant::now());
+        report
+    }
+
+    /// Tells the bucket about deleted snapshots: the lease first (so that a root this
+    /// host still reads is protected before its tombstone can be seen), then each
+    /// tombstone, then forgets it locally. Runs a collection if any went.
+    fn send_tombstones(&self, up: &Uploader) -> Result<usize, RemoteError> {
+        let due: Vec<String> = {
+            let txn = self.ns.read().map_err(remote_ns)?;
+            let table = txn
+                .open_table(TOMBSTONES_DUE)
+                .map_err(|e| remote_ns(e.into()))?;
+            let mut due = Vec::new();
+            for row in table.range::<&str>(..).map_err(|e| remote_ns(e.into()))? {
+                due.push(row.map_err(|e| remote_ns(e.into()))?.0.value().to_string());
+            }
+            due
+        };
+        if due.is_empty() {
+            return Ok(0);
+        }
+        up.write_lease(&self.ns.view())?;
+        for root in &due {
+            let tombstone = up.store.names().tombstone_of(root);
+            up.store.put_object(&tombstone, b"")?;
+            self.ns
+                .change_data(|d| -> Result<(), NamespaceError> {
+                    d.txn().open_table(TOMBSTONES_DUE)?.remove(root.as_str())?;
+                    Ok(())
+                })
+                .map_err(remote_ns)?;
+            info!("snapshot store: tombstone written for {root}");
+        }
+        Ok(due.len())
+    }
+
+    /// One attempt at uploading `id`; true if it completed (or needs nothing more).
+    fn attempt_upload(&self, up: &Uploader, id: SnapshotId) -> bool {
+        match self.upload(up, id) {
+            Ok(()) => {
+                lock(&up.state).queue.remove(&id);
+                lock(&up.errors).remove(&id);
+                true
+            }
+            Err(UploadFailure::Stopped) => false,
+            Err(UploadFailure::Retry(reason)) => {
+                let tries = {
+                    let mut errors = lock(&up.errors);
+                    let entry = errors.entry(id).or_insert_with(|| (String::new(), 0));
+                    let first_of_its_kind = entry.0 != reason;
+                    entry.0 = reason.clone();
+                    entry.1 += 1;
+                    if first_of_its_kind {
+                        warn!("snapshot {id}: upload failed, will retry: {reason}");
+                    }
+                    entry.1
+                };
+                let wait = RETRY_FIRST
+                    .saturating_mul(1 << tries.saturating_sub(1).min(16))
+                    .min(RETRY_MAX);
+                lock(&up.state).queue.insert(id, Instant::now() + wait);
+                false
+            }
+            Err(UploadFailure::Fatal(reason)) => {
+                lock(&up.state).queue.remove(&id);
+                error!("snapshot {id}: upload failed for good: {reason}");
+                if let Err(e) = self.fail_upload(id, &reason) {
+                    error!("snapshot {id}: cannot record the failure: {e}");
+                }
+                false
+            }
+        }
+    }
+
+    /// A snapshot whose upload cannot succeed: `error`. Its entries stay (a later
+    /// snapshot of the volume may be incremental against them) until it is deleted.
+    fn fail_upload(&self, id: SnapshotId, reason: &str) -> super::SnapshotResult<()> {
+        let Some(record) = self.ns.view().snapshots.get(&id).cloned() else {
+            return Ok(());
+        };
+        self.clear_uploaded(id)
+            .map_err(super::SnapshotError::from)?;
+        self.finish_failed(
+            record.lineage,
+            id,
+            &format!("upload failed: {reason}"),
+            false,
+        )
+    }
+
+    fn clear_uploaded(&self, id: SnapshotId) -> Result<(), NamespaceError> {
+        self.ns.change_data(|d| -> Result<(), NamespaceError> {
+            let mut table = d.txn().open_table(UPLOADED)?;
+            let keys: Vec<[u8; 32]> = table
+                .range((id.0, &[0u8; 32])..=(id.0, &[0xffu8; 32]))?
+                .map(|row| row.map(|(k, _)| *k.value().1))
+                .collect::<Result<_, _>>()?;
+            for hash in keys {
+                table.remove((id.0, &hash))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Uploads snapshot `id` (see the module documentation).
+    fn upload(&self, up: &Uploader, id: SnapshotId) -> UploadResult<()> {
+        let view = self.ns.view();
+        let Some(record) = view.snapshots.get(&id).cloned() else {
+            return Ok(());
+        };
+        if !(record.captured && record.status == SnapshotStatus::Pending) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let root_name = up.store.root_name(id.0);
+        let writes_before = up.store.bucket.writes.load(Ordering::Relaxed);
+        let bytes_before = up.uploaded_bytes.load(Ordering::Relaxed);
+        let bs = u64::from(record.block_size);
+        let blocks = record.size_bytes.div_ceil(bs);
+        let page_count = blocks.div_ceil(PAGE_BLOCKS);
+        // The newest earlier snapshot of the volume in the bucket.
+        let base = view
+            .lineage(record.lineage)
+            .filter(|s| s.id < id && s.status == SnapshotStatus::Completed)
+            .filter_map(|s| Some((s.id, s.remote_root.clone()?)))
+            .last();
+        // Chunks of the snapshot the volume was made from need no upload.
+        let source_root = view
+            .remote_parents
+            .get(&record.lineage)
+            .map(|p| p.root.clone());
+        let _guard = up.protect(base.iter().map(|b| b.1.clone()).chain(source_root.clone()));
+        // Server time now: nothing this upload writes is older.
+        up.write_lease(&view)?;
+        let now = up
+            .store
+            .bucket
+            .head(&up.store.names().lease(&up.store.host))
+            .map_err(|source| RemoteError::Bucket {
+                store: up.store.bucket.shown.clone(),
+                source,
+            })?
+            .map(|l| secs(l.modified))
+            .unwrap_or_else(|| secs(SystemTime::now()));
+        {
+            let mut since = lock(&up.capturing_since);
+            if since.is_none() {
+                // One second early: the server's times may be whole seconds.
+                *since = Some(now.saturating_sub(1));
+            }
+        }
+        up.write_lease(&view)?;
+        let continuous_from_start = up.lease_continuous.load(Ordering::Acquire);
+        let base_root = match &base {
+            Some((_, name)) => match up.store.root(name) {
+                Ok(Some(root)) => Some(root),
+                Ok(None) | Err(_) => {
+                    warn!(
+                        "snapshot {}: its base {name} cannot be read; uploading it whole",
+                        record.name()
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
+        let source = match (&source_root, &base_root) {
+            (Some(name), None) => up.store.root(name).ok().flatten(),
+            _ => None,
+        };
+        // Blocks to write into pages: those changed since the base, or all.
+        let changed: Vec<u64> = match (&base, &base_root) {
+            (Some((base_id, _)), Some(_)) => {
+                let txn = self.ns.read()?;
+                let table = txn.open_table(SNAPSHOT_BLOCKS)?;
+                let mut set = BTreeSet::new();
+                for s in view
+                    .lineage(record.lineage)
+                    .filter(|s| s.id > *base_id && s.id <= id)
+                {
+                    for row in table.range((s.id.0, 0)..=(s.id.0, u64::MAX))? {
+                        let block = row?.0.value().1;
+                        if block < blocks {
+                            set.insert(block);
+                        }
+                    }
+                }
+                set.into_iter().collect()
+            }
+            _ => {
+                let txn = self.ns.read()?;
+                let table = txn.open_table(MANIFEST)?;
+                manifest::nonzero_blocks(&table, &view.chain(record.lineage, id), 0..blocks)?
+            }
+        };
+        let chain = view.chain(record.lineage, id);
+        // Where chunks already went: this upload's earlier attempts.
+        let mut placed: HashMap<ChunkHash, RemoteChunk> = HashMap::new();
+        {
+            let txn = self.ns.read()?;
+            let table = txn.open_table(UPLOADED)?;
+            for row in table.range((id.0, &[0u8; 32])..=(id.0, &[0xffu8; 32]))? {
+                let (key, value) = row?;
+                let hash = ChunkHash(*key.value().1);
+                match RemoteChunk::decode(value.value(), "uploaded chunk") {
+                    Ok(chunk) => {
+                        placed.insert(hash, chunk);
+                    }
+                    Err(e) => warn!("snapshot {id}: ignoring a damaged upload record: {e}"),
+                }
+            }
+        }
+        let resumed = placed.len();
+        // Pages: the base's, then the rebuilt ones.
+        let mut pages: BTreeMap<u64, String> = base_root
+            .as_ref()
+            .map(|root| {
+                root.pages
+                    .iter()
+                    .filter(|(index, _)| *index < page_count)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut touched: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+        for block in changed {
+            touched.entry(block / PAGE_BLOCKS).or_default().push(block);
+        }
+        // A base page cut by a shrink is rewritten without the blocks past the end.
+        if blocks % PAGE_BLOCKS != 0 && pages.contains_key(&(page_count - 1)) {
+            touched.entry(page_count - 1).or_default();
+        }
+        let total = touched.len() as u64;
+        lock(&up.progress).insert(id, (0, total));
+        let mut batch = Batch {
+            chunks: Vec::new(),
+            queued: BTreeSet::new(),
+            bytes: 0,
+        };
+        let mut waiting: BTreeMap<u64, WaitingPage> = BTreeMap::new();
+        let mut done_pages = 0;
+        for (index, page_blocks) in touched {
+            if up.stopped() {
+                return Err(UploadFailure::Stopped);
+            }
+            let mut page = match pages.get(&index) {
+                Some(name) => (*up.store.page(name)?).clone(),
+                None => Page::default(),
+            };
+            page.entries
+                .retain(|(b, _)| index * PAGE_BLOCKS + u64::from(*b) < blocks);
+            let source_page = match source.as_ref().and_then(|r| r.page(index)) {
+                Some(name) => up.store.page(name).ok(),
+                None => None,
+            };
+            let mut missing = Vec::new();
+            {
+                let txn = self.ns.read()?;
+                let manifest_table = txn.open_table(MANIFEST)?;
+                let chunks_table = txn.open_table(CHUNKS)?;
+                let mut by_hash: HashMap<ChunkHash, RemoteChunk> = HashMap::new();
+                for (_, c) in page
+                    .entries
+                    .iter()
+                    .chain(source_page.iter().flat_map(|p| p.entries.iter()))
+                {
+                    by_hash.insert(c.hash, c.clone());
+                }
+                for block in page_blocks {
+                    let within = (block % PAGE_BLOCKS) as u16;
+                    match manifest::resolve_chain(&manifest_table, &chain, block)? {
+                        BlockContent::Zero => page.set(within, None),
+                        BlockContent::Chunk(hash) => {
+                            if let Some(c) = placed.get(&hash).or_else(|| by_hash.get(&hash)) {
+                                page.set(within, Some(c.clone()));
+                                continue;
+                            }
+                            missing.push((within, hash));
+                            if batch.queued.insert(hash) {
+                                let loc = index::lookup(&chunks_table, &hash)?
+                                    .ok_or_else(|| {
+                                        UploadFailure::Fatal(format!(
+                                            "block {block} names chunk {hash}, which is not stored"
+                                        ))
+                                    })?
+                                    .0;
+                                batch.bytes += u64::from(loc.stored_len);
+                                batch.chunks.push((hash, loc));
+                            }
+                        }
+                    }
+                }
+            }
+            waiting.insert(index, WaitingPage { page, missing });
+            if batch.bytes >= up.pack_bytes() * up.store.settings.upload_concurrency as u64 {
+                self.send_batch(up, id, &mut batch, &mut placed)?;
+            }
+            done_pages += self.finish_pages(up, &mut waiting, &placed, &mut pages, false)?;
+            lock(&up.progress).insert(id, (done_pages, total));
+            if up.renewal_due() {
+                up.write_lease(&self.ns.view())?;
+            }
+        }
+        self.send_batch(up, id, &mut batch, &mut placed)?;
+        self.finish_pages(up, &mut waiting, &placed, &mut pages, true)?;
+        lock(&up.progress).insert(id, (total, total));
+        let root = Root {
+            facts: RootFacts {
+                host: up.store.host.clone(),
+                snapshot: id.0,
+                volume: record.volume.clone(),
+                label: record.label.clone(),
+                size_bytes: record.size_bytes,
+                block_size: record.block_size,
+                created: record.created,
+                completed: Timestamp::now(),
+                parent: record.parent.clone(),
+                changed_blocks: record.changed_blocks,
+                stored_bytes: record.stored_bytes,
+            },
+            pages: pages.into_iter().collect(),
+        };
+        if !(continuous_from_start && up.lease_continuous.load(Ordering::Acquire)) {
+            self.verify_reused(
+                up,
+                &root,
+                resumed > 0 || base_root.is_some() || source.is_some(),
+            )?;
+        }
+        up.store
+            .put_object(&up.store.names().meta_of(&root_name), &meta_of(&record))?;
+        if up.renewal_due() {
+            up.write_lease(&self.ns.view())?;
+        }
+        // The commit point.
+        let commit = lock(&up.commit);
+        let still = self
+            .ns
+            .view()
+            .snapshots
+            .get(&id)
+            .is_some_and(|s| s.captured && s.status == SnapshotStatus::Pending);
+        if !still {
+            return Ok(());
+        }
+        up.store.put_object(&root_name, &root.encode())?;
+        let settle = self.commit_upload(id, &root_name)?;
+        drop(commit);
+        self.settled(settle);
+        self.clear_uploaded(id)?;
+        lock(&up.progress).remove(&id);
+        // The same lease write that stops protecting what the upload wrote by its age
+        // names the root that now references it.
+        lock(&up.recent_roots).push((root_name.clone(), Instant::now()));
+        *lock(&up.capturing_since) = None;
+        up.write_lease(&self.ns.view())?;
+        let elapsed = started.elapsed().as_secs_f64();
+        let bytes = up.uploaded_bytes.load(Ordering::Relaxed) - bytes_before;
+        info!(
+            "snapshot {} completed in the bucket: {} pages rewritten, {bytes} bytes of chunks \
+             sent in {} write requests ({:.1} MB/s, {:.2}s){}",
+            record.name(),
+            total,
+            up.store.bucket.writes.load(Ordering::Relaxed) - writes_before,
+            bytes as f64 / 1e6 / elapsed.max(1e-6),
+            elapsed,
+            if resumed > 0 {
+                format!(", {resumed} chunks sent by an earlier attempt")
+            } else {
+                String::new()
+            }
+        );
+        Ok(())
+    }
+
+    /// Sends the batch's chunks in pack objects (several at once) and records where
+    /// they went, durably, before any page names them.
+    fn send_batch(
+        &self,
+        up: &Uploader,
+        id: SnapshotId,
+        batch: &mut Batch,
+        placed: &mut HashMap<ChunkHash, RemoteChunk>,
+    ) -> UploadResult<()> {
+        if batch.chunks.is_empty() {
+            return Ok(());
+        }
+        // Split into packs of about PACK_OBJECT_BYTES.
+        let mut packs: Vec<Vec<(ChunkHash, ChunkLocation)>> = vec![Vec::new()];
+        let mut size = 0u64;
+        for &(hash, loc) in &batch.chunks {
+            if size >= up.pack_bytes() {
+                packs.push(Vec::new());
+                size = 0;
+            }
+            size += u64::from(loc.stored_len);
+            packs
+                .last_mut()
+                .expect("one pack at least")
+                .push((hash, loc));
+        }
+        let results: Vec<UploadResult<Vec<RemoteChunk>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = packs
+                .iter()
+                .map(|pack| {
+                    scope.spawn(move || -> UploadResult<Vec<RemoteChunk>> {
+                        let size = pack.iter().map(|(_, loc)| loc.stored_len as usize).sum();
+                        let mut builder =
+                            up.store.pack_builder(crate::namespace::random_u64(), size);
+                        self.store
+                            .read_payloads(pack, |i, payload| {
+                                let (hash, loc) = pack[i];
+                                builder.push(hash, loc.codec, loc.plain_len, payload);
+                            })
+                            .map_err(|e| UploadFailure::Fatal(e.to_string()))?;
+                        Ok(builder.finish()?)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(UploadFailure::Retry("upload thread panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        let mut sent = Vec::new();
+        let mut first_error = None;
+        for result in results {
+            match result {
+                Ok(chunks) => sent.extend(chunks),
+                Err(e) if first_error.is_none() => first_error = Some(e),
+                Err(_) => {}
+            }
+        }
+        // Record what did go up, even if some pack failed.
+        if !sent.is_empty() {
+            self.ns.change_data(|d| -> Result<(), NamespaceError> {
+                let mut table = d.txn().open_table(UPLOADED)?;
+                for chunk in &sent {
+                    table.insert((id.0, &chunk.hash.0), chunk.encode().as_slice())?;
+                }
+                Ok(())
+            })?;
+            let bytes: u64 = sent.iter().map(|c| u64::from(c.stored_len)).sum();
+            up.uploaded_bytes.fetch_add(bytes, Ordering::Relaxed);
+            for chunk in sent {
+                placed.insert(chunk.hash, chunk);
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        batch.chunks.clear();
+        batch.queued.clear();
+        batch.bytes = 0;
+        Ok(())
+    }
+
+    /// Uploads the waiting pages whose chunks all have a place (all of them with
+    /// `all`); returns how many went.
+    fn finish_pages(
+        &self,
+        up: &Uploader,
+        waiting: &mut BTreeMap<u64, WaitingPage>,
+        placed: &HashMap<ChunkHash, RemoteChunk>,
+        pages: &mut BTreeMap<u64, String>,
+        all: bool,
+    ) -> UploadResult<u64> {
+        let ready: Vec<u64> = waiting
+            .iter()
+            .filter(|(_, w)| all || w.missing.iter().all(|(_, h)| placed.contains_key(h)))
+            .map(|(&index, _)| index)
+            .collect();
+        for index in &ready {
+            let mut w = waiting.remove(index).expect("listed");
+            for (within, hash) in w.missing.drain(..) {
+                let chunk = placed
+                    .get(&hash)
+                    .ok_or_else(|| UploadFailure::Retry(format!("chunk {hash} was not sent")))?;
+                w.page.set(within, Some(chunk.clone()));
+            }
+            if w.page.entries.is_empty() {
+                pages.remove(index);
+            } else {
+                let name = up.store.put_page(&w.page)?;
+                pages.insert(*index, name);
+            }
+        }
+        Ok(ready.len() as u64)
+    }
+
+    /// After the lease may have lapsed: waits out any collection that may have
+    /// missed it, then checks that every object the root names exists. A missing
+    /// one restarts the upload from nothing.
+    fn verify_reused(&self, up: &Uploader, root: &Root, reuses: bool) -> UploadResult<()> {
+        if !reuses {
+            return Ok(());
+        }
+        up.write_lease(&self.ns.view())?;
+        info!(
+            "snapshot {}: the lease may have lapsed; checking what the upload reuses",
+            root.facts.snapshot
+        );
+        let wait = up.store.lease_ttl() / 4;
+        let until = Instant::now() + wait;
+        while Instant::now() < until {
+            if up.stopped() {
+                return Err(UploadFailure::Stopped);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut packs = BTreeSet::new();
+        let head = |name: &str| -> UploadResult<bool> {
+            up.store
+                .bucket
+                .head(name)
+                .map(|h| h.is_some())
+                .map_err(|e| UploadFailure::Retry(e.to_string()))
+        };
+        for (_, name) in &root.pages {
+            if !head(name)? {
+                return Err(self.restart_upload(root, name));
+            }
+            for (_, chunk) in &up.store.page(name)?.entries {
+                packs.insert(chunk.pack.clone());
+            }
+        }
+        for pack in &packs {
+            if !head(pack)? {
+                return Err(self.restart_upload(root, pack));
+            }
+        }
+        up.lease_continuous.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn restart_upload(&self, root: &Root, missing: &str) -> UploadFailure {
+        let id = SnapshotId(root.facts.snapshot);
+        warn!("snapshot {id}: {missing} is gone from the bucket; uploading the snapshot again");
+        if let Err(e) = self.clear_uploaded(id) {
+            return UploadFailure::Retry(e.to_string());
+        }
+        UploadFailure::Retry(format!("{missing} was collected; starting the upload over"))
+    }
+
+    /// The local commit of an upload: `completed`, with its root.
+    fn commit_upload(&self, id: SnapshotId, root: &str) -> UploadResult<Settle> {
+        let guard = self.ns.lock();
+        let pins = self.pinned();
+        let settle = self
+            .ns
+            .change(&guard, |c| -> Result<Settle, super::SnapshotError> {
+                let mut settle = Settle::new(SETTLE_BATCH);
+                let Some(mut record) = c.records().snapshots.get(&id).cloned() else {
+                    return Ok(settle);
+                };
+                record.status = SnapshotStatus::Completed;
+                record.completed = Some(Timestamp::now());
+                record.remote_root = Some(root.to_string());
+                record.parent = c.records().visible_parent(record.lineage, id);
+                let lineage = record.lineage;
+                c.put_snapshot(record)?;
+                settle.collect_hidden(c, lineage, &pins)?;
+                Ok(settle)
+            });
+        settle.map_err(|e| UploadFailure::Retry(e.to_string()))
+    }
+}
+
+/// A snapshot's `meta` object: who may read it.
+fn meta_of(record: &SnapshotRecord) -> Vec<u8> {
+    let meta = SnapshotMeta {
+        owner: record.owner,
+        description: record.description.clone(),
+        xattrs: record.xattrs.clone(),
+    };
+    toml::to_string(&meta).unwrap_or_default().into_bytes()
+}
+
+fn remote_ns(e: NamespaceError) -> RemoteError {
+    RemoteError::Setup {
+        store: String::new(),
+        reason: format!("metadata database: {e}"),
+    }
+}
+
+/// The bucket thread: renews the lease, sends tombstones, uploads, collects.
+fn remote_worker<S: Storage>(engine: Weak<SnapshotEngine<S>>, up: Arc<Uploader>) {
+    loop {
+        let next_upload = {
+            let state = lock(&up.state);
+            if state.stopped {
+                return;
+            }
+            let now = Instant::now();
+            let ready = state
+                .queue
+                .iter()
+                .find(|(_, at)| **at <= now)
+                .map(|(id, _)| *id);
+            let wait = if ready.is_some() || state.tombstones || !state.meta.is_empty() {
+                Duration::ZERO
+            } else {
+                let next_retry = state
+                    .queue
+                    .values()
+                    .min()
+                    .map(|at| at.saturating_duration_since(now));
+                let renew = lock(&up.last_renewal).map_or(Duration::ZERO, |at| {
+                    up.store.lease_renew().saturating_sub(at.elapsed())
+                });
+                next_retry.map_or(renew, |r| r.min(renew))
+            };
+            if !wait.is_zero() {
+                let (state, _) = up
+                    .changed
+                    .wait_timeout(state, wait)
+                    .unwrap_or_else(|p| p.into_inner());
+                if state.stopped {
+                    return;
+                }
+                None
+            } else {
+                ready
+            }
+        };
+        let Some(engine) = engine.upgrade() else {
+            return;
+        };
+        if up.renewal_due()
+            && let Err(e) = up.write_lease(&engine.ns.view())
+        {
+            warn!("renewing this host's lease in the snapshot store: {e}");
+        }
+        let tombstones = std::mem::take(&mut lock(&up.state).tombstones);
+        let mut collect = lock(&up.last_gc).is_none_or(|at| at.elapsed() >= GC_EVERY);
+        if tombstones {
+            match engine.send_tombstones(&up) {
+                Ok(0) => {}
+                Ok(_) => collect = true,
+                Err(e) => {
+                    warn!("sending tombstones to the snapshot store: {e}");
+                    lock(&up.state).tombstones = true;
+                    std::thread::sleep(RETRY_FIRST);
+                }
+            }
+        }
+        engine.send_meta(&up);
+        if let Some(id) = next_upload {
+            engine.attempt_upload(&up, id);
+        }
+        if collect && lock(&up.state).queue.is_empty() {
+            *lock(&up.last_gc) = Some(Instant::now());
+            match engine.collect_bucket_garbage() {
+                Ok(report) => info!("snapshot store: {report}"),
+                Err(e) => warn!("collecting garbage in the snapshot store: {e}"),
+            }
+        }
+    }
+}
+
+impl<S: Storage> SnapshotEngine<S> {
+    /// Records that a deleted snapshot's root must get a tombstone (in the caller's
+    /// change), and wakes the bucket thread after the commit.
+    pub(super) fn tombstone_due(
+        c: &crate::namespace::Change<'_>,
+        record: &SnapshotRecord,
+    ) -> Result<(), NamespaceError> {
+        if let Some(root) = &record.remote_root {
+            c.txn()
+                .open_table(TOMBSTONES_DUE)?
+                .insert(root.as_str(), ())?;
+        }
+        Ok(())
+    }
+
+    /// Has snapshot `id`'s `meta` object rewritten (its sharing changed).
+    pub fn meta_due(&self, id: SnapshotId) {
+        if let Some(up) = &self.remote {
+            lock(&up.state).meta.insert(id);
+            up.wake();
+        }
+    }
+
+    /// Rewrites the `meta` objects due; those that fail stay due.
+    fn send_meta(&self, up: &Uploader) {
+        let due = std::mem::take(&mut lock(&up.state).meta);
+        for id in due {
+            let view = self.ns.view();
+            let Some(record) = view.snapshots.get(&id) else {
+                continue;
+            };
+            let Some(root) = &record.remote_root else {
+                continue;
+            };
+            if let Err(e) = up
+                .store
+                .put_object(&up.store.names().meta_of(root), &meta_of(record))
+            {
+                warn!(
+                    "snapshot {}: cannot update its sharing in the bucket: {e}",
+                    record.name()
+                );
+                lock(&up.state).meta.insert(id);
+            }
+        }
+    }
+
+    pub(super) fn wake_tombstones(&self) {
+        if let Some(up) = &self.remote {
+            lock(&up.state).tombstones = true;
+            up.wake();
+        }
+    }
+}
