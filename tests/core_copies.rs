@@ -3,7 +3,9 @@
 //! `copy_file_range` of more than 4 GiB − 4 KiB comes as several requests, each at
 //! most that long and starting where the last one ended. Here blocks are 16 KiB and a
 //! request at most [`PIECE`] bytes, 5 blocks less 4 KiB, so that each ends inside a
-//! block as 4 GiB − 4 KiB does with 64 KiB blocks.
+//! block as 4 GiB − 4 KiB does with 64 KiB blocks. A sparse image comes as `cp`
+//! copies it: one request per run of data (found with `SEEK_DATA`/`SEEK_HOLE`), in
+//! increasing order, the holes in between skipped.
 
 mod core_support;
 
@@ -77,6 +79,53 @@ fn copy_in_pieces(
     core.release(fh_in);
     core.release(fh_out);
     result
+}
+
+/// The runs of data of the image of [`with_snapshot`], as `SEEK_DATA`/`SEEK_HOLE`
+/// report them: (offset, length).
+const RUNS: [(u64, u64); 3] = [
+    (0, 2 * BLOCK),
+    (9 * BLOCK, 4 * BLOCK),
+    (22 * BLOCK, SIZE - 22 * BLOCK),
+];
+
+/// Copies image `snapshot` into the new volume `v` as `cp` copies a sparse file: one
+/// request per run of `runs` (repeated for what a request did not take). Runs
+/// `between` after each request.
+/// Returns what each request returned.
+fn copy_runs(
+    core: &FsCore<MemStorage>,
+    snapshot: &str,
+    v: &str,
+    runs: &[(u64, u64)],
+    mut between: impl FnMut(&FsCore<MemStorage>),
+) -> Result<Vec<u64>, FsError> {
+    core.new_volume(v)?;
+    let image = core
+        .snapshot_file(snapshot, "volume.img")
+        .expect("snapshot exists");
+    let volume = ino(core, v);
+    let (fh_in, _) = core.open(image, false)?;
+    let (fh_out, _) = core.open(volume, true)?;
+    let mut pieces = Vec::new();
+    let mut copy = || -> Result<(), FsError> {
+        for &(offset, len) in runs {
+            let mut done = 0;
+            while done < len {
+                let at = offset + done;
+                let n = core.copy_range(fh_in, at, volume, fh_out, at, len - done)?;
+                assert!(n > 0, "a request at {at} copied nothing");
+                pieces.push(n);
+                done += n;
+                between(core);
+            }
+        }
+        Ok(())
+    };
+    let result = copy();
+    core.release(fh_in);
+    core.release(fh_out);
+    result.map(|()| pieces)
 }
 
 /// Bytes the volume's data file occupies.
@@ -222,25 +271,103 @@ fn a_partial_copy_grown_by_truncate_reads_and_snapshots_zeros_past_it() {
     assert_grows_with_zeros_and_snapshots_whole(&core, "part", 10 * BLOCK);
 }
 
-/// Every crash point of the requests after the first: after a restart the copy is
-/// the snapshot's first bytes up to the end of a request (the last one done or the
-/// one cut short), never more, and grows with zeros.
-fn crash_during_later_requests(mode: CrashMode) {
+#[test]
+fn a_sparse_image_copied_run_by_run_is_made_by_reference() {
+    // cp copies a sparse image's runs of data only: each request after the first
+    // starts past the copy's end, over holes of the snapshot.
+    let storage = MemStorage::new();
+    let core = with_snapshot(&storage);
+    let image = core.read_image("src@s").expect("read src@s");
+    let pieces = copy_runs(&core, "src@s", "copy", &RUNS, |_| {}).expect("copy");
+    assert_eq!(
+        pieces,
+        RUNS.iter().map(|&(_, len)| len).collect::<Vec<_>>(),
+        "one request a run"
+    );
+    assert!(
+        core.read_volume("copy").expect("read") == image,
+        "copy differs"
+    );
+    assert_eq!(allocated(&core, "copy"), 0, "bytes written into the copy");
+    assert_eq!(hydrated(&core, "copy"), "0%");
+    core.snapshot_now("copy@s");
+    let info = core.info("copy@s");
+    assert_eq!(info["changed_blocks"].as_integer(), Some(0), "{info:?}");
+    assert!(core.read_image("copy@s").expect("read") == image);
+    core.hydrate_all().expect("hydrate");
+    assert_eq!(hydrated(&core, "copy"), "100%");
+    assert!(core.read_volume("copy").expect("read") == image);
+    assert_eq!(allocated(&core, "copy"), DATA_BYTES);
+}
+
+#[test]
+fn runs_after_data_the_copy_did_not_take_are_copied_byte_by_byte() {
+    // The middle run first: the snapshot's data before it (blocks 0–1) must not
+    // show, so it is copied; so is everything after, into a volume with data.
+    let storage = MemStorage::new();
+    let core = with_snapshot(&storage);
+    let image = core.read_image("src@s").expect("read src@s");
+    let runs = [RUNS[1], RUNS[0], RUNS[2]];
+    let pieces = copy_runs(&core, "src@s", "copy", &runs, |_| {}).expect("copy");
+    assert_eq!(pieces, runs.iter().map(|&(_, len)| len).collect::<Vec<_>>());
+    assert!(
+        core.read_volume("copy").expect("read") == image,
+        "copy differs"
+    );
+    assert_eq!(
+        core.getxattr(ino(&core, "copy"), OsStr::new("user.ebsfs.source"))
+            .ok(),
+        None,
+        "a copy made byte by byte names no source"
+    );
+    assert!(allocated(&core, "copy") >= DATA_BYTES);
+
+    // A request over a copy by reference's own blocks is copied too.
+    let pieces = copy_runs(&core, "src@s", "again", &RUNS[..1], |_| {}).expect("copy");
+    assert_eq!(pieces, [RUNS[0].1]);
+    core.write_volume("again", 9 * BLOCK, b"written")
+        .expect("write");
+    truncate(&core, "again", 9 * BLOCK);
+    let volume = ino(&core, "again");
+    let image_ino = core.snapshot_file("src@s", "volume.img").expect("image");
+    let (fh_in, _) = core.open(image_ino, false).expect("open image");
+    let (fh_out, _) = core.open(volume, true).expect("open volume");
+    let n = core
+        .copy_range(fh_in, 9 * BLOCK, volume, fh_out, 9 * BLOCK, 4 * BLOCK)
+        .expect("copy");
+    core.release(fh_in);
+    core.release(fh_out);
+    assert_eq!(n, 4 * BLOCK);
+    assert!(core.read_volume("again").expect("read") == image[..13 * BLOCK as usize]);
+}
+
+/// Every crash point of the requests after the first (`runs`: `cp`'s requests of a
+/// sparse image; else the kernel's pieces): after a restart the copy is the
+/// snapshot's first bytes up to the end of a request (the last one done or the one
+/// cut short), never more, and grows with zeros.
+fn crash_during_later_requests(mode: CrashMode, runs: bool) {
     let mut crash_at = 1;
     loop {
         let storage = MemStorage::new();
         let core = with_snapshot(&storage);
         let image = core.read_image("src@s").expect("read src@s");
         let mut requests = 0;
-        let copied = copy_in_pieces(&core, "src@s", "copy", PIECE, |_| {
+        let between = |_: &FsCore<MemStorage>| {
             requests += 1;
             if requests == 1 {
                 storage.crash_after(crash_at);
             }
-        });
+        };
+        let copied = if runs {
+            copy_runs(&core, "src@s", "copy", &RUNS, between)
+        } else {
+            copy_in_pieces(&core, "src@s", "copy", PIECE, between)
+        };
         if !storage.has_crashed() {
             let pieces = copied.expect("no crash: the copy succeeds");
-            assert_shared(&pieces);
+            if !runs {
+                assert_shared(&pieces);
+            }
             assert!(crash_at > 3, "a request after the first stores nothing?");
             eprintln!("{mode:?}: {} crash points", crash_at - 1);
             return;
@@ -254,16 +381,19 @@ fn crash_during_later_requests(mode: CrashMode) {
             .read_volume("copy")
             .unwrap_or_else(|e| panic!("crash at {crash_at}: read the copy: {e}"));
         let len = bytes.len() as u64;
-        // Each request shares 4 blocks (5 less 4 KiB, cut to a block boundary).
+        // Each of the kernel's pieces shares 4 blocks (5 less 4 KiB, cut to a block
+        // boundary); each of cp's requests a run.
+        let request_end = if runs {
+            len == 0 || RUNS.iter().any(|&(offset, run)| offset + run == len)
+        } else {
+            len.is_multiple_of(4 * BLOCK) || len == SIZE
+        };
         assert!(
-            len.is_multiple_of(4 * BLOCK) || len == SIZE,
+            request_end,
             "crash at {crash_at} ({mode:?}): the copy is {len} bytes, not the end of a request"
         );
         if mode == CrashMode::Process {
-            assert!(
-                len >= 4 * BLOCK,
-                "crash at {crash_at}: the first request lost"
-            );
+            assert!(len > 0, "crash at {crash_at}: the first request lost");
         }
         assert!(
             bytes == image[..len as usize],
@@ -276,10 +406,20 @@ fn crash_during_later_requests(mode: CrashMode) {
 
 #[test]
 fn a_copy_cut_short_by_a_kill_is_the_snapshot_up_to_a_request_end() {
-    crash_during_later_requests(CrashMode::Process);
+    crash_during_later_requests(CrashMode::Process, false);
 }
 
 #[test]
 fn a_copy_cut_short_by_a_power_loss_is_the_snapshot_up_to_a_request_end() {
-    crash_during_later_requests(CrashMode::PowerLoss);
+    crash_during_later_requests(CrashMode::PowerLoss, false);
+}
+
+#[test]
+fn a_sparse_copy_cut_short_by_a_kill_is_the_snapshot_up_to_a_request_end() {
+    crash_during_later_requests(CrashMode::Process, true);
+}
+
+#[test]
+fn a_sparse_copy_cut_short_by_a_power_loss_is_the_snapshot_up_to_a_request_end() {
+    crash_during_later_requests(CrashMode::PowerLoss, true);
 }

@@ -26,7 +26,7 @@ use log::{debug, info, warn};
 
 use super::{FsCore, FsError, FsResult, Handle, VolumeSlot};
 use crate::layout::VolumeFile;
-use crate::namespace::{Records, SnapshotRef, VolumeId, VolumeRecord};
+use crate::namespace::{NsGuard, Records, SnapshotRef, VolumeId, VolumeRecord};
 use crate::remote::reader::RemoteBlocks;
 use crate::snapshot::SnapshotEngine;
 use crate::snapshot::read::{ChainBlocks, OpenImage};
@@ -72,6 +72,46 @@ pub(super) fn blank_copy_target(view: &Records, record: &VolumeRecord, block_siz
         && view.lineage(record.id).next().is_none()
         && !view.lineage_parents.contains_key(&record.id)
         && !view.remote_parents.contains_key(&record.id)
+}
+
+/// What sharing needs to know of the snapshot image a copy request reads.
+pub(super) struct ImageShape<'a> {
+    pub size: u64,
+    pub block_size: u64,
+    /// `SEEK_DATA` from an offset: the first byte at or past it in a block of the
+    /// image that may hold data; `None` if there is none.
+    pub next_data: &'a dyn Fn(u64) -> FsResult<Option<u64>>,
+}
+
+impl ImageShape<'_> {
+    /// Whether the image holds only zeros in `[from, to)`.
+    fn holes_only(&self, from: u64, to: u64) -> FsResult<bool> {
+        Ok(from >= to || (self.next_data)(from)?.is_none_or(|at| at >= to))
+    }
+
+    /// How far a request ending at `end` may share: to a block boundary, unless it
+    /// ends with the image. The tail of a shared block would read the snapshot's
+    /// bytes, not zeros, once the volume grows; the kernel (or `cp`) asks again for
+    /// the rest.
+    fn shared_end(&self, end: u64) -> u64 {
+        if end < self.size {
+            end - end % self.block_size
+        } else {
+            end
+        }
+    }
+
+    /// For a blank volume, the source limit of a copy by reference for a request
+    /// `[offset, end)`: the volume reads whole blocks from the snapshot from the
+    /// first on, so only if the image holds no data before `offset` (whose bytes
+    /// must stay zeros). `None`: copy instead.
+    pub(super) fn first_share(&self, offset: u64, end: u64) -> FsResult<Option<u64>> {
+        let end = self.shared_end(end);
+        if end <= offset || !self.holes_only(0, offset)? {
+            return Ok(None);
+        }
+        Ok(Some(end))
+    }
 }
 
 /// The blocks of the snapshot in the bucket a volume was made from. If its root
@@ -177,8 +217,8 @@ impl<S: Storage> FsCore<S> {
 
     /// Makes `[offset, offset + len)` of `volume` the snapshot's bytes by reference, if
     /// the volume is blank, already a copy of that snapshot untouched in the range, or
-    /// a copy of it that ends at `offset` (the kernel's next request of a long copy).
-    /// `None`: not possible here, copy instead.
+    /// a copy of it that ends before `offset` with only holes of the snapshot in
+    /// between (see [`FsCore::share_more`]). `None`: not possible here, copy instead.
     fn share_blocks(
         &self,
         volume: &Arc<Volume<S>>,
@@ -187,67 +227,46 @@ impl<S: Storage> FsCore<S> {
         len: u64,
     ) -> FsResult<Option<u64>> {
         let snapshot = &image.record;
-        let mut end = offset.saturating_add(len).min(snapshot.size_bytes);
+        let next_data = |at| Ok(image.seek(at, true)?);
+        let shape = ImageShape {
+            size: snapshot.size_bytes,
+            block_size: u64::from(snapshot.block_size),
+            next_data: &next_data,
+        };
+        let end = offset.saturating_add(len).min(shape.size);
         if offset >= end {
             return Ok(Some(0));
         }
-        let bs = u64::from(snapshot.block_size);
         let guard = self.ns.lock();
         let view = self.ns.view();
         let Some(record) = view.volumes.get(&volume.id).cloned() else {
             return Ok(None);
         };
-        match view.lineage_parents.get(&volume.id) {
+        let end = match view.lineage_parents.get(&volume.id) {
             Some(parent) if parent.snapshot == snapshot.id => {
-                // Only blocks still read from the snapshot (below its limit, never
-                // written) already hold the snapshot's bytes.
-                let untouched = volume.active_source().is_some_and(|source| {
-                    end.div_ceil(bs) <= source.limit_blocks()
-                        && (offset / bs..end.div_ceil(bs)).all(|b| !source.is_own(b))
-                });
-                if !untouched {
-                    // Past the copy's end: the part shared grows, up to a block
-                    // boundary as in the first request.
-                    if end < snapshot.size_bytes {
-                        end -= end % bs;
-                    }
-                    if end <= offset {
-                        return Ok(None);
-                    }
-                    let base_is_source = record.base_snapshot == Some(snapshot.id);
-                    let extended = volume.extend_copy(offset, end, base_is_source, || {
-                        self.ns.change(&guard, |c| -> FsResult<()> {
-                            let mut record = record.clone();
-                            record.hydrated = false;
-                            Ok(c.put_volume(record)?)
-                        })
-                    })?;
-                    if !extended {
-                        return Ok(None);
-                    }
-                    debug!(
-                        "volume {}: bytes {offset}..{end} shared with snapshot {} too",
-                        record.name,
-                        snapshot.name()
-                    );
-                }
+                let base_is_source = record.base_snapshot == Some(snapshot.id);
+                let shared = self.share_more(
+                    &guard,
+                    volume,
+                    &record,
+                    &shape,
+                    (offset, end),
+                    base_is_source,
+                )?;
+                let Some(end) = shared else {
+                    return Ok(None);
+                };
+                end
             }
             Some(_) => return Ok(None),
             None => {
                 if !blank_copy_target(&view, &record, snapshot.block_size) {
                     return Ok(None);
                 }
-                // The volume reads whole blocks from the snapshot, from the first on:
-                // a copy that starts past 0 (whose head must stay zeros) is made byte
-                // by byte, and one that ends inside a block shares up to that block
-                // (the tail of a shared block would read the snapshot's bytes, not
-                // zeros, once the volume grows). The kernel asks again for the rest.
-                if end < snapshot.size_bytes {
-                    end -= end % bs;
-                }
-                if offset != 0 || end == 0 {
+                let Some(end) = shape.first_share(offset, end)? else {
                     return Ok(None);
-                }
+                };
+                let bs = shape.block_size;
                 let present_path = self.layout.volume_file(volume.id, VolumeFile::Present);
                 // The source limit: the end of this request. The next one raises it.
                 let present = DirtyMap::create(&self.storage, &present_path, end).map_err(
@@ -285,9 +304,71 @@ impl<S: Storage> FsCore<S> {
                     snapshot.name(),
                     snapshot.size_bytes
                 );
+                end
             }
-        }
+        };
         drop(guard);
+        self.shared(volume, offset, end)
+    }
+
+    /// For `volume`, already a copy by reference of the image's snapshot (local or in
+    /// the bucket): shares `[offset, end)` too, if it is untouched (every block below
+    /// the source limit and never written or hydrated over), or if the copy ends at
+    /// or before `offset` with only holes of the snapshot in between: then the copy
+    /// extends to `end` (cut to a block boundary unless the snapshot's end) by
+    /// reference ([`Volume::extend_copy`]), the bytes in between reading the
+    /// snapshot's holes. That is how `cp` arrives: requests in increasing order, the
+    /// kernel's pieces of at most 4 GiB − 4 KiB, and with a sparse image only its
+    /// runs of data. Returns the end of the part shared, or `None`: copy instead.
+    pub(super) fn share_more(
+        &self,
+        guard: &NsGuard,
+        volume: &Volume<S>,
+        record: &VolumeRecord,
+        shape: &ImageShape,
+        (offset, end): (u64, u64),
+        base_is_source: bool,
+    ) -> FsResult<Option<u64>> {
+        let bs = shape.block_size;
+        // Only blocks still read from the snapshot (below its limit, never written)
+        // already hold the snapshot's bytes.
+        let untouched = volume.active_source().is_some_and(|source| {
+            end.div_ceil(bs) <= source.limit_blocks()
+                && (offset / bs..end.div_ceil(bs)).all(|b| !source.is_own(b))
+        });
+        if untouched {
+            return Ok(Some(end));
+        }
+        let from = volume.size()?;
+        let end = shape.shared_end(end);
+        if offset < from || end <= offset || !shape.holes_only(from, offset)? {
+            return Ok(None);
+        }
+        let extended = volume.extend_copy(from, end, base_is_source, || {
+            self.ns.change(guard, |c| -> FsResult<()> {
+                let mut record = record.clone();
+                record.hydrated = false;
+                Ok(c.put_volume(record)?)
+            })
+        })?;
+        if !extended {
+            return Ok(None);
+        }
+        debug!(
+            "volume {}: bytes {from}..{end} shared with its snapshot too",
+            record.name
+        );
+        Ok(Some(end))
+    }
+
+    /// The end of a request whose `[offset, end)` is the volume's now: grows the
+    /// volume to it and wakes the hydrator. Returns the bytes copied.
+    pub(super) fn shared(
+        &self,
+        volume: &Volume<S>,
+        offset: u64,
+        end: u64,
+    ) -> FsResult<Option<u64>> {
         if volume.size()? < end {
             volume.set_size(end)?;
         }

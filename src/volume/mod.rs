@@ -170,17 +170,25 @@ impl<S: Storage> Volume<S> {
     /// Makes this volume, opened after a restart, read its unwritten blocks from a
     /// snapshot again. A source limit past the size (a shrink a crash cut short
     /// before the limit followed it, or a copy's extension cut short before the size
-    /// followed the limit: see [`Volume::extend_copy`]) is lowered to the size here,
-    /// and so is the dirty map's low-water size.
+    /// followed the limit: see [`Volume::extend_copy`]) is lowered to the size here.
+    ///
+    /// The dirty map's low-water size is lowered to the limit too, when past it:
+    /// after a power loss the data file's size and the dirty map may be durable
+    /// with a copy's extension while the present map is not (its limit is the old
+    /// one), and blocks past the limit, reading zeros, must be compared at the next
+    /// capture, not taken for the snapshot's.
     pub fn reattach_source(&self, source: Source<S>) -> VolumeResult<()> {
         let size = self.size()?;
-        if source.present.low_water() > size || self.epoch_shared().dirty.low_water() > size {
-            // Blocks past the new limit read zeros now: the next capture must compare
-            // them with the snapshot's lineage, as after any shrink.
+        let limit = source.present.low_water().min(size);
+        if self.epoch_shared().dirty.low_water() > limit {
+            // Blocks past the limit read zeros: the next capture must compare them
+            // with the snapshot's lineage, as after any shrink.
             self.epoch_shared()
                 .dirty
-                .note_shrink(size)
-                .map_err(self.io_err("record shrink", size))?;
+                .note_shrink(limit)
+                .map_err(self.io_err("record shrink", limit))?;
+        }
+        if source.present.low_water() > size {
             source
                 .present
                 .note_shrink(size)
@@ -866,7 +874,7 @@ impl<S: Storage> LiveRead for Volume<S> {
 #[cfg(all(test, not(feature = "shuttle")))]
 mod tests {
     use super::*;
-    use crate::storage::memory::MemStorage;
+    use crate::storage::memory::{CrashMode, MemStorage};
 
     const BS: u64 = 4096;
 
@@ -1203,6 +1211,40 @@ mod tests {
             2 * BS,
             "only what hydration copied"
         );
+    }
+
+    #[test]
+    fn a_power_loss_keeping_an_extension_s_size_but_not_its_limit_reads_and_compares_zeros() {
+        let (storage, layout) = setup();
+        let (v, _) = clone_volume(&storage, &layout);
+        v.set_size(2 * BS).unwrap();
+        v.sync(false).unwrap();
+        v.sync_dirty_map().unwrap();
+        assert!(v.extend_copy(2 * BS, 4 * BS, true, not_hydrated).unwrap());
+        assert_eq!(v.epoch_shared().dirty.low_water(), 4 * BS);
+        // The size and the dirty map reach the disk, the present map does not.
+        v.data.sync_all().unwrap();
+        v.sync_dirty_map().unwrap();
+        drop(v);
+        let storage = storage.restart(CrashMode::PowerLoss);
+        let v = volume(&storage, &layout);
+        assert_eq!(v.size().unwrap(), 4 * BS);
+        let present = DirtyMap::open(
+            &storage,
+            &layout.volume_file(VolumeId(1), VolumeFile::Present),
+        )
+        .unwrap();
+        assert_eq!(present.low_water(), 2 * BS, "the limit was not synced");
+        let snapshot = Arc::new(FakeSnapshot {
+            reads: std::sync::atomic::AtomicU64::new(0),
+        });
+        v.reattach_source(Source::new(snapshot, present, BS))
+            .unwrap();
+        let mut expected = expected_clone()[..4 * BS as usize].to_vec();
+        expected[2 * BS as usize..].fill(0);
+        assert_eq!(read_all(&v), expected);
+        // The next capture compares the blocks past the limit.
+        assert_eq!(v.epoch_shared().dirty.low_water(), 2 * BS);
     }
 
     #[test]
