@@ -1119,27 +1119,45 @@ fn write_at_bytes(file: &Path, offset: u64, data: &Path) {
     );
 }
 
-/// `cp` of a snapshot image longer than two of the requests the kernel cuts a
-/// `copy_file_range` into (at most 4 GiB − 4 KiB each), and `ebsfs volume create
-/// --from` of it: equal copies, both made by reference, so the data directory grows
-/// by less than 1 MiB. The image is 9 GiB and 5000 bytes, mostly holes, with data at
-/// its start, across the end of the first request and at its very end.
-#[test]
-fn copies_longer_than_one_kernel_request_are_made_by_reference() {
-    if !require_fuse() {
-        return;
+/// A snapshot image with runs of data in holes, and the same bytes outside the
+/// mount.
+struct SparseImage<'a> {
+    id: String,
+    reference: PathBuf,
+    /// (offset, MiB)
+    data: &'a [(u64, u64)],
+}
+
+impl SparseImage<'_> {
+    /// Whether `copy` has the image's bytes: all of them (`whole`), or its runs of
+    /// data and the MiB before each (holes, or the end of the run before).
+    fn same_as(&self, copy: &Path, whole: bool) -> bool {
+        if whole {
+            return sha256(copy) == sha256(&self.reference);
+        }
+        self.data.iter().all(|&(offset, mib)| {
+            let start = offset.saturating_sub(MIB);
+            let len = (offset - start + mib * MIB) as usize;
+            read_range(copy, start, len) == read_range(&self.reference, start, len)
+        })
     }
-    let fs = Ebsfs::start_with("hydrate = false\n");
-    let size = 9 * GIB + 5000;
-    // (offset, MiB of random data)
-    let data = [(0, 3), (4 * GIB - 2 * MIB, 4), (size - 3 * MIB, 3)];
-    let src = fs.volume("src");
-    let reference = fs.scratch("reference");
-    for file in [&src, &reference] {
+}
+
+/// Makes volume `name` of `size` bytes, holes but for random data at `data`
+/// ((offset, MiB)), the same bytes in a scratch file, and snapshot `<name>@s`.
+fn sparse_snapshot<'a>(
+    fs: &Ebsfs,
+    name: &str,
+    size: u64,
+    data: &'a [(u64, u64)],
+) -> SparseImage<'a> {
+    let volume = fs.volume(name);
+    let reference = fs.scratch(&format!("{name}-reference"));
+    for file in [&volume, &reference] {
         run("truncate", &[format!("-s{size}"), path_str(file)]);
     }
     for (i, &(offset, mib)) in data.iter().enumerate() {
-        let piece = fs.scratch(&format!("piece-{i}"));
+        let piece = fs.scratch(&format!("{name}-piece-{i}"));
         run(
             "dd",
             &[
@@ -1150,56 +1168,154 @@ fn copies_longer_than_one_kernel_request_are_made_by_reference() {
                 "status=none".into(),
             ],
         );
-        write_at_bytes(&src, offset, &piece);
+        write_at_bytes(&volume, offset, &piece);
         write_at_bytes(&reference, offset, &piece);
     }
-    let expected = sha256(&reference);
-    take_snapshot(&fs, "src@s");
-    assert_eq!(fs::metadata(image(&fs, "src@s")).unwrap().len(), size);
+    let id = format!("{name}@s");
+    take_snapshot(fs, &id);
+    assert_eq!(fs::metadata(image(fs, &id)).unwrap().len(), size);
+    SparseImage {
+        id,
+        reference,
+        data,
+    }
+}
 
+/// `copy_file_range(2)` of all of `from` into the new file `to`, from offset 0, in
+/// a loop until it returns 0 (as `cp` does when the source has no holes). Returns
+/// what each call returned.
+fn copy_file_range_all(from: &Path, to: &Path) -> Vec<u64> {
+    use std::os::fd::AsRawFd;
+    let src = fs::File::open(from).unwrap();
+    let dst = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)
+        .unwrap();
+    let mut calls = Vec::new();
+    loop {
+        let left = src.metadata().unwrap().len() - calls.iter().sum::<u64>();
+        // SAFETY: both descriptors are open; null offsets use the files' positions.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                std::ptr::null_mut(),
+                dst.as_raw_fd(),
+                std::ptr::null_mut(),
+                left.max(1) as usize,
+                0,
+            )
+        };
+        assert!(
+            n >= 0,
+            "copy_file_range into {}: {}",
+            to.display(),
+            std::io::Error::last_os_error()
+        );
+        if n == 0 {
+            return calls;
+        }
+        calls.push(n as u64);
+    }
+}
+
+/// Checks a copy `name` of `image` made by `make` (timed): it has the image's bytes
+/// (all of them compared if `whole`, else its runs of data: see
+/// [`SparseImage::same_as`]), the data directory grew by less than 1 MiB (nothing
+/// was copied), it is 0% hydrated (hydration is off) and `ebsfs volume list` names
+/// the snapshot as its source.
+fn check_copy_by_reference(
+    fs: &Ebsfs,
+    image_of: &SparseImage,
+    name: &str,
+    whole: bool,
+    make: impl FnOnce(),
+) {
+    let id = image_of.id.as_str();
     let du_before = du_bytes(&fs.data);
     let start = Instant::now();
-    run("cp", &[image(&fs, "src@s"), fs.volume("copy")]);
+    make();
     let took = start.elapsed();
     let grew = du_bytes(&fs.data).saturating_sub(du_before);
+    let copy = fs.volume(name);
+    let size = fs::metadata(&copy).unwrap().len();
     eprintln!(
-        "cp of a {size}-byte snapshot image: {:.1} ms, data directory grew by {grew} bytes",
+        "{name}, a copy of {id} ({size} bytes): {:.1} ms, data directory grew by {grew} bytes",
         took.as_secs_f64() * 1000.0
     );
     assert!(
         grew < MIB,
-        "cp of the image: the data directory grew by {grew} bytes\n{}",
+        "{name}: the data directory grew by {grew} bytes\n{}",
         tail_lines(&fs.log(), 20)
     );
-    let copy = fs.volume("copy");
-    assert_eq!(fs::metadata(&copy).unwrap().len(), size, "size of the copy");
-    assert_eq!(hydrated_percent(&copy), 0, "hydrated with hydrate = false");
     assert_eq!(
-        sha256(&copy),
-        expected,
-        "the copy differs from the snapshot"
+        size,
+        fs::metadata(image(fs, id)).unwrap().len(),
+        "size of {name}"
     );
-
-    let du_before = du_bytes(&fs.data);
-    let start = Instant::now();
-    let out = volume_cli(&fs, &["create", "made", "--from", "src@s"]);
-    let took = start.elapsed();
+    assert_eq!(
+        hydrated_percent(&copy),
+        0,
+        "{name} hydrated with hydrate = false"
+    );
+    assert!(image_of.same_as(&copy, whole), "{name} differs from {id}");
+    let out = volume_cli(fs, &["list"]);
     assert!(
         out.status.success(),
-        "volume create --from: {}",
+        "volume list: {}",
         describe_output(&out)
     );
-    let grew = du_bytes(&fs.data).saturating_sub(du_before);
-    eprintln!(
-        "volume create --from the same snapshot: {:.1} ms, data directory grew by {grew} bytes",
-        took.as_secs_f64() * 1000.0
-    );
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = listing
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .unwrap_or_else(|| panic!("volume list has no line for {name}:\n{listing}"));
     assert!(
-        grew < MIB,
-        "volume create --from: the data directory grew by {grew} bytes\n{}",
-        tail_lines(&fs.log(), 20)
+        line.split_whitespace().any(|field| field == id),
+        "volume list does not name {id} as the source of {name}: {line}"
     );
-    let made = fs.volume("made");
-    assert_eq!(fs::metadata(&made).unwrap().len(), size, "size of made");
-    assert_eq!(sha256(&made), expected, "made differs from the snapshot");
+}
+
+/// Copies of snapshot images longer than one of the requests the kernel cuts a
+/// `copy_file_range` into (at most 4 GiB − 4 KiB each), all made by reference
+/// (equal, the data directory growing by less than 1 MiB, listed as copies):
+/// - a 9 GiB (and 5000 bytes) image, mostly holes, with data at its start, across
+///   the end of the first request and at its very end: by `cp` (one request per run
+///   of data), by `copy_file_range` of all of it at once (the kernel's requests),
+///   and by `ebsfs volume create --from`;
+/// - a 6 GiB image with data only in its last GiB, by `cp` (whose first request
+///   starts there).
+#[test]
+fn copies_longer_than_one_kernel_request_are_made_by_reference() {
+    if !require_fuse() {
+        return;
+    }
+    let fs = Ebsfs::start_with("hydrate = false\n");
+    let size = 9 * GIB + 5000;
+    let data = [(0, 3), (4 * GIB - 2 * MIB, 4), (size - 3 * MIB, 3)];
+    let src = sparse_snapshot(&fs, "src", size, &data);
+
+    check_copy_by_reference(&fs, &src, "copy", true, || {
+        run("cp", &[image(&fs, "src@s"), fs.volume("copy")]);
+    });
+    check_copy_by_reference(&fs, &src, "whole", false, || {
+        let calls = copy_file_range_all(&image(&fs, "src@s"), &fs.volume("whole"));
+        eprintln!("copy_file_range calls returned {calls:?}");
+        assert!(calls.len() >= 3, "{calls:?}: fewer requests than expected");
+    });
+    check_copy_by_reference(&fs, &src, "made", false, || {
+        let out = volume_cli(&fs, &["create", "made", "--from", "src@s"]);
+        assert!(
+            out.status.success(),
+            "volume create --from: {}",
+            describe_output(&out)
+        );
+    });
+
+    let size = 6 * GIB;
+    let data = [(5 * GIB + 100 * MIB, 8), (size - 2 * MIB, 2)];
+    let late = sparse_snapshot(&fs, "late", size, &data);
+    check_copy_by_reference(&fs, &late, "late-copy", true, || {
+        run("cp", &[image(&fs, "late@s"), fs.volume("late-copy")]);
+    });
 }

@@ -48,16 +48,16 @@ fn ino(core: &FsCore<MemStorage>, v: &str) -> u64 {
         .unwrap_or_else(|| panic!("volume {v} exists"))
 }
 
-/// Copies image `snapshot` into the new volume `v` from offset 0, as `cp` does: asks
-/// for all that is left in requests of at most `piece` bytes (the kernel's cut),
-/// until one returns 0. Runs `between` after each request. Returns what each request
-/// returned.
-fn copy_in_pieces(
+/// Creates volume `v` and copies image `snapshot` into it with `copy`, which is
+/// handed a function making one request (offset, length; the same offset on both
+/// sides) and returning what it returned. Runs `between` after each request that
+/// took anything. Returns what each of those returned.
+fn copy_with(
     core: &FsCore<MemStorage>,
     snapshot: &str,
     v: &str,
-    piece: u64,
     mut between: impl FnMut(&FsCore<MemStorage>),
+    copy: impl FnOnce(&mut dyn FnMut(u64, u64) -> Result<u64, FsError>) -> Result<(), FsError>,
 ) -> Result<Vec<u64>, FsError> {
     core.new_volume(v)?;
     let image = core
@@ -67,18 +67,39 @@ fn copy_in_pieces(
     let (fh_in, _) = core.open(image, false)?;
     let (fh_out, _) = core.open(volume, true)?;
     let mut pieces = Vec::new();
-    let result = loop {
-        let done: u64 = pieces.iter().sum();
-        match core.copy_range(fh_in, done, volume, fh_out, done, piece) {
-            Ok(0) => break Ok(pieces),
-            Ok(n) => pieces.push(n),
-            Err(e) => break Err(e),
+    let result = copy(&mut |at, len| {
+        let n = core.copy_range(fh_in, at, volume, fh_out, at, len)?;
+        if n > 0 {
+            pieces.push(n);
+            between(core);
         }
-        between(core);
-    };
+        Ok(n)
+    });
     core.release(fh_in);
     core.release(fh_out);
-    result
+    result.map(|()| pieces)
+}
+
+/// Copies image `snapshot` into the new volume `v` from offset 0, as `cp` does: asks
+/// for all that is left in requests of at most `piece` bytes (the kernel's cut),
+/// until one returns 0. Runs `between` after each request. Returns what each request
+/// returned.
+fn copy_in_pieces(
+    core: &FsCore<MemStorage>,
+    snapshot: &str,
+    v: &str,
+    piece: u64,
+    between: impl FnMut(&FsCore<MemStorage>),
+) -> Result<Vec<u64>, FsError> {
+    copy_with(core, snapshot, v, between, |request| {
+        let mut done = 0;
+        loop {
+            match request(done, piece)? {
+                0 => return Ok(()),
+                n => done += n,
+            }
+        }
+    })
 }
 
 /// The runs of data of the image of [`with_snapshot`], as `SEEK_DATA`/`SEEK_HOLE`
@@ -91,41 +112,25 @@ const RUNS: [(u64, u64); 3] = [
 
 /// Copies image `snapshot` into the new volume `v` as `cp` copies a sparse file: one
 /// request per run of `runs` (repeated for what a request did not take). Runs
-/// `between` after each request.
-/// Returns what each request returned.
+/// `between` after each request. Returns what each request returned.
 fn copy_runs(
     core: &FsCore<MemStorage>,
     snapshot: &str,
     v: &str,
     runs: &[(u64, u64)],
-    mut between: impl FnMut(&FsCore<MemStorage>),
+    between: impl FnMut(&FsCore<MemStorage>),
 ) -> Result<Vec<u64>, FsError> {
-    core.new_volume(v)?;
-    let image = core
-        .snapshot_file(snapshot, "volume.img")
-        .expect("snapshot exists");
-    let volume = ino(core, v);
-    let (fh_in, _) = core.open(image, false)?;
-    let (fh_out, _) = core.open(volume, true)?;
-    let mut pieces = Vec::new();
-    let mut copy = || -> Result<(), FsError> {
+    copy_with(core, snapshot, v, between, |request| {
         for &(offset, len) in runs {
             let mut done = 0;
             while done < len {
-                let at = offset + done;
-                let n = core.copy_range(fh_in, at, volume, fh_out, at, len - done)?;
-                assert!(n > 0, "a request at {at} copied nothing");
-                pieces.push(n);
+                let n = request(offset + done, len - done)?;
+                assert!(n > 0, "a request at {} copied nothing", offset + done);
                 done += n;
-                between(core);
             }
         }
         Ok(())
-    };
-    let result = copy();
-    core.release(fh_in);
-    core.release(fh_out);
-    result.map(|()| pieces)
+    })
 }
 
 /// Bytes the volume's data file occupies.
@@ -168,6 +173,27 @@ fn assert_shared(pieces: &[u64]) {
     assert_eq!(*last, SIZE - rest.iter().sum::<u64>(), "{pieces:?}");
 }
 
+/// Volume `copy` is `image` by reference: equal, nothing written into it, not
+/// hydrated; its first snapshot is incremental against src@s with nothing changed;
+/// hydrated, it holds the snapshot's data blocks (and nothing else).
+fn assert_copy_by_reference(core: &FsCore<MemStorage>, image: &[u8]) {
+    assert!(
+        core.read_volume("copy").expect("read") == image,
+        "copy differs"
+    );
+    assert_eq!(allocated(core, "copy"), 0, "bytes written into the copy");
+    assert_eq!(hydrated(core, "copy"), "0%");
+    core.snapshot_now("copy@s");
+    let info = core.info("copy@s");
+    assert_eq!(info["changed_blocks"].as_integer(), Some(0), "{info:?}");
+    assert_eq!(info["parent"].as_str(), Some("src@s"), "{info:?}");
+    assert!(core.read_image("copy@s").expect("read") == image);
+    core.hydrate_all().expect("hydrate");
+    assert_eq!(hydrated(core, "copy"), "100%");
+    assert!(core.read_volume("copy").expect("read") == image);
+    assert_eq!(allocated(core, "copy"), DATA_BYTES);
+}
+
 /// The copy's bytes past `len` (after growing it by truncate) are zeros, and a
 /// snapshot of it reads exactly what it reads.
 fn assert_grows_with_zeros_and_snapshots_whole(core: &FsCore<MemStorage>, v: &str, len: u64) {
@@ -198,25 +224,7 @@ fn a_copy_in_kernel_sized_requests_is_made_by_reference() {
     let pieces = copy_in_pieces(&core, "src@s", "copy", PIECE, |_| {}).expect("copy");
     eprintln!("requests returned {pieces:?}");
     assert_shared(&pieces);
-    assert!(
-        core.read_volume("copy").expect("read") == image,
-        "copy differs"
-    );
-    assert_eq!(allocated(&core, "copy"), 0, "bytes written into the copy");
-    assert_eq!(hydrated(&core, "copy"), "0%");
-
-    // Its first snapshot is incremental against src@s, and nothing changed.
-    core.snapshot_now("copy@s");
-    let info = core.info("copy@s");
-    assert_eq!(info["changed_blocks"].as_integer(), Some(0), "{info:?}");
-    assert_eq!(info["parent"].as_str(), Some("src@s"), "{info:?}");
-    assert!(core.read_image("copy@s").expect("read") == image);
-
-    // Hydrated, it holds the snapshot's data blocks (and nothing else).
-    core.hydrate_all().expect("hydrate");
-    assert_eq!(hydrated(&core, "copy"), "100%");
-    assert!(core.read_volume("copy").expect("read") == image);
-    assert_eq!(allocated(&core, "copy"), DATA_BYTES);
+    assert_copy_by_reference(&core, &image);
     assert_grows_with_zeros_and_snapshots_whole(&core, "copy", SIZE);
 }
 
@@ -284,20 +292,7 @@ fn a_sparse_image_copied_run_by_run_is_made_by_reference() {
         RUNS.iter().map(|&(_, len)| len).collect::<Vec<_>>(),
         "one request a run"
     );
-    assert!(
-        core.read_volume("copy").expect("read") == image,
-        "copy differs"
-    );
-    assert_eq!(allocated(&core, "copy"), 0, "bytes written into the copy");
-    assert_eq!(hydrated(&core, "copy"), "0%");
-    core.snapshot_now("copy@s");
-    let info = core.info("copy@s");
-    assert_eq!(info["changed_blocks"].as_integer(), Some(0), "{info:?}");
-    assert!(core.read_image("copy@s").expect("read") == image);
-    core.hydrate_all().expect("hydrate");
-    assert_eq!(hydrated(&core, "copy"), "100%");
-    assert!(core.read_volume("copy").expect("read") == image);
-    assert_eq!(allocated(&core, "copy"), DATA_BYTES);
+    assert_copy_by_reference(&core, &image);
 }
 
 #[test]

@@ -1,22 +1,44 @@
 //! Volumes from snapshots.
 //!
 //! `cp snapshots/db@x/volume.img volumes/new.img` reaches the daemon as
-//! `copy_file_range` from the image to the new volume. When the volume is blank and
-//! the range starts at 0 on both sides, nothing is copied: the volume
+//! `copy_file_range` requests from the image to the new volume, at equal offsets on
+//! both sides. A request the volume can take by reference copies nothing: the volume
 //! becomes a copy of the snapshot *by reference* (its lineage's parent is the
-//! snapshot, see `namespace::catalog`), in constant time whatever the size. Its
-//! blocks read from the snapshot until written or hydrated (`volume::source`); a
-//! background thread hydrates the rest, yielding to volume I/O. Anything else
-//! (another source, other offsets, a volume with data) is copied byte by byte.
+//! snapshot, see `namespace::catalog`), or such a copy grows, in constant time
+//! whatever the size. Its blocks read from the snapshot until written or hydrated
+//! (`volume::source`); a background thread hydrates the rest, yielding to volume I/O.
 //!
-//! Order of a copy by reference, and what a crash leaves:
-//! 1. `volumes/<id>.present` written whole (empty, source limit = snapshot size):
+//! A request for `[offset, end)` is taken by reference when
+//! - the volume is blank and the image holds no data before `offset`: the volume
+//!   becomes a copy of the snapshot up to `end` (its *source limit*);
+//! - the volume is such a copy and the range is untouched (below the limit, no
+//!   block written or hydrated over): nothing to do;
+//! - the volume is such a copy ending (size and limit) at or before `offset`, with
+//!   only holes of the snapshot in between: the limit and the size rise to `end`
+//!   (`Volume::extend_copy`).
+//!
+//! `end` is cut to a block boundary unless it is the image's end, and the reply says
+//! how much was taken: the caller asks again for the rest. That is how `cp` arrives:
+//! requests in increasing order, each at most 4 GiB − 4 KiB (the kernel cuts a longer
+//! `copy_file_range`), and for a sparse image one run of data after another. Anything
+//! else (another source, unequal offsets, data of the snapshot before the range that
+//! the copy did not take, a range written over, a copy found hydrated whole when
+//! the daemon started) is copied byte by byte.
+//!
+//! Order of the first request taken by reference, and what a crash leaves:
+//! 1. `volumes/<id>.present` written whole (empty, source limit = the request's end):
 //!    a stray file of a volume that is not a copy (replaced by the next attempt);
 //! 2. under the volume's freeze barrier (no write races it), its dirty map's
-//!    low-water size lowered to the snapshot's size (harmless alone), then one commit:
+//!    low-water size lowered to the limit (harmless alone), then one commit:
 //!    the lineage parent and the volume record (base = the snapshot, so its first
-//!    snapshot is incremental against it);
-//! 3. in memory only: the source attached, the size set.
+//!    snapshot is incremental against it): a copy of size 0, whose limit the next
+//!    start lowers to 0;
+//! 3. in memory: the source attached; then the data file's size set: the copy.
+//!
+//! A later request that extends the copy writes no record (unless the copy had been
+//! hydrated: then one commit says it reads the snapshot again); its steps, and what
+//! a crash after each leaves, are in `Volume::extend_copy`: at worst the copy as it
+//! was before the request, never bytes of the snapshot the copy did not take.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -269,7 +269,9 @@ impl<S: Storage> Volume<S> {
     /// old size. None of it is synced (like a write): after a power loss the size may
     /// be an older one (the limit is lowered to it) or, if synced without the present
     /// map, `to` with the limit still `from`: the blocks past `from` then read zeros,
-    /// never snapshot data the copy did not take.
+    /// never snapshot data the copy did not take, and the next open lowers the dirty
+    /// map's low-water size to the limit whatever it says, so the next capture
+    /// compares those blocks instead of taking them for the snapshot's.
     pub fn extend_copy<E: From<VolumeError>>(
         &self,
         from: u64,
