@@ -113,12 +113,17 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// The `piece` of a copy that `cp` makes of a sparse image: one request per run of
+/// data, holes skipped.
+const RUNS: u32 = u32::MAX;
+
 /// The longest `copy_file_range` request of a copy: mostly all of it, else a few
 /// blocks less 4 KiB (each request then shares whole blocks and leaves the rest to
-/// the next, as with the kernel's 4 GiB − 4 KiB), or any length.
+/// the next, as with the kernel's 4 GiB − 4 KiB), or any length; or [`RUNS`].
 fn piece() -> impl Strategy<Value = u32> {
     prop_oneof![
         2 => Just(0u32),
+        2 => Just(RUNS),
         2 => (1u32..6).prop_map(|blocks| blocks * (16 << 10) - 4096),
         1 => 1..MAX_VOLUME as u32,
     ]
@@ -651,28 +656,66 @@ impl Harness {
             .ok_or_else(|| format!("volume {v} is gone"))?;
         let (fh_in, _) = self.core().open(image, false).map_err(|e| e.to_string())?;
         let (fh_out, _) = self.core().open(volume, true).map_err(|e| e.to_string())?;
-        let mut done = 0;
-        let mut result = Ok(());
-        while done < len {
-            let want = match piece {
-                0 => len - done,
-                piece => (len - done).min(u64::from(piece)),
-            };
-            match self
-                .core()
-                .copy_range(fh_in, done, volume, fh_out, done, want)
-            {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) => {
-                    result = Err(format!("copy {snapshot} into {v}: {e}"));
-                    break;
+        let copy = |start: u64, end: u64| -> Result<(), String> {
+            let mut done = start;
+            while done < end {
+                let want = match piece {
+                    0 | RUNS => end - done,
+                    piece => (end - done).min(u64::from(piece)),
+                };
+                match self
+                    .core()
+                    .copy_range(fh_in, done, volume, fh_out, done, want)
+                {
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(e) => return Err(format!("copy {snapshot} into {v}: {e}")),
                 }
             }
-        }
+            Ok(())
+        };
+        let result = if piece == RUNS {
+            self.copy_runs(image, fh_in, volume, len, copy)
+        } else {
+            copy(0, len)
+        };
         self.core().release(fh_in);
         self.core().release(fh_out);
         result
+    }
+
+    /// As `cp` copies a sparse file: `copy` of each run of data `SEEK_DATA` and
+    /// `SEEK_HOLE` find, in order, then the volume's size set to `len`.
+    fn copy_runs(
+        &self,
+        image: u64,
+        fh_in: u64,
+        volume: u64,
+        len: u64,
+        copy: impl Fn(u64, u64) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let mut at = 0;
+        while at < len {
+            let data = match self.core().lseek(image, fh_in, at, libc::SEEK_DATA) {
+                Ok(data) => data,
+                Err(e) if e.errno() == libc::ENXIO => break,
+                Err(e) => return Err(format!("SEEK_DATA: {e}")),
+            };
+            let hole = self
+                .core()
+                .lseek(image, fh_in, data, libc::SEEK_HOLE)
+                .map_err(|e| format!("SEEK_HOLE: {e}"))?;
+            copy(data, hole)?;
+            at = hole;
+        }
+        let changes = SetAttr {
+            size: Some(len),
+            ..SetAttr::default()
+        };
+        self.core()
+            .setattr(volume, changes, &root())
+            .map(|_| ())
+            .map_err(|e| format!("truncate: {e}"))
     }
 
     /// Takes in a volume operation's outcome: applied to the model when it succeeded;
