@@ -3,9 +3,9 @@
 //! `copy_file_range` of more than 4 GiB − 4 KiB comes as several requests, each at
 //! most that long and starting where the last one ended. Here blocks are 16 KiB and a
 //! request at most [`PIECE`] bytes, 5 blocks less 4 KiB, so that each ends inside a
-//! block as 4 GiB − 4 KiB does with 64 KiB blocks. A sparse image comes as `cp`
-//! copies it: one request per run of data (found with `SEEK_DATA`/`SEEK_HOLE`), in
-//! increasing order, the holes in between skipped.
+//! block as 4 GiB − 4 KiB does with 64 KiB blocks. A copy that skips holes comes as
+//! one request per run of data (found with `SEEK_DATA`/`SEEK_HOLE`), in increasing
+//! order.
 
 mod core_support;
 
@@ -110,8 +110,8 @@ const RUNS: [(u64, u64); 3] = [
     (22 * BLOCK, SIZE - 22 * BLOCK),
 ];
 
-/// Copies image `snapshot` into the new volume `v` as `cp` copies a sparse file: one
-/// request per run of `runs` (repeated for what a request did not take). Runs
+/// Copies image `snapshot` into the new volume `v` skipping holes: one request per
+/// run of `runs` (repeated for what a request did not take). Runs
 /// `between` after each request. Returns what each request returned.
 fn copy_runs(
     core: &FsCore<MemStorage>,
@@ -281,8 +281,8 @@ fn a_partial_copy_grown_by_truncate_reads_and_snapshots_zeros_past_it() {
 
 #[test]
 fn a_sparse_image_copied_run_by_run_is_made_by_reference() {
-    // cp copies a sparse image's runs of data only: each request after the first
-    // starts past the copy's end, over holes of the snapshot.
+    // A copy that skips holes: each request after the first starts past the
+    // copy's end, over holes of the snapshot.
     let storage = MemStorage::new();
     let core = with_snapshot(&storage);
     let image = core.read_image("src@s").expect("read src@s");
@@ -336,8 +336,8 @@ fn runs_after_data_the_copy_did_not_take_are_copied_byte_by_byte() {
     assert!(core.read_volume("again").expect("read") == image[..13 * BLOCK as usize]);
 }
 
-/// Every crash point of the requests after the first (`runs`: `cp`'s requests of a
-/// sparse image; else the kernel's pieces): after a restart the copy is the
+/// Every crash point of the requests after the first (`runs`: a copy that skips
+/// holes; else the kernel's pieces): after a restart the copy is the
 /// snapshot's first bytes up to the end of a request (the last one done or the one
 /// cut short), never more, and grows with zeros.
 fn crash_during_later_requests(mode: CrashMode, runs: bool) {
@@ -377,7 +377,7 @@ fn crash_during_later_requests(mode: CrashMode, runs: bool) {
             .unwrap_or_else(|e| panic!("crash at {crash_at}: read the copy: {e}"));
         let len = bytes.len() as u64;
         // Each of the kernel's pieces shares 4 blocks (5 less 4 KiB, cut to a block
-        // boundary); each of cp's requests a run.
+        // boundary); each request of a copy that skips holes a run.
         let request_end = if runs {
             len == 0 || RUNS.iter().any(|&(offset, run)| offset + run == len)
         } else {

@@ -113,8 +113,7 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// The `piece` of a copy that `cp` makes of a sparse image: one request per run of
-/// data, holes skipped.
+/// The `piece` of a copy that skips holes: one request per run of data.
 const RUNS: u32 = u32::MAX;
 
 /// The longest `copy_file_range` request of a copy: mostly all of it, else a few
@@ -684,7 +683,7 @@ impl Harness {
         result
     }
 
-    /// As `cp` copies a sparse file: `copy` of each run of data `SEEK_DATA` and
+    /// A copy that skips holes: `copy` of each run of data `SEEK_DATA` and
     /// `SEEK_HOLE` find, in order, then the volume's size set to `len`.
     fn copy_runs(
         &self,

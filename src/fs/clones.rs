@@ -19,8 +19,10 @@
 //!
 //! `end` is cut to a block boundary unless it is the image's end, and the reply says
 //! how much was taken: the caller asks again for the rest. That is how `cp` arrives:
-//! requests in increasing order, each at most 4 GiB − 4 KiB (the kernel cuts a longer
-//! `copy_file_range`), and for a sparse image one run of data after another. Anything
+//! requests from 0 in increasing order, each at most 4 GiB − 4 KiB (the kernel cuts a
+//! longer `copy_file_range`; images report their full size as allocated, so `cp`
+//! does not look for holes). A tool that skips holes (`SEEK_DATA`/`SEEK_HOLE`)
+//! copies one run of data after another, in increasing order too. Anything
 //! else (another source, unequal offsets, data of the snapshot before the range that
 //! the copy did not take, a range written over, a copy found hydrated whole when
 //! the daemon started) is copied byte by byte.
@@ -339,9 +341,9 @@ impl<S: Storage> FsCore<S> {
     /// or before `offset` with only holes of the snapshot in between: then the copy
     /// extends to `end` (cut to a block boundary unless the snapshot's end) by
     /// reference ([`Volume::extend_copy`]), the bytes in between reading the
-    /// snapshot's holes. That is how `cp` arrives: requests in increasing order, the
-    /// kernel's pieces of at most 4 GiB − 4 KiB, and with a sparse image only its
-    /// runs of data. Returns the end of the part shared, or `None`: copy instead.
+    /// snapshot's holes: the kernel's pieces of at most 4 GiB − 4 KiB of one long
+    /// request, or the runs of data of a copy that skips holes. Returns the end of
+    /// the part shared, or `None`: copy instead.
     pub(super) fn share_more(
         &self,
         guard: &NsGuard,
