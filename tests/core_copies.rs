@@ -336,6 +336,30 @@ fn runs_after_data_the_copy_did_not_take_are_copied_byte_by_byte() {
     assert!(core.read_volume("again").expect("read") == image[..13 * BLOCK as usize]);
 }
 
+#[test]
+fn a_pending_snapshot_s_image_is_copied_byte_by_byte() {
+    // Its blocks are not all in its entries yet: it is read through its volume's
+    // freeze, and a copy takes its bytes.
+    let storage = MemStorage::new();
+    let core = with_snapshot(&storage);
+    let image = core.read_image("src@s").expect("read src@s");
+    core.snapshot("src@p").expect("mkdir src@p");
+    core.write_volume("src", 0, b"after the freeze")
+        .expect("write src");
+    let pieces = copy_in_pieces(&core, "src@p", "copy", PIECE, |_| {}).expect("copy");
+    core.engine().run_queued();
+    assert!(pieces[..pieces.len() - 1].iter().all(|&n| n == PIECE));
+    assert!(
+        core.read_volume("copy").expect("read") == image,
+        "copy differs from the snapshot's point in time"
+    );
+    assert!(
+        core.getxattr(ino(&core, "copy"), OsStr::new("user.ebsfs.source"))
+            .is_err(),
+        "a copy made byte by byte names no source"
+    );
+}
+
 /// Every crash point of the requests after the first (`runs`: a copy that skips
 /// holes; else the kernel's pieces): after a restart the copy is the
 /// snapshot's first bytes up to the end of a request (the last one done or the one

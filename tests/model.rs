@@ -500,6 +500,22 @@ impl Harness {
                 }
             }
             Op::RunCaptures => {
+                // A pending image reads its point in time before its capture runs.
+                for s in self
+                    .snapshots
+                    .iter()
+                    .filter(|s| s.state == SnapState::Pending)
+                {
+                    match self.read_image(&s.name) {
+                        Ok(got) => assert!(
+                            got == s.image,
+                            "pending snapshot {} reads wrong bytes",
+                            s.name
+                        ),
+                        Err(_) if self.storage.has_crashed() => break,
+                        Err(e) => panic!("read pending snapshot {}: {e}", s.name),
+                    }
+                }
                 self.core().engine().run_queued();
                 if !self.storage.has_crashed() {
                     for s in &mut self.snapshots {
@@ -771,6 +787,8 @@ impl Harness {
         let core = core_support::start(&self.storage, &self.settings)
             .unwrap_or_else(|e| panic!("restart after {mode:?} fails: {e}"));
         self.core = Some(core);
+        // Captures a crash interrupted resume (queued: manual scheduling).
+        self.core().engine().run_queued();
         self.reconcile(mode);
     }
 
@@ -829,16 +847,24 @@ impl Harness {
             if status.is_none() && s.deleting {
                 continue;
             }
-            s.deleting = false;
+            let deleting = std::mem::replace(&mut s.deleting, false);
             s.state = match (s.state, status.as_deref()) {
                 (SnapState::Completed, Some("completed")) => SnapState::Completed,
                 (SnapState::Completed, other) => {
                     panic!("completed snapshot {} is {other:?} after {mode:?}", s.name)
                 }
-                (SnapState::Pending, Some("completed")) => SnapState::Completed,
-                (SnapState::Pending | SnapState::Unsure | SnapState::Error, Some("error")) => {
+                // A capture a kill interrupts resumes; one an rmdir was cancelling, one
+                // whose volume was deleted, or one a power loss interrupted, may end in
+                // error.
+                (SnapState::Pending | SnapState::Unsure, Some("completed")) => SnapState::Completed,
+                (SnapState::Pending, Some("error"))
+                    if deleting
+                        || mode == Some(CrashMode::PowerLoss)
+                        || !self.volumes.contains_key(&s.volume) =>
+                {
                     SnapState::Error
                 }
+                (SnapState::Unsure | SnapState::Error, Some("error")) => SnapState::Error,
                 (SnapState::Unsure, None) => continue,
                 (state, other) => panic!(
                     "snapshot {} ({state:?}) is {other:?} after {mode:?}",

@@ -387,22 +387,25 @@ fn mkdir_with_bad_names_or_unknown_volume_fails_with_the_documented_errno() {
     );
 }
 
-/// While a snapshot is pending: its volume.img cannot be opened (EAGAIN), a second
-/// snapshot of the same volume is EBUSY (another volume is not affected), progress
-/// is below 100%. Once completed, both work.
+/// While a snapshot is pending: its volume.img opens and reads the point-in-time
+/// bytes, through a handle and through a read-only loop device, even after the whole
+/// volume is overwritten; a second snapshot of the same volume is EBUSY (another
+/// volume is not affected), progress is below 100%. Once completed, both work.
 #[test]
-fn pending_snapshot_gives_ebusy_and_eagain() {
+fn a_pending_snapshot_reads_its_point_in_time_and_a_second_one_is_ebusy() {
     if !require_fuse() {
         return;
     }
     let fs = Ebsfs::start();
     let img = fs.volume("busy");
     write_urandom(&img, 0, 384);
+    let at_snapshot = fs::read(&img).unwrap();
     fs::write(fs.volume("other"), pattern(MIB as usize, 1)).unwrap();
     mkdir_snapshot(&fs, "busy@one").unwrap();
     let status_at_start = fs.status("busy@one");
     let progress = fs::read_to_string(fs.snapshot("busy@one").join("progress")).unwrap();
     let open_pending = fs::File::open(image(&fs, "busy@one"));
+    let loop_dev = LoopDevice::attach(&image(&fs, "busy@one"), false);
     let second = mkdir_snapshot(&fs, "busy@two");
     let other = mkdir_snapshot(&fs, "other@while-busy");
     let status_after = fs.status("busy@one");
@@ -411,11 +414,23 @@ fn pending_snapshot_gives_ebusy_and_eagain() {
         ("pending", "pending"),
         "precondition: the capture must still be pending during the checks"
     );
-    assert_errno(
-        "open volume.img of a pending snapshot",
-        open_pending,
-        libc::EAGAIN,
+    let pending =
+        open_pending.unwrap_or_else(|e| panic!("open volume.img of a pending snapshot: {e}"));
+    // Every block changes after the snapshot: the image must not follow.
+    write_urandom(&img, 0, 384);
+    let mut through_handle = vec![0u8; at_snapshot.len()];
+    pending.read_exact_at(&mut through_handle, 0).unwrap();
+    assert!(
+        through_handle == at_snapshot,
+        "the pending image read through a handle is not its point in time"
     );
+    assert_eq!(
+        sha256(&loop_dev.dev),
+        sha256_bytes(&at_snapshot),
+        "the pending image read through a loop device is not its point in time"
+    );
+    loop_dev.detach();
+    drop(pending);
     assert_errno(
         "mkdir of a second snapshot while one is pending",
         second,
@@ -447,8 +462,8 @@ fn pending_snapshot_gives_ebusy_and_eagain() {
     );
     assert_eq!(
         sha256(&image(&fs, "busy@one")),
-        sha256(&img),
-        "image differs from the unchanged volume"
+        sha256_bytes(&at_snapshot),
+        "completed image differs from the volume at the snapshot"
     );
     take_snapshot(&fs, "busy@two");
     assert_eq!(fs.wait_snapshot("other@while-busy"), "completed");
@@ -1090,4 +1105,68 @@ fn xattr_space_is_capped_so_listxattr_always_works() {
         libc::ENOSPC,
     );
     assert_eq!(list_xattr(&values).unwrap(), ["user.big"]);
+}
+
+/// `changed` lists the byte ranges a snapshot changed since its parent, and
+/// `ebsfs snapshot diff` adds them up between any two snapshots, as text and JSON.
+#[test]
+fn changed_and_snapshot_diff_list_the_ranges_written_in_between() {
+    if !require_fuse() {
+        return;
+    }
+    let fs = Ebsfs::start();
+    let img = fs.volume("d");
+    write_urandom(&img, 0, 4);
+    take_snapshot(&fs, "d@one");
+    let file = fs::OpenOptions::new().write(true).open(&img).unwrap();
+    file.write_all_at(&pattern(100, 3), MIB + 10).unwrap();
+    drop(file);
+    take_snapshot(&fs, "d@two");
+    write_urandom(&img, 3, 2);
+    take_snapshot(&fs, "d@three");
+    let block = 64 * KIB;
+    assert_eq!(
+        fs::read_to_string(fs.snapshot("d@one").join("changed")).unwrap(),
+        format!("0 {}\n", 4 * MIB),
+        "the first snapshot changed all its data"
+    );
+    assert_eq!(
+        fs::read_to_string(fs.snapshot("d@two").join("changed")).unwrap(),
+        format!("{MIB} {block}\n")
+    );
+    assert_eq!(
+        fs::read_to_string(fs.snapshot("d@three").join("changed")).unwrap(),
+        format!("{} {}\n", 3 * MIB, 2 * MIB)
+    );
+    let diff = |args: &[&str]| {
+        let mut all = vec!["snapshot", "diff"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--mount", fs.mnt.to_str().unwrap()]);
+        try_run(BIN, &all)
+    };
+    let out = diff(&["d@one", "d@three"]);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{MIB} {block}\n{} {}\n", 3 * MIB, 2 * MIB)
+    );
+    let out = diff(&["d@one", "d@three", "--json"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "[{{\"offset\": {MIB}, \"length\": {block}}}, {{\"offset\": {}, \"length\": {}}}]\n",
+            3 * MIB,
+            2 * MIB
+        )
+    );
+    let out = diff(&["d@three", "d@one"]);
+    assert!(
+        !out.status.success(),
+        "diff from a newer snapshot succeeded"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not an earlier snapshot"),
+        "{}",
+        describe_output(&out)
+    );
 }

@@ -13,8 +13,8 @@
 //! restart:
 //! - the data directory mounts;
 //! - every snapshot whose `mkdir` returned is still listed, and none whose `rmdir`
-//!   returned is; each listed snapshot ends `completed` or `error` (never stays
-//!   `pending`), and one seen `completed` before the kill is `completed`;
+//!   returned is; each listed snapshot ends `completed` (a capture the kill
+//!   interrupted resumes; none ends `error` or stays `pending`);
 //! - every `completed` image has the volume's size, the initial contents outside the
 //!   written region, and the same content hash at every later restart;
 //! - outside the written region the live volume still holds its initial contents;
@@ -743,7 +743,6 @@ impl Stress {
             }
         }
         let mut completed = Vec::new();
-        let mut errors = 0;
         for id in &listed {
             if self.deleted.contains(id) {
                 self.fail(&format!(
@@ -760,13 +759,12 @@ impl Stress {
             let must_complete = self.known[id].must_complete;
             match status.as_str() {
                 "completed" => completed.push(id.clone()),
-                "error" if !must_complete => errors += 1,
                 other => self.fail(&format!(
                     "snapshot {id} is {other:?} after the restart{}; info: {:?}",
                     if must_complete {
                         ", but it was completed before"
                     } else {
-                        ""
+                        ", but an interrupted capture must resume"
                     },
                     fs::read_to_string(self.fs.snapshot(id).join("info")).unwrap_or_default()
                 )),
@@ -825,9 +823,8 @@ impl Stress {
         known.must_complete = true;
         known.digest = Some(blake3::hash(&snap));
         let summary = format!(
-            "{} snapshots listed ({} completed, {errors} error); {check} equals the live volume",
+            "{} snapshots listed, all completed; {check} equals the live volume",
             listed.len(),
-            completed.len(),
         );
         let keep: Vec<String> = keep.into_iter().chain([check]).collect();
         self.prune(&listed, &keep);

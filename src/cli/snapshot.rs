@@ -49,6 +49,17 @@ pub enum SnapshotCommand {
         #[command(flatten)]
         location: MountLocation,
     },
+    /// Byte ranges in which snapshot TO differs from FROM, an earlier snapshot it
+    /// descends from: `OFFSET LENGTH` lines (bytes), or JSON with --json.
+    Diff {
+        from: String,
+        to: String,
+        /// Print `[{"offset": …, "length": …}, …]`.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        location: MountLocation,
+    },
 }
 
 /// A failure to report, with the exit code to use.
@@ -89,7 +100,48 @@ fn dispatch(cmd: SnapshotCommand) -> Result<(), Failure> {
             let id = parse_id(&id)?.to_string();
             with_mount(&location, |mnt| delete(mnt, &id))
         }
+        SnapshotCommand::Diff {
+            from,
+            to,
+            json,
+            location,
+        } => {
+            let (from, to) = (parse_id(&from)?.to_string(), parse_id(&to)?.to_string());
+            with_mount(&location, |mnt| diff(mnt, &from, &to, json))
+        }
     }
+}
+
+/// `ebsfs snapshot diff FROM TO`: the union of the `changed` files from TO back to
+/// FROM (see [`crate::snapshot::diff::diff_along_parents`]).
+fn diff(mnt: &Path, from: &str, to: &str, json: bool) -> Result<(), Failure> {
+    let read = |id: &str, file: &str| {
+        std::fs::read_to_string(snapshot_dir(mnt, id).join(file))
+            .map_err(|e| explain(&e, &format!("{id}/{file}")))
+    };
+    let ranges = crate::snapshot::diff::diff_along_parents(
+        from,
+        to,
+        |id| crate::snapshot::diff::parse_ranges(&read(id, "changed")?),
+        |id| {
+            let info: toml::Table =
+                toml::from_str(&read(id, "info")?).map_err(|e| format!("{id}/info: {e}"))?;
+            let parent = Some(info_value(&info, "parent")).filter(|p| !p.is_empty());
+            let size = info
+                .get("size")
+                .and_then(toml::Value::as_integer)
+                .ok_or_else(|| format!("{id}/info has no size"))?;
+            Ok((parent, size as u64))
+        },
+    )
+    .map_err(|e| Failure(1, e))?;
+    let text = if json {
+        crate::snapshot::diff::ranges_json(&ranges)
+    } else {
+        crate::snapshot::diff::render_ranges(&ranges)
+    };
+    print!("{text}");
+    Ok(())
 }
 
 /// Refuses a name from the command line (exit status 2, like other usage errors).

@@ -50,7 +50,7 @@ use log::{debug, info, warn};
 
 use super::{FsCore, FsError, FsResult, Handle, VolumeSlot};
 use crate::layout::VolumeFile;
-use crate::namespace::{NsGuard, Records, SnapshotRef, VolumeId, VolumeRecord};
+use crate::namespace::{NsGuard, Records, SnapshotRef, SnapshotStatus, VolumeId, VolumeRecord};
 use crate::remote::reader::RemoteBlocks;
 use crate::snapshot::SnapshotEngine;
 use crate::snapshot::read::{ChainBlocks, OpenImage};
@@ -266,6 +266,15 @@ impl<S: Storage> FsCore<S> {
         let Some(record) = view.volumes.get(&volume.id).cloned() else {
             return Ok(None);
         };
+        // A pending snapshot's image reads through its volume's freeze: only a
+        // completed one's blocks are all in its entries.
+        let completed = view
+            .snapshots
+            .get(&snapshot.id)
+            .is_some_and(|s| s.status == SnapshotStatus::Completed);
+        if !completed {
+            return Ok(None);
+        }
         let end = match view.lineage_parents.get(&volume.id) {
             Some(parent) if parent.snapshot == snapshot.id => {
                 let base_is_source = record.base_snapshot == Some(snapshot.id);

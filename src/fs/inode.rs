@@ -19,14 +19,17 @@ pub enum SnapshotFile {
     Progress,
     Image,
     Info,
+    /// Byte ranges that differ from the parent snapshot.
+    Changed,
 }
 
 impl SnapshotFile {
-    pub const ALL: [SnapshotFile; 4] = [
+    pub const ALL: [SnapshotFile; 5] = [
         SnapshotFile::Status,
         SnapshotFile::Progress,
         SnapshotFile::Image,
         SnapshotFile::Info,
+        SnapshotFile::Changed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -35,6 +38,7 @@ impl SnapshotFile {
             SnapshotFile::Progress => "progress",
             SnapshotFile::Image => "volume.img",
             SnapshotFile::Info => "info",
+            SnapshotFile::Changed => "changed",
         }
     }
 
@@ -48,6 +52,7 @@ impl SnapshotFile {
             SnapshotFile::Progress => 4,
             SnapshotFile::Image => 5,
             SnapshotFile::Info => 6,
+            SnapshotFile::Changed => 7,
         }
     }
 }
@@ -115,6 +120,7 @@ mod tests {
             Node::SnapshotFile(SnapshotId(7), SnapshotFile::Image),
             Node::SnapshotFile(SnapshotId(9), SnapshotFile::Info),
             Node::SnapshotFile(SnapshotId(9), SnapshotFile::Progress),
+            Node::SnapshotFile(SnapshotId(9), SnapshotFile::Changed),
         ];
         for node in nodes {
             assert_eq!(Node::from_ino(node.ino()), Some(node));

@@ -25,6 +25,7 @@ use super::xattr::{self, XattrFlags, XattrName};
 use super::{Access, Attr, Caller, FileKind, FsCore, FsError, FsResult, SetAttr};
 use crate::names::SnapshotName;
 use crate::namespace::{Owner, SnapshotId, SnapshotRecord, SnapshotStatus};
+use crate::snapshot::diff;
 use crate::snapshot::read::OpenImage;
 use crate::storage::Storage;
 
@@ -180,6 +181,9 @@ impl<S: Storage> FsCore<S> {
         let record = self.snapshot_record(id)?;
         let size = match file {
             SnapshotFile::Image => record.size_bytes,
+            // Listed only once captured, and not for other hosts' snapshots: its open
+            // says why.
+            SnapshotFile::Changed if super::remote::is_foreign(id) || !record.is_captured() => 0,
             _ => self.snapshot_file_text(id, file)?.len() as u64,
         };
         let time = record.completed.unwrap_or(record.created).to_system_time();
@@ -234,6 +238,14 @@ impl<S: Storage> FsCore<S> {
                 format!("{percent}%\n")
             }
             SnapshotFile::Info => render_info(&record, &self.location(&record)),
+            SnapshotFile::Changed => {
+                if super::remote::is_foreign(id) {
+                    return Err(FsError::NotSupported(
+                        "the changed blocks of another host's snapshot are not listed".into(),
+                    ));
+                }
+                diff::render_ranges(&self.engine.changed_ranges(&record)?)
+            }
             SnapshotFile::Image => {
                 return Err(FsError::Invalid("volume.img is not a text file".into()));
             }
@@ -241,8 +253,8 @@ impl<S: Storage> FsCore<S> {
         Ok(text.into_bytes())
     }
 
-    /// Opens `volume.img`, once the snapshot is completed (`EAGAIN` while pending).
-    /// The handle keeps reading it even after the snapshot is deleted.
+    /// Opens `volume.img`: the point-in-time image, also while the snapshot is
+    /// pending. The handle keeps reading it even after the snapshot is deleted.
     pub(super) fn open_image(&self, id: SnapshotId) -> FsResult<OpenImage<S>> {
         Ok(self.engine.open_image(id)?)
     }

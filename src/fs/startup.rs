@@ -107,8 +107,10 @@ pub(super) fn open<S: Storage>(
             VolumeSlot::Damaged(_) => None,
         })
         .collect();
-    engine.recover(&live)?;
+    let resumed = engine.recover(&live, !host_crash)?;
     recovery::after_crash(&session, &ns, &store)?;
+    // After the repairs above: reclaiming unreferenced space runs with no capture.
+    engine.start_resumed(resumed)?;
     engine.resume_uploads().map_err(FsError::Remote)?;
     engine.start_remote_worker();
     engine.start_catalog_poller();

@@ -82,6 +82,9 @@ pub struct CaptureJob<S: Storage> {
     pub volume: Arc<Volume<S>>,
     pub freeze: Arc<Freeze<S>>,
     pub progress: Arc<CaptureProgress>,
+    /// Entries committed before a restart interrupted the capture (see
+    /// [`super::recovery`]): changed blocks counted in `info`.
+    pub committed_before: u64,
 }
 
 /// Manifest entries committed per transaction while a capture runs.
@@ -137,7 +140,7 @@ pub fn run<S: Storage>(
         cursor: AtomicUsize::new(0),
         batch: Mutex::new(Batch::default()),
         committing: Mutex::new(()),
-        changed_blocks: AtomicU64::new(0),
+        changed_blocks: AtomicU64::new(job.committed_before),
         stored_bytes: AtomicU64::new(0),
     };
     let planned = plan(job, ns);

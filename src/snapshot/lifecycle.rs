@@ -128,7 +128,6 @@ impl<S: Storage> SnapshotEngine<S> {
         };
         let (id, freeze) = frozen.expect("a committed snapshot froze its volume");
         let progress = Arc::new(CaptureProgress::default());
-        lock(&self.running).insert(id, progress.clone());
         let job = CaptureJob {
             snapshot: id,
             lineage: vol.id,
@@ -139,14 +138,16 @@ impl<S: Storage> SnapshotEngine<S> {
             volume: volume.clone(),
             freeze,
             progress,
+            committed_before: 0,
         };
+        self.register(&job);
         drop(guard);
         self.start_capture(job)?;
         info!("snapshot {name} (id {id}) started");
         Ok(record)
     }
 
-    fn start_capture(self: &Arc<Self>, job: CaptureJob<S>) -> SnapshotResult<()> {
+    pub(super) fn start_capture(self: &Arc<Self>, job: CaptureJob<S>) -> SnapshotResult<()> {
         if self.scheduling == Scheduling::Manual {
             lock(&self.queued).push(job);
             return Ok(());
@@ -191,7 +192,7 @@ impl<S: Storage> SnapshotEngine<S> {
         // Only now, with the record final, are the capture's files garbage.
         self.remove_capture_files(job.lineage, job.snapshot);
         self.store.end_capture(&self.ns);
-        if let Some(progress) = lock(&self.running).remove(&job.snapshot) {
+        if let Some((progress, _)) = lock(&self.running).remove(&job.snapshot) {
             progress.finish();
         }
     }
@@ -277,6 +278,17 @@ impl<S: Storage> SnapshotEngine<S> {
     /// back to the volume's dirty map. What it stored goes: the uncommitted `leftover`
     /// batch at once, committed batches entry by entry.
     fn fail(&self, job: &CaptureJob<S>, reason: SnapshotError, leftover: &capture::Batch) {
+        // First, before the freeze ends and writes stop being preserved: without its
+        // preserved pages, a capture a crash interrupts from here on cannot resume
+        // with a wrong point in time (see `recovery`); the open handle still reads.
+        let cow = self
+            .layout
+            .capture_file(job.lineage, job.snapshot, CaptureFile::Cow);
+        if let Err(e) = self.storage.remove_file(&cow)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            error!("cannot remove {}: {e}", cow.display());
+        }
         if let Err(e) = job.volume.thaw(true) {
             error!(
                 "snapshot {}: cannot return blocks to the dirty map: {e}",
@@ -389,7 +401,7 @@ impl<S: Storage> SnapshotEngine<S> {
                 job.progress.cancelled.store(true, Ordering::Relaxed);
                 self.fail(&job, SnapshotError::Cancelled, &capture::Batch::default());
                 self.remove_capture_files(job.lineage, job.snapshot);
-                if let Some(progress) = lock(&self.running).remove(&id) {
+                if let Some((progress, _)) = lock(&self.running).remove(&id) {
                     progress.finish();
                 }
             } else if let Some(progress) = self.progress(id) {

@@ -12,7 +12,7 @@
 //! needs it. Only dropped entries release chunk references. Each entry holds exactly
 //! one reference on its chunk.
 
-use redb::{ReadableTable, Table, WriteTransaction};
+use redb::{ReadTransaction, ReadableTable, Table, WriteTransaction};
 
 use crate::namespace::tables::{CHUNKS, ChunkRow, MANIFEST, SNAPSHOT_BLOCKS, ZERO_BLOCK};
 use crate::namespace::{NamespaceError, NsResult, SnapshotId, SnapshotRef, VolumeId};
@@ -161,6 +161,17 @@ pub fn insert(
 }
 
 /// Up to `limit` of the blocks snapshot `snapshot` has its own entries for.
+/// The blocks snapshot `snapshot` has entries for, in order (those a capture
+/// committed so far, for a snapshot still being captured).
+pub fn committed_blocks(txn: &ReadTransaction, snapshot: SnapshotId) -> NsResult<Vec<u64>> {
+    let table = txn.open_table(SNAPSHOT_BLOCKS)?;
+    let mut blocks = Vec::new();
+    for row in table.range((snapshot.0, 0)..=(snapshot.0, u64::MAX))? {
+        blocks.push(row?.0.value().1);
+    }
+    Ok(blocks)
+}
+
 fn own_blocks(txn: &WriteTransaction, snapshot: u64, limit: usize) -> NsResult<Vec<u64>> {
     let table = txn.open_table(SNAPSHOT_BLOCKS)?;
     let mut blocks = Vec::new();

@@ -4,6 +4,7 @@
 //! - [`lifecycle`]: the state machine of a snapshot — `pending → completed | error`,
 //!   and deletion (hidden while something still needs it, then gone);
 //! - [`capture`]: turning a frozen volume into chunks and manifest entries;
+//! - [`diff`]: the byte ranges in which a snapshot differs from its parent;
 //! - [`manifest`]: which chunk each block of each snapshot holds;
 //! - [`read`]: reading images, and pins that keep an open image readable after `rmdir`;
 //! - [`settle`]: merging and dropping deleted snapshots in bounded transactions;
@@ -13,6 +14,7 @@
 //! publish under its lock); the engine never opens a metadata transaction itself.
 
 pub mod capture;
+pub mod diff;
 pub mod lifecycle;
 pub mod manifest;
 pub mod read;
@@ -71,6 +73,9 @@ pub enum Scheduling {
     Manual,
 }
 
+/// A capture not ended yet: its progress, and what its pending image reads.
+type Running<S> = (Arc<CaptureProgress>, read::Frozen<S>);
+
 pub struct SnapshotEngine<S: Storage> {
     pub ns: Arc<Namespace>,
     pub store: Arc<ChunkStore<S>>,
@@ -78,7 +83,8 @@ pub struct SnapshotEngine<S: Storage> {
     layout: Layout,
     capture_threads: usize,
     scheduling: Scheduling,
-    running: Mutex<HashMap<SnapshotId, Arc<CaptureProgress>>>,
+    /// Captures not ended yet: their progress, and what their pending images read.
+    running: Mutex<HashMap<SnapshotId, Running<S>>>,
     /// Captures waiting for [`SnapshotEngine::run_queued`] (manual scheduling).
     queued: Mutex<Vec<CaptureJob<S>>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -180,7 +186,16 @@ impl<S: Storage> SnapshotEngine<S> {
     }
 
     pub fn progress(&self, snapshot: SnapshotId) -> Option<Arc<CaptureProgress>> {
-        lock(&self.running).get(&snapshot).cloned()
+        lock(&self.running).get(&snapshot).map(|(p, _)| p.clone())
+    }
+
+    /// Registers a capture about to start: its progress and its freeze.
+    fn register(&self, job: &CaptureJob<S>) {
+        let frozen = read::Frozen {
+            volume: job.volume.clone(),
+            freeze: job.freeze.clone(),
+        };
+        lock(&self.running).insert(job.snapshot, (job.progress.clone(), frozen));
     }
 
     /// Runs every queued capture to its end on the calling thread (manual
@@ -196,7 +211,10 @@ impl<S: Storage> SnapshotEngine<S> {
 
     /// Waits for every running capture (used at unmount).
     pub fn wait_all(&self) {
-        let pending: Vec<_> = lock(&self.running).values().cloned().collect();
+        let pending: Vec<_> = lock(&self.running)
+            .values()
+            .map(|(p, _)| p.clone())
+            .collect();
         if !pending.is_empty() {
             log::info!(
                 "waiting for {} snapshot capture(s) to finish",

@@ -7,6 +7,16 @@
 //! pin; settling never merges or drops a pinned snapshot's entries, and the last
 //! unpin wakes the settler. Pins live in memory: after a restart nothing is open, and
 //! start-up settles whatever was left.
+//!
+//! A pending snapshot's image reads its point in time too. A block the capture has
+//! not committed yet reads through the volume's freeze (the live block with the pages
+//! preserved since the freeze laid over it: see [`crate::volume::freeze`]); a block
+//! whose entry is committed (done) reads its entry, in a read transaction opened
+//! after the block was seen done, so that the entry is in it; every other block is as
+//! the base snapshot has it. Done only grows, and a block is marked done only after
+//! its entry commits, so a frozen read that finds the block still not done afterwards
+//! read the frozen bytes. A capture that ends while the image is open leaves every
+//! entry committed (completed) or none (failed or cancelled: reads fail with `EIO`).
 
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
@@ -15,6 +25,8 @@ use crate::namespace::tables::{CHUNKS, MANIFEST};
 use crate::namespace::{Chain, NamespaceError, SnapshotId, SnapshotRecord, SnapshotStatus};
 use crate::storage::Storage;
 use crate::store::index;
+use crate::volume::Volume;
+use crate::volume::freeze::Freeze;
 use crate::volume::source::SnapshotBlocks;
 
 use super::manifest::{self, BlockContent};
@@ -26,11 +38,20 @@ pub struct OpenImage<S: Storage> {
     engine: Arc<SnapshotEngine<S>>,
     /// Runs of blocks holding data, found on the first `SEEK_DATA`/`SEEK_HOLE`.
     extents: OnceLock<Vec<Range<u64>>>,
+    /// While the snapshot is being captured: its volume and freeze.
+    frozen: Option<Frozen<S>>,
+}
+
+/// The volume and freeze a pending image reads uncaptured blocks through.
+pub struct Frozen<S: Storage> {
+    pub volume: Arc<Volume<S>>,
+    pub freeze: Arc<Freeze<S>>,
 }
 
 impl<S: Storage> OpenImage<S> {
     pub fn read(&self, buf: &mut [u8], offset: u64) -> SnapshotResult<usize> {
-        self.engine.read_image(&self.record, buf, offset)
+        self.engine
+            .read_image(&self.record, self.frozen.as_ref(), buf, offset)
     }
 
     /// `SEEK_DATA` (`data`) or `SEEK_HOLE` from `offset`: blocks never written or
@@ -43,7 +64,12 @@ impl<S: Storage> OpenImage<S> {
         let extents = match self.extents.get() {
             Some(extents) => extents,
             None => {
-                let found = self.engine.data_extents(&self.record)?;
+                let found = match self.frozen {
+                    // Not captured yet: no block is known to be a hole.
+                    Some(_) => std::iter::once(0..size.div_ceil(u64::from(self.record.block_size)))
+                        .collect(),
+                    None => self.engine.data_extents(&self.record)?,
+                };
                 self.extents.get_or_init(|| found)
             }
         };
@@ -89,11 +115,13 @@ impl<S: Storage> Drop for OpenImage<S> {
 }
 
 impl<S: Storage> SnapshotEngine<S> {
-    /// Opens the image of visible snapshot `id` for reading. Only a completed
-    /// snapshot has one: `NotReady` while pending, `CaptureFailed` after an error.
+    /// Opens the image of visible snapshot `id` for reading: a completed one, or a
+    /// pending one (read through its volume's freeze while it is captured). A failed
+    /// snapshot has no image (`CaptureFailed`).
     pub fn open_image(self: &Arc<Self>, id: SnapshotId) -> SnapshotResult<OpenImage<S>> {
         // Under the namespace lock, so that no deletion settles between the check
-        // and the pin.
+        // and the pin, and no capture ends between the look at the record and the
+        // look at the freeze.
         let _guard = self.ns.lock();
         let view = self.ns.view();
         let record = view
@@ -101,27 +129,36 @@ impl<S: Storage> SnapshotEngine<S> {
             .get(&id)
             .filter(|s| !s.hidden)
             .ok_or_else(|| SnapshotError::NotFound(format!("snapshot {id}")))?;
-        match record.status {
-            SnapshotStatus::Completed => {}
-            SnapshotStatus::Pending => return Err(SnapshotError::NotReady(record.name())),
-            SnapshotStatus::Error => {
-                return Err(SnapshotError::CaptureFailed(format!(
-                    "snapshot {} failed and has no image: {}",
-                    record.name(),
-                    record.error.as_deref().unwrap_or("unknown reason")
-                )));
-            }
+        if record.status == SnapshotStatus::Error {
+            return Err(SnapshotError::CaptureFailed(format!(
+                "snapshot {} failed and has no image: {}",
+                record.name(),
+                record.error.as_deref().unwrap_or("unknown reason")
+            )));
         }
+        let frozen = if record.is_capturing() {
+            let running = lock(&self.running);
+            let (_, frozen) = running
+                .get(&id)
+                .ok_or_else(|| SnapshotError::NotReady(record.name()))?;
+            Some(Frozen {
+                volume: frozen.volume.clone(),
+                freeze: frozen.freeze.clone(),
+            })
+        } else {
+            None
+        };
         *lock(&self.pins).entry(id).or_insert(0) += 1;
         Ok(OpenImage {
             record: Arc::new(record.clone()),
             engine: self.clone(),
             extents: OnceLock::new(),
+            frozen,
         })
     }
 
     /// Runs of blocks of `record`'s image that hold data (not zeros), in order.
-    fn data_extents(&self, record: &SnapshotRecord) -> SnapshotResult<Vec<Range<u64>>> {
+    pub(super) fn data_extents(&self, record: &SnapshotRecord) -> SnapshotResult<Vec<Range<u64>>> {
         let blocks = record.size_bytes.div_ceil(u64::from(record.block_size));
         let chain = self.ns.view().chain(record.lineage, record.id);
         let txn = self.ns.read()?;
@@ -136,16 +173,15 @@ impl<S: Storage> SnapshotEngine<S> {
         Ok(runs)
     }
 
-    /// Reads `buf.len()` bytes of a completed snapshot's image at `offset`.
+    /// Reads `buf.len()` bytes of a snapshot's image at `offset`; `frozen` while it
+    /// is pending (see the module documentation).
     pub fn read_image(
         &self,
         record: &SnapshotRecord,
+        frozen: Option<&Frozen<S>>,
         buf: &mut [u8],
         offset: u64,
     ) -> SnapshotResult<usize> {
-        if record.status != SnapshotStatus::Completed {
-            return Err(SnapshotError::NotReady(record.name()));
-        }
         let end = offset
             .saturating_add(buf.len() as u64)
             .min(record.size_bytes);
@@ -153,6 +189,25 @@ impl<S: Storage> SnapshotEngine<S> {
             return Ok(0);
         }
         let bs = u64::from(record.block_size);
+        // Frozen reads first: the blocks left for the manifest are then looked up
+        // in a transaction opened after they were seen done.
+        let mut from_manifest = Vec::new();
+        let mut block_buf = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / bs;
+            let within = (pos % bs) as usize;
+            let take = ((bs - within as u64).min(end - pos)) as usize;
+            let at = (pos - offset) as usize;
+            pos += take as u64;
+            if let Some(frozen) = frozen
+                && self.read_frozen(record, frozen, block, &mut block_buf)?
+            {
+                buf[at..at + take].copy_from_slice(&block_buf[within..within + take]);
+                continue;
+            }
+            from_manifest.push((block, at, within, take));
+        }
         let chain = self.ns.view().chain(record.lineage, record.id);
         let txn = self.ns.read()?;
         let manifest_table = txn.open_table(MANIFEST).map_err(NamespaceError::from)?;
@@ -160,12 +215,7 @@ impl<S: Storage> SnapshotEngine<S> {
         // Resolve every block first, then read the chunks together.
         let mut pieces = Vec::new();
         let mut chunks = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let block = pos / bs;
-            let within = (pos % bs) as usize;
-            let take = ((bs - within as u64).min(end - pos)) as usize;
-            let at = (pos - offset) as usize;
+        for (block, at, within, take) in from_manifest {
             match manifest::resolve_chain(&manifest_table, &chain, block)? {
                 BlockContent::Zero => buf[at..at + take].fill(0),
                 BlockContent::Chunk(hash) => {
@@ -182,7 +232,6 @@ impl<S: Storage> SnapshotEngine<S> {
                     pieces.push((at, within, take));
                 }
             }
-            pos += take as u64;
         }
         // Blocks only partly read are likely to be read again (a filesystem mounted
         // from the image reads small pieces): keep those decoded.
@@ -192,6 +241,48 @@ impl<S: Storage> SnapshotEngine<S> {
             buf[at..at + take].copy_from_slice(&plain[within..within + take]);
         })?;
         Ok((end - offset) as usize)
+    }
+
+    /// Reads `block` of pending snapshot `record` through its freeze into `buf`;
+    /// `false` when its entry is to be read instead (committed, or the capture
+    /// completed meanwhile).
+    fn read_frozen(
+        &self,
+        record: &SnapshotRecord,
+        frozen: &Frozen<S>,
+        block: u64,
+        buf: &mut Vec<u8>,
+    ) -> SnapshotResult<bool> {
+        let freeze = &frozen.freeze;
+        if !freeze.is_frozen(block) || freeze.is_done(block) {
+            return Ok(false);
+        }
+        match frozen.volume.read_frozen_block(freeze, block, buf) {
+            Some(Ok(())) => Ok(!freeze.is_done(block)),
+            Some(Err(e)) => Err(SnapshotError::Io {
+                what: format!(
+                    "reading block {block} of pending snapshot {}",
+                    record.name()
+                ),
+                source: e,
+            }),
+            None => {
+                let completed = self
+                    .ns
+                    .view()
+                    .snapshots
+                    .get(&record.id)
+                    .is_some_and(|s| s.is_captured());
+                if completed {
+                    Ok(false)
+                } else {
+                    Err(SnapshotError::CaptureFailed(format!(
+                        "snapshot {} ended without completing",
+                        record.name()
+                    )))
+                }
+            }
+        }
     }
 }
 
