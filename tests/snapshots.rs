@@ -856,6 +856,22 @@ fn cli_creates_lists_waits_for_and_deletes_snapshots() {
             .any(|w| w == "completed"),
         "{listing}"
     );
+    // The last two columns: the host that took it, and where it is kept (no snapshot
+    // store here: in the data directory only).
+    let header: Vec<&str> = listing.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header[header.len() - 2..],
+        ["HOST", "LOCATION"],
+        "{listing}"
+    );
+    let host = info_str(&fs, "cli@first", "host").expect("info names the host");
+    let first = line_of("cli@first");
+    let words: Vec<&str> = first.split_whitespace().collect();
+    assert_eq!(
+        words[words.len() - 2..],
+        [host.as_str(), "local"],
+        "{listing}"
+    );
     let big_status = fs.status("big@later");
     if big_status == "pending" {
         assert!(

@@ -17,7 +17,11 @@
 //!
 //! The module is generic over [`Storage`], so it runs on memory in unit tests. It
 //! holds the data directory's lock throughout: a running daemon makes it refuse.
+//!
+//! With a snapshot store configured, [`bucket`] checks the bucket too: it only reads
+//! it, so it runs beside mounted hosts, and its problems are reported, never repaired.
 
+pub mod bucket;
 mod chunks;
 mod files;
 mod rebuild;
@@ -57,6 +61,10 @@ pub enum CheckError {
         what: String,
         source: std::io::Error,
     },
+    /// The snapshot store could not be checked: unreachable, credentials refused, a
+    /// wrong key, a newer format, or a request failing after its retries.
+    #[error(transparent)]
+    Store(crate::remote::RemoteError),
 }
 
 fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CheckError {

@@ -138,6 +138,30 @@ pub fn counted(n: u64, what: &str) -> String {
 /// At most this many snapshot names are listed per problem.
 const MAX_NAMES_SHOWN: usize = 20;
 
+/// A problem's line: its kind, subject and detail, and the snapshots that read it.
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.severity {
+            Severity::Corruption => "corruption",
+            Severity::Leak => "leak",
+        };
+        write!(f, "{kind}: {}: {}", self.subject, self.detail)?;
+        if !self.affects.is_empty() {
+            let shown: Vec<&str> = self
+                .affects
+                .iter()
+                .take(MAX_NAMES_SHOWN)
+                .map(String::as_str)
+                .collect();
+            write!(f, "; read by {}", shown.join(", "))?;
+            if self.affects.len() > MAX_NAMES_SHOWN {
+                write!(f, " and {} more", self.affects.len() - MAX_NAMES_SHOWN)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let t = &self.totals;
@@ -165,24 +189,7 @@ impl fmt::Display for Report {
             writeln!(f, "  note: {note}")?;
         }
         for p in &self.problems {
-            let kind = match p.severity {
-                Severity::Corruption => "corruption",
-                Severity::Leak => "leak",
-            };
-            write!(f, "{kind}: {}: {}", p.subject, p.detail)?;
-            if !p.affects.is_empty() {
-                let shown: Vec<&str> = p
-                    .affects
-                    .iter()
-                    .take(MAX_NAMES_SHOWN)
-                    .map(String::as_str)
-                    .collect();
-                write!(f, "; read by {}", shown.join(", "))?;
-                if p.affects.len() > MAX_NAMES_SHOWN {
-                    write!(f, " and {} more", p.affects.len() - MAX_NAMES_SHOWN)?;
-                }
-            }
-            writeln!(f)?;
+            writeln!(f, "{p}")?;
             match &p.outcome {
                 None => {}
                 Some(Outcome::Repaired(what)) => writeln!(f, "  repaired: {what}")?,

@@ -1,10 +1,14 @@
-//! Command line: `ebsfs mount`, `ebsfs snapshot …`, `ebsfs check`, `ebsfs scrub`, and
-//! the `mount -t fuse.ebsfs` helper form (`ebsfs DATA_DIR MOUNTPOINT -o OPTIONS`).
+//! Command line: `ebsfs mount`, `ebsfs snapshot …`, `ebsfs volume …`, `ebsfs check`,
+//! `ebsfs scrub`, `ebsfs bucket gc`, and the `mount -t fuse.ebsfs` helper form
+//! (`ebsfs DATA_DIR MOUNTPOINT -o OPTIONS`).
 //!
-//! `snapshot` and `scrub` are thin layers over the mounted filesystem: anything they
-//! do can be done with `mkdir`, `cat`, `rmdir` and `dd`. `check` works on a stopped
-//! data directory through [`crate::check`].
+//! `snapshot`, `volume` and `scrub` are thin layers over the mounted filesystem:
+//! anything they do can be done with `mkdir`, `cat`, `rmdir`, `cp` and `dd`. `check`
+//! works on a stopped data directory through [`crate::check`], and reads the snapshot
+//! store's bucket (if configured) through [`crate::check::bucket`]; `bucket gc` runs
+//! one collection of that bucket ([`crate::remote::gc`]).
 
+pub mod bucket;
 pub mod check;
 pub mod mount;
 pub mod scrub;
@@ -40,10 +44,14 @@ enum Command {
     #[command(subcommand)]
     Volume(volume::VolumeCommand),
     /// Verify a stopped data directory (every chunk's hash, every reference, every
-    /// file) and, with --repair, fix what is safe to fix.
+    /// file) and, with --repair, fix what is safe to fix; with a [store], also verify
+    /// the snapshot store's bucket (read only).
     Check(check::CheckArgs),
     /// Read every snapshot image of a mounted ebsfs in full, verifying every chunk.
     Scrub(scrub::ScrubArgs),
+    /// The snapshot store's bucket ([store] in the config): garbage collection.
+    #[command(subcommand)]
+    Bucket(bucket::BucketCommand),
 }
 
 /// Where to find the mount: `--mount DIR`, else the config's mountpoint.
@@ -98,6 +106,7 @@ pub fn run(args: Vec<OsString>) -> i32 {
         Command::Volume(cmd) => volume::run(cmd),
         Command::Check(args) => check::run(args),
         Command::Scrub(args) => scrub::run(args),
+        Command::Bucket(cmd) => bucket::run(cmd),
     }
 }
 

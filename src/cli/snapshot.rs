@@ -2,7 +2,9 @@
 //!
 //! Every id or volume/label from the command line is checked with the filesystem's
 //! own name rules before it is joined onto the mount path: `../x` must never reach
-//! `mkdir` or `rmdir` outside `snapshots/`.
+//! `mkdir` or `rmdir` outside `snapshots/`. Other hosts' snapshots (with a snapshot
+//! store) are in `snapshots/` too, as `VOLUME@LABEL@HOST`: `list` shows them, `wait`
+//! and `volume create --from` take their names.
 
 use std::ffi::CString;
 use std::fs;
@@ -32,12 +34,14 @@ pub enum SnapshotCommand {
         #[command(flatten)]
         location: MountLocation,
     },
-    /// List snapshots with their status, size, owner and time.
+    /// List snapshots with their status, size, owner, time, host and location (with a
+    /// snapshot store, other hosts' snapshots too, as VOLUME@LABEL@HOST).
     List {
         #[command(flatten)]
         location: MountLocation,
     },
-    /// Wait for a snapshot (VOLUME@LABEL) to complete; non-zero exit if it fails.
+    /// Wait for a snapshot (VOLUME@LABEL) to complete (with a snapshot store: to be
+    /// uploaded); non-zero exit if it fails.
     Wait {
         id: String,
         #[command(flatten)]
@@ -91,14 +95,26 @@ fn dispatch(cmd: SnapshotCommand) -> Result<(), Failure> {
                 create(mnt, &name, description.as_deref(), wait)
             })
         }
-        SnapshotCommand::List { location } => with_mount(&location, list),
+        SnapshotCommand::List { location } => {
+            with_mount(&location, |mnt| list(mnt, &mut std::io::stdout().lock()))
+        }
         SnapshotCommand::Wait { id, location } => {
-            let id = parse_id(&id)?.to_string();
+            let id = parse_ref(&id)?.to_string();
             with_mount(&location, |mnt| wait_for(mnt, &id))
         }
         SnapshotCommand::Delete { id, location } => {
-            let id = parse_id(&id)?.to_string();
-            with_mount(&location, |mnt| delete(mnt, &id))
+            let id = parse_ref(&id)?;
+            if let Some(host) = id.host() {
+                return Err(Failure(
+                    1,
+                    format!(
+                        "{id}: another host's snapshot, from the snapshot store: only host \
+                         {host} may delete it (there: `ebsfs snapshot delete {}`)",
+                        id.name
+                    ),
+                ));
+            }
+            with_mount(&location, |mnt| delete(mnt, &id.to_string()))
         }
         SnapshotCommand::Diff {
             from,
@@ -106,7 +122,7 @@ fn dispatch(cmd: SnapshotCommand) -> Result<(), Failure> {
             json,
             location,
         } => {
-            let (from, to) = (parse_id(&from)?.to_string(), parse_id(&to)?.to_string());
+            let (from, to) = (parse_ref(&from)?.to_string(), parse_ref(&to)?.to_string());
             with_mount(&location, |mnt| diff(mnt, &from, &to, json))
         }
     }
@@ -149,9 +165,74 @@ fn invalid_name(id: &str, err: NameError) -> Failure {
     Failure(2, format!("invalid snapshot id `{id}`: {err}"))
 }
 
-/// A snapshot id from the command line: `VOLUME@LABEL` by the filesystem's name rules.
-fn parse_id(id: &str) -> Result<SnapshotName, Failure> {
-    SnapshotName::parse(id).map_err(|e| invalid_name(id, e))
+/// A snapshot as the mount names it: `VOLUME@LABEL` (this host's), or
+/// `VOLUME@LABEL@HOST` (another host's, from the snapshot store; a `~N` after it tells
+/// apart two that would have the same name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct SnapshotRef {
+    pub name: SnapshotName,
+    /// The other host, and the `~N` suffix.
+    pub foreign: Option<(String, Option<u64>)>,
+}
+
+impl SnapshotRef {
+    /// Parses `text` by the filesystem's name rules (and `host_id`'s for the host).
+    pub fn parse(text: &str) -> Result<SnapshotRef, String> {
+        match text.matches('@').count() {
+            0 | 1 => SnapshotName::parse(text)
+                .map(|name| SnapshotRef {
+                    name,
+                    foreign: None,
+                })
+                .map_err(|e| e.to_string()),
+            2 => {
+                let (local, host) = text.rsplit_once('@').expect("two @");
+                let name = SnapshotName::parse(local).map_err(|e| e.to_string())?;
+                let (host, suffix) = match host.split_once('~') {
+                    Some((host, n)) => {
+                        let n = n
+                            .parse::<u64>()
+                            .ok()
+                            .filter(|_| n.bytes().all(|b| b.is_ascii_digit()))
+                            .ok_or_else(|| format!("`~{n}` after the host is not `~NUMBER`"))?;
+                        (host, Some(n))
+                    }
+                    None => (host, None),
+                };
+                crate::config::store::check_host_id(host)?;
+                Ok(SnapshotRef {
+                    name,
+                    foreign: Some((host.to_string(), suffix)),
+                })
+            }
+            _ => Err(format!(
+                "`{text}` has too many `@`: name a snapshot VOLUME@LABEL, or VOLUME@LABEL@HOST \
+                 for another host's"
+            )),
+        }
+    }
+
+    /// The other host, for another host's snapshot.
+    pub fn host(&self) -> Option<&str> {
+        self.foreign.as_ref().map(|(host, _)| host.as_str())
+    }
+}
+
+impl std::fmt::Display for SnapshotRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.name)?;
+        match &self.foreign {
+            Some((host, Some(n))) => write!(f, "@{host}~{n}"),
+            Some((host, None)) => write!(f, "@{host}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A snapshot id from the command line, this host's or another's (exit status 2 if
+/// it breaks the name rules).
+pub(super) fn parse_ref(id: &str) -> Result<SnapshotRef, Failure> {
+    SnapshotRef::parse(id).map_err(|e| Failure(2, format!("invalid snapshot id `{id}`: {e}")))
 }
 
 pub(super) fn with_mount(
@@ -290,40 +371,96 @@ pub(super) fn info_value(info: &toml::Table, key: &str) -> String {
     }
 }
 
-fn list(mnt: &Path) -> Result<(), Failure> {
+/// A cell of `list`: a dash when `info` does not have it.
+fn cell(text: String) -> String {
+    if text.is_empty() {
+        "-".to_string()
+    } else {
+        text
+    }
+}
+
+/// A snapshot as `list` shows it: its name, `status`, `progress` and parsed `info`.
+struct ListRow {
+    name: String,
+    status: String,
+    progress: String,
+    info: toml::Table,
+}
+
+/// Prints the table of snapshots (`ebsfs snapshot list`). Uploads failing are
+/// reported on stderr.
+fn list(mnt: &Path, out: &mut dyn Write) -> Result<(), Failure> {
     let mut names =
         snapshot_names(mnt).map_err(|e| Failure(1, format!("listing snapshots: {e}")))?;
     names.sort();
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(
-        out,
-        "{:<40} {:<10} {:>5} {:>12} {:>12} {:>6}  CREATED",
-        "SNAPSHOT", "STATUS", "DONE", "SIZE", "STORED", "OWNER"
-    );
-    for name in names {
-        let dir = snapshot_dir(mnt, &name);
-        let status = read_field(&dir, "status").unwrap_or_else(|_| "?".into());
-        let progress = read_field(&dir, "progress").unwrap_or_default();
-        let info: toml::Table = read_field(&dir, "info")
-            .ok()
-            .and_then(|t| toml::from_str(&t).ok())
-            .unwrap_or_default();
-        let size = info_value(&info, "size")
-            .parse::<u64>()
-            .map(|b| crate::config::ByteSize(b).to_string())
-            .unwrap_or_default();
-        let stored = info_value(&info, "stored_bytes")
-            .parse::<u64>()
-            .map(|b| crate::config::ByteSize(b).to_string())
-            .unwrap_or_default();
-        let _ = writeln!(
-            out,
-            "{name:<40} {status:<10} {progress:>5} {size:>12} {stored:>12} {:>6}  {}",
-            info_value(&info, "owner"),
-            info_value(&info, "created")
-        );
+    let rows: Vec<ListRow> = names
+        .into_iter()
+        .map(|name| {
+            let dir = snapshot_dir(mnt, &name);
+            ListRow {
+                status: read_field(&dir, "status").unwrap_or_else(|_| "?".into()),
+                progress: read_field(&dir, "progress").unwrap_or_default(),
+                info: read_field(&dir, "info")
+                    .ok()
+                    .and_then(|t| toml::from_str(&t).ok())
+                    .unwrap_or_default(),
+                name,
+            }
+        })
+        .collect();
+    let _ = out.write_all(list_table(&rows).as_bytes());
+    for row in &rows {
+        let upload_error = info_value(&row.info, "upload_error");
+        if !upload_error.is_empty() {
+            eprintln!(
+                "{}: not in the snapshot store yet, upload retried: {upload_error}",
+                row.name
+            );
+        }
     }
     Ok(())
+}
+
+/// The table `list` prints: columns up to CREATED as in earlier versions, then HOST
+/// (the host that took the snapshot) and LOCATION (`local`: in this data directory
+/// only; `local+bucket`: also in the snapshot store; `bucket`: another host's, read
+/// from the snapshot store), as `info` reports them; a dash for what `info` lacks.
+fn list_table(rows: &[ListRow]) -> String {
+    let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(40);
+    let hosts: Vec<String> = rows
+        .iter()
+        .map(|r| cell(info_value(&r.info, "host")))
+        .collect();
+    let host_width = hosts.iter().map(String::len).max().unwrap_or(0).max(16);
+    let bytes = |info: &toml::Table, key: &str| {
+        info_value(info, key)
+            .parse::<u64>()
+            .map(|b| crate::config::ByteSize(b).to_string())
+            .unwrap_or_default()
+    };
+    let mut table = format!(
+        "{:<width$} {:<10} {:>5} {:>12} {:>12} {:>6}  {:<25} {:<host_width$} LOCATION\n",
+        "SNAPSHOT", "STATUS", "DONE", "SIZE", "STORED", "OWNER", "CREATED", "HOST"
+    );
+    for (row, host) in rows.iter().zip(hosts) {
+        let ListRow {
+            name,
+            status,
+            progress,
+            info,
+        } = row;
+        table.push_str(&format!(
+            "{name:<width$} {status:<10} {progress:>5} {:>12} {:>12} {:>6}  {:<25} \
+             {host:<host_width$} {}\n",
+            bytes(info, "size"),
+            bytes(info, "stored_bytes"),
+            info_value(info, "owner"),
+            cell(info_value(info, "created")),
+            cell(info_value(info, "location")),
+        ));
+    }
+    table
 }
 
 /// Polls `status` and `progress`: a bar on a terminal, a line per 10% otherwise.
@@ -331,8 +468,24 @@ fn wait_for(mnt: &Path, id: &str) -> Result<(), Failure> {
     let dir = snapshot_dir(mnt, id);
     let tty = std::io::stderr().is_terminal();
     let mut last_reported: Option<u64> = None;
+    let mut last_upload_error = String::new();
     loop {
         let status = read_field(&dir, "status").map_err(|e| Failure(2, explain(&e, id)))?;
+        if status == "pending" {
+            // Captured but not in the snapshot store yet: say why, once per reason.
+            let upload_error = read_field(&dir, "info")
+                .ok()
+                .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
+                .map(|info| info_value(&info, "upload_error"))
+                .unwrap_or_default();
+            if !upload_error.is_empty() && upload_error != last_upload_error {
+                if tty {
+                    eprintln!();
+                }
+                eprintln!("{id}: upload to the snapshot store failed, retrying: {upload_error}");
+            }
+            last_upload_error = upload_error;
+        }
         let percent: u64 = read_field(&dir, "progress")
             .ok()
             .and_then(|p| p.trim_end_matches('%').parse().ok())
@@ -380,4 +533,116 @@ fn delete(mnt: &Path, id: &str) -> Result<(), Failure> {
     fs::remove_dir(snapshot_dir(mnt, id)).map_err(|e| Failure(1, explain(&e, id)))?;
     println!("{id}: deleted");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, status: &str, info: &str) -> ListRow {
+        ListRow {
+            name: name.to_string(),
+            status: status.to_string(),
+            progress: "100%".to_string(),
+            info: toml::from_str(info).unwrap(),
+        }
+    }
+
+    /// The words of the line of `table` that starts with `name`.
+    fn line_of(table: &str, name: &str) -> Vec<String> {
+        table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no line for {name}:\n{table}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn list_shows_each_snapshots_host_and_location() {
+        let table = list_table(&[
+            row(
+                "db@one",
+                "completed",
+                "size = 1073741824\nstored_bytes = 4096\nowner = 0\n\
+                 created = \"2026-01-02T03:04:05+00:00\"\nhost = \"hosta\"\n\
+                 location = \"local+bucket\"\n",
+            ),
+            row(
+                "db@two",
+                "pending",
+                "owner = 1000\nhost = \"hosta\"\nlocation = \"local\"\n",
+            ),
+            row(
+                "db@one@a-host-with-a-rather-long-id",
+                "completed",
+                "owner = 0\nhost = \"a-host-with-a-rather-long-id\"\nlocation = \"bucket\"\n",
+            ),
+            row("old@x", "completed", "owner = 0\n"),
+        ]);
+        let header = line_of(&table, "SNAPSHOT");
+        assert_eq!(
+            header,
+            [
+                "SNAPSHOT", "STATUS", "DONE", "SIZE", "STORED", "OWNER", "CREATED", "HOST",
+                "LOCATION"
+            ]
+        );
+        let one = line_of(&table, "db@one");
+        assert_eq!(one[1], "completed");
+        assert_eq!(one[3..5], ["1.0", "GiB"]);
+        assert_eq!(
+            one[one.len() - 3..],
+            ["2026-01-02T03:04:05+00:00", "hosta", "local+bucket"],
+            "{table}"
+        );
+        let two = line_of(&table, "db@two");
+        assert_eq!(two[two.len() - 3..], ["-", "hosta", "local"], "{table}");
+        let foreign = line_of(&table, "db@one@a-host-with-a-rather-long-id");
+        assert_eq!(
+            foreign[foreign.len() - 2..],
+            ["a-host-with-a-rather-long-id", "bucket"],
+            "{table}"
+        );
+        // An info without host and location (an older ebsfs): dashes.
+        let old = line_of(&table, "old@x");
+        assert_eq!(old[old.len() - 3..], ["-", "-", "-"], "{table}");
+        // Columns line up, a long host id included.
+        let at = |line: &str, word: &str| line.find(word).unwrap();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(at(lines[0], "LOCATION"), at(lines[3], "bucket"), "{table}");
+        assert_eq!(
+            at(lines[0], "LOCATION"),
+            at(lines[1], "local+bucket"),
+            "{table}"
+        );
+        assert_eq!(at(lines[0], "HOST"), at(lines[2], "hosta"), "{table}");
+    }
+
+    #[test]
+    fn snapshot_refs_name_this_hosts_snapshots_and_other_hosts() {
+        let own = SnapshotRef::parse("db@one").unwrap();
+        assert_eq!((own.host(), own.to_string().as_str()), (None, "db@one"));
+        let foreign = SnapshotRef::parse("db@one@hosta").unwrap();
+        assert_eq!(foreign.host(), Some("hosta"));
+        assert_eq!(foreign.name.to_string(), "db@one");
+        assert_eq!(foreign.to_string(), "db@one@hosta");
+        let twin = SnapshotRef::parse("db@one@hosta~3").unwrap();
+        assert_eq!(twin.foreign, Some(("hosta".to_string(), Some(3))));
+        assert_eq!(twin.to_string(), "db@one@hosta~3");
+        for bad in [
+            "db",
+            "db@one@",
+            "db@one@host/x",
+            "db@one@hosta~",
+            "db@one@hosta~x",
+            "db@one@hosta~+1",
+            "a@b@c@d",
+            "../x@y",
+        ] {
+            assert!(SnapshotRef::parse(bad).is_err(), "{bad} was accepted");
+        }
+        assert_eq!(parse_ref("a@b@c@d").unwrap_err().0, 2);
+    }
 }

@@ -15,9 +15,9 @@ use std::time::Instant;
 use clap::Subcommand;
 
 use super::MountLocation;
-use super::snapshot::{Failure, get_xattr, snapshot_dir, with_mount};
+use super::snapshot::{Failure, SnapshotRef, get_xattr, parse_ref, snapshot_dir, with_mount};
 use crate::config::ByteSize;
-use crate::names::{SnapshotName, VolumeName};
+use crate::names::VolumeName;
 
 #[derive(Subcommand, Debug)]
 pub enum VolumeCommand {
@@ -25,8 +25,10 @@ pub enum VolumeCommand {
     /// with the snapshot and copied in the background).
     Create {
         name: String,
-        /// Make the volume from this snapshot (VOLUME@LABEL).
-        #[arg(long, value_name = "VOL@LABEL")]
+        /// Make the volume from this snapshot: VOLUME@LABEL, or VOLUME@LABEL@HOST for
+        /// another host's snapshot in the snapshot store (read from the bucket until
+        /// hydrated).
+        #[arg(long, value_name = "VOL@LABEL[@HOST]")]
         from: Option<String>,
         /// Size of the volume (e.g. 10GiB); at least the snapshot's size with --from.
         #[arg(long, value_parser = parse_size)]
@@ -70,15 +72,10 @@ pub fn run(cmd: VolumeCommand) -> i32 {
 fn parse_create(
     name: &str,
     from: Option<&str>,
-) -> Result<(VolumeName, Option<SnapshotName>), Failure> {
+) -> Result<(VolumeName, Option<SnapshotRef>), Failure> {
     let name = VolumeName::parse(name)
         .map_err(|e| Failure(2, format!("invalid volume name `{name}`: {e}")))?;
-    let from = from
-        .map(|id| {
-            SnapshotName::parse(id)
-                .map_err(|e| Failure(2, format!("invalid snapshot id `{id}`: {e}")))
-        })
-        .transpose()?;
+    let from = from.map(parse_ref).transpose()?;
     Ok((name, from))
 }
 
@@ -96,15 +93,23 @@ fn io_failure(what: &str, e: &std::io::Error) -> Failure {
 fn create(
     mnt: &Path,
     name: &VolumeName,
-    from: Option<&SnapshotName>,
+    from: Option<&SnapshotRef>,
     size: Option<u64>,
 ) -> Result<(), Failure> {
     let started = Instant::now();
     let path = mnt.join("volumes").join(name.file_name());
     let source = from
         .map(|id| {
-            File::open(snapshot_dir(mnt, &id.to_string()).join("volume.img"))
-                .map_err(|e| io_failure(&format!("reading snapshot {id}"), &e))
+            File::open(snapshot_dir(mnt, &id.to_string()).join("volume.img")).map_err(|e| {
+                let mut failure = io_failure(&format!("reading snapshot {id}"), &e);
+                if id.host().is_some() && e.raw_os_error() == Some(libc::ENOENT) {
+                    failure.1.push_str(
+                        " (another host's snapshot shows up here once its upload completed, \
+                         within the store's poll_seconds)",
+                    );
+                }
+                failure
+            })
         })
         .transpose()?;
     let volume = OpenOptions::new()

@@ -374,7 +374,8 @@ fn bucket_error(store: &RemoteStore, source: BucketError) -> RemoteError {
     }
 }
 
-fn damaged(store: &RemoteStore, what: &str, reason: &str) -> RemoteError {
+/// `what` in `store` is damaged, for `reason`.
+pub(crate) fn damaged(store: &RemoteStore, what: &str, reason: &str) -> RemoteError {
     RemoteError::Damaged {
         store: store.bucket.shown.clone(),
         source: FormatError {
@@ -397,7 +398,8 @@ fn renew_lease(store: &RemoteStore) -> RemoteResult<SystemTime> {
     store.write_lease(lease)
 }
 
-fn read_lease(store: &RemoteStore, name: &str) -> RemoteResult<Option<Lease>> {
+/// A lease as the bucket has it; `None` if missing.
+pub(crate) fn read_lease(store: &RemoteStore, name: &str) -> RemoteResult<Option<Lease>> {
     let Some(bytes) = store.get_object(name)? else {
         return Ok(None);
     };
@@ -428,8 +430,8 @@ fn listing(
         .collect())
 }
 
-/// `read` of each name, several at once.
-fn read_all<T: Send + 'static>(
+/// `read` of each name, several at once (`download_concurrency` of them).
+pub(crate) fn read_all<T: Send + 'static>(
     store: &RemoteStore,
     names: &[String],
     read: fn(&RemoteStore, &str) -> RemoteResult<T>,
@@ -602,11 +604,10 @@ mod tests {
 
     use super::*;
     use crate::config::StoreSettings;
-    use crate::namespace::Timestamp;
     use crate::remote::Bucket;
     use crate::remote::crypto::Crypto;
-    use crate::remote::format::{RemoteChunk, Root, RootFacts};
-    use crate::remote::test_support;
+    use crate::remote::format::RemoteChunk;
+    use crate::remote::test_support::{self, commit};
     use crate::store::codec::{ChunkHash, Codec};
 
     const KEYS: [Option<[u8; 32]>; 2] = [None, Some([7; 32])];
@@ -676,38 +677,6 @@ mod tests {
             page.set(block as u16, Some((*chunk).clone()));
         }
         store.put_page(&page).unwrap()
-    }
-
-    /// Commits snapshot `id` of `store`'s host with `pages` (and its metadata object);
-    /// returns its root's name.
-    fn commit(store: &RemoteStore, id: u64, pages: &[&str]) -> String {
-        let names = store.names();
-        let root = Root {
-            facts: RootFacts {
-                host: store.host.clone(),
-                snapshot: id,
-                volume: "db".into(),
-                label: format!("s{id}"),
-                size_bytes: 1 << 30,
-                block_size: 65536,
-                created: Timestamp(1),
-                completed: Timestamp(2),
-                parent: None,
-                changed_blocks: pages.len() as u64,
-                stored_bytes: 4096,
-            },
-            pages: pages
-                .iter()
-                .enumerate()
-                .map(|(i, p)| (i as u64, p.to_string()))
-                .collect(),
-        };
-        let name = names.root(&store.host, id);
-        store
-            .put_object(&names.meta_of(&name), b"owner = 0")
-            .unwrap();
-        store.put_object(&name, &root.encode()).unwrap();
-        name
     }
 
     fn delete_snapshot(store: &RemoteStore, root: &str) {

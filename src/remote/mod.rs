@@ -639,6 +639,49 @@ pub(crate) mod test_support {
         }
     }
 
+    /// Commits snapshot `id` of volume `db` of `store`'s host (label `s<id>`) with
+    /// `pages` (page 0, 1, …) as an upload does: its metadata, then its root. Returns
+    /// the root's name.
+    pub fn commit(store: &RemoteStore, id: u64, pages: &[&str]) -> String {
+        let names = store.names();
+        let root = Root {
+            facts: format::RootFacts {
+                host: store.host.clone(),
+                snapshot: id,
+                volume: "db".into(),
+                label: format!("s{id}"),
+                size_bytes: 1 << 30,
+                block_size: 65536,
+                created: crate::namespace::Timestamp(1),
+                completed: crate::namespace::Timestamp(2),
+                parent: None,
+                changed_blocks: pages.len() as u64,
+                stored_bytes: 4096,
+            },
+            pages: pages
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (i as u64, p.to_string()))
+                .collect(),
+        };
+        let name = names.root(&store.host, id);
+        let meta = format::SnapshotMeta {
+            owner: crate::namespace::Owner {
+                uid: 0,
+                gid: 0,
+                mode: 0o600,
+            },
+            description: String::new(),
+            xattrs: Default::default(),
+        };
+        let meta = toml::to_string(&meta).expect("metadata");
+        store
+            .put_object(&names.meta_of(&name), meta.as_bytes())
+            .unwrap();
+        store.put_object(&name, &root.encode()).unwrap();
+        name
+    }
+
     /// A store over a faulty bucket.
     pub fn faulty_store(bucket: &Arc<Faulty>, host: &str) -> RemoteResult<RemoteStore> {
         let bucket =

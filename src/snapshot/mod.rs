@@ -73,9 +73,6 @@ pub enum Scheduling {
     Manual,
 }
 
-/// A capture not ended yet: its progress, and what its pending image reads.
-type Running<S> = (Arc<CaptureProgress>, read::Frozen<S>);
-
 pub struct SnapshotEngine<S: Storage> {
     pub ns: Arc<Namespace>,
     pub store: Arc<ChunkStore<S>>,
@@ -99,6 +96,9 @@ pub struct SnapshotEngine<S: Storage> {
     /// With a snapshot store: uploads and the rest of this host's bucket work.
     remote: Option<Arc<upload::Uploader>>,
 }
+
+/// A capture not ended yet: its progress, and the freeze its pending image reads.
+type Running<S> = (Arc<CaptureProgress>, read::Frozen<S>);
 
 /// What the settler thread waits for.
 #[derive(Default)]
