@@ -672,7 +672,7 @@ def cmd_report(a):
 
     # ---- verification summary
     def is_fatal_stack(stack):
-        return stack == "plain" or stack.startswith("ebsfs") or stack in ("snap", "clone")
+        return stack == "plain" or stack.startswith("ebsfs") or stack in ("snap", "clone", "bucket")
 
     bad = [r for r in fio if not r.get("ok")]
     for r in bad:
@@ -887,7 +887,7 @@ def cmd_report(a):
             f"{r:.2f} ({sr['read_MBps']:.0f} / {lr['read_MBps']:.0f} MB/s)", "≥ 0.7", r >= 0.7, "image_read_ratio", r)
     for t in (r for r in recs if r["type"] == "timing"):
         add(t["what"], f"{t['seconds']} s", None, None)
-    for c in (r for r in recs if r["type"] == "check" and r.get("group") != "clones"):
+    for c in (r for r in recs if r["type"] == "check" and r.get("group") not in ("clones", "bucket")):
         add(c["what"], "ok" if c.get("ok") else f"**FAILED** {c.get('detail', '')}", "must hold", bool(c.get("ok")))
     if srows:
         md.append("## Snapshots (raw ebsfs volume, no filesystem)")
@@ -990,7 +990,7 @@ def cmd_report(a):
     if before and str(before.get("value")) not in ("0%", "0"):
         notes.append(f"The copy read with hydrate = false showed user.ebsfs.hydrated = {before.get('value')} "
                      "afterwards: part of it was read from its own data file.")
-    hyd = next((r for r in recs if r["type"] == "hydrate"), None)
+    hyd = next((r for r in recs if r["type"] == "hydrate" and r.get("label") != "bucket-hydrate"), None)
     if hyd and hyd.get("ok"):
         if hyd.get("hydrate_MBps"):
             val = (f"{hyd['hydrate_MBps']:.0f} MB/s ({fmt_bytes(hyd['size'])} in {hyd['hydrate_s']:.2f} s; "
@@ -1017,6 +1017,76 @@ def cmd_report(a):
             md.append(f"Sizes: {meta['clone_sizes']}.")
             md.append("")
 
+    # ---- snapshots in a bucket
+    brows = []
+
+    def badd(figure, val, target, ok, key=None, raw=None):
+        brows.append((figure, val, target or "—", verdict(ok) if target else "info"))
+        if key:
+            summary.setdefault("bucket", {})[key] = raw
+        if target:
+            summary["targets"].append({"figure": figure, "value": raw, "target": target, "pass": ok})
+            if ok is False:
+                misses.append(f"{figure}: {val} (target {target})")
+
+    bcap = next((r for r in snaps if r.get("label") == "bucket-capture"), None)
+    if bcap and bcap.get("capture_MBps"):
+        badd(f"capture into the bucket ({fmt_bytes(bcap['changed_bytes'])} changed, random data, cold cache; "
+             "mkdir to `completed`, which waits for the upload)",
+             f"{bcap['capture_MBps']:.0f} MB/s ({bcap['capture_s']:.2f} s)", "≥ 200 MB/s",
+             bcap["capture_MBps"] >= 200, "capture_MBps", bcap["capture_MBps"])
+    req = next((r for r in recs if r["type"] == "requests" and r.get("what") == "capture"), None)
+    if req and bcap and bcap.get("changed_bytes"):
+        gib = bcap["changed_bytes"] / 2**30
+        per = req["put"] / gib
+        badd("PUT requests per GiB captured (counted in the server's log, mkdir to `completed`)",
+             f"{per:.1f} ({req['put']} PUT and {req['post']} POST for {gib:.2f} GiB; the bucket then held "
+             f"{req['bucket_objects']} objects, {req['bucket_bytes'] / 2**20:,.0f} MiB)", None, None, "puts_per_gib", per)
+    bhyd = next((r for r in recs if r["type"] == "hydrate" and r.get("label") == "bucket-hydrate"), None)
+    if bhyd and bhyd.get("ok") and bhyd.get("hydrate_s"):
+        mib_s = (bhyd.get("hydrate_MBps") or 0) * 1e6 / 2**20
+        badd("background hydration of a copy from the bucket (host B, cold)",
+             f"{mib_s:.0f} MiB/s ({fmt_bytes(bhyd['size'])} in {bhyd['hydrate_s']:.2f} s)", "≥ 300 MiB/s",
+             mib_s >= 300, "hydrate_MiBps", mib_s)
+    elif bhyd:
+        badd("background hydration of a copy from the bucket (host B, cold)",
+             f"— (still {bhyd.get('final_value')} after {bhyd.get('done_s', 0):.0f} s)", "≥ 300 MiB/s", False,
+             "hydrate_MiBps", None)
+    creq = {r.get("what"): r for r in recs if r["type"] == "requests"}
+    cread = job_rec("bucket", "copyread", "read")
+    if cread and cread.get("ok") and cread.get("read_MBps"):
+        gets = creq.get("copyread", {}).get("get")
+        badd("cold seq read 1 MiB QD8 of a new copy on host B, `hydrate = false` (every block from the bucket)",
+             f"{cread['read_MBps'] * 1e6 / 2**20:.0f} MiB/s" + (f" ({gets:,} GETs)" if gets is not None else ""),
+             None, None,
+             "copy_read_MiBps", cread["read_MBps"] * 1e6 / 2**20)
+    if bhyd and creq.get("hydrate", {}).get("get") is not None:
+        badd("  GET requests during the background hydration", f"{creq['hydrate']['get']:,}", None, None,
+             "hydrate_gets", creq["hydrate"]["get"])
+    bd = [r for r in recs if r["type"] == "bucket_daemon" and "VmHWM" in r]
+    if bd:
+        a_rss = bd[0]["VmHWM"]
+        limit = (256 << 20) + int(meta.get("cache_size", 128 << 20)) + int(meta.get("store_cache_size", 256 << 20))
+        badd("host A's peak RSS (VmHWM) after the fill and the capture into the bucket",
+             f"{a_rss / 2**20:.0f} MiB", f"≤ {limit / 2**20:.0f} MiB (cache_size + store cache_size + 256 MiB)",
+             a_rss <= limit, "capture_peak_rss", a_rss)
+        if len(bd) > 1:
+            badd("host B's peak RSS after the hydration", f"{bd[1]['VmHWM'] / 2**20:.0f} MiB", None, None,
+                 "hydrate_peak_rss", bd[1]["VmHWM"])
+    for c in (r for r in recs if r["type"] == "check" and r.get("group") == "bucket"):
+        badd(c["what"], "ok" if c.get("ok") else f"**FAILED** {c.get('detail', '')}", "must hold", bool(c.get("ok")))
+    if brows:
+        md.append("## Snapshots in a bucket (s3s-fs on loopback)")
+        md.append("")
+        md.append("| figure | value | target | |")
+        md.append("|---|---|---|---|")
+        for row in brows:
+            md.append("| " + " | ".join(str(x) for x in row) + " |")
+        md.append("")
+        if meta.get("bucket_sizes"):
+            md.append(f"Sizes: {meta['bucket_sizes']}; server {meta.get('s3s_fs', 's3s-fs')}.")
+            md.append("")
+
     # ---- daemon
     d = [r for r in recs if r["type"] == "daemon" and "VmHWM" in r]
     if d:
@@ -1029,14 +1099,15 @@ def cmd_report(a):
         cpu = sum(r["cpu_s"] for r in per_pid.values())
         moved = sum(r.get("read_bytes", 0) + r.get("write_bytes", 0) for r in fio if r.get("target") == "ebsfs")
         moved += sum(r.get("bytes", 0) for r in recs if r["type"] == "io" and r.get("target") == "ebsfs")
-        limit = (256 << 20) + int(meta.get("cache_size", 128 << 20))
+        # With a bucket (--only bucket) the store's cache is configured memory too.
+        limit = (256 << 20) + int(meta.get("cache_size", 128 << 20)) + int(meta.get("store_cache_size", 0))
         md.append("## ebsfs daemon")
         md.append("")
         md.append("| figure | value | target | |")
         md.append("|---|---|---|---|")
         ok = hwm <= limit
         md.append(f"| peak RSS (VmHWM) over the whole run | {hwm / 2**20:.1f} MiB | ≤ {limit / 2**20:.0f} MiB "
-                  f"(256 MiB + cache_size) | {verdict(ok)} |")
+                  f"(256 MiB + caches) | {verdict(ok)} |")
         summary["targets"].append({"figure": "peak RSS", "value": hwm, "target": f"<= {limit}", "pass": ok})
         if not ok:
             misses.append(f"peak RSS: {hwm / 2**20:.1f} MiB (target ≤ {limit / 2**20:.0f} MiB)")

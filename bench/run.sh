@@ -3,7 +3,7 @@
 # plus snapshot figures and volumes made from snapshots, in one run. See bench/README.md.
 #
 #   sudo bench/run.sh [--quick | --smoke] [--dir DIR] [--config FILE] [--no-build]
-#                     [--only stacks|snapshots|clones] [--qcow2-loop-dio on|off] [--rounds N]
+#                     [--only stacks|snapshots|clones|bucket] [--qcow2-loop-dio on|off] [--rounds N]
 #
 # Writes bench/results/<date>-<mode>.md and .json and prints the table. Exit status:
 # 0 = ran (targets may be missed), 1 = verification failure / ebsfs failure / plain
@@ -37,7 +37,10 @@ Options:
   --dir DIR              put the work directory (all data) under DIR instead of bench/
   --config FILE          ebsfs config to mount with (default: config.toml of the repo)
   --no-build             do not run cargo build --release first
-  --only stacks|snapshots|clones  run one group only
+  --only stacks|snapshots|clones|bucket  run one group only (bucket: snapshots in an
+                         S3-compatible bucket served by s3s-fs on loopback; never part of a
+                         full run; S3S_FS_BIN names the server, else s3s-fs on PATH, else
+                         it is installed with cargo under bench/.tools)
   --qcow2-loop-dio on|off  loop mode on the qemu FUSE export (default off: dio on corrupts ext4)
   --rounds N             run every stack N times, interleaved, and report medians
                          and the clone read jobs N times (default 3 in full mode, 1 otherwise)
@@ -52,7 +55,7 @@ while [[ $# -gt 0 ]]; do
     --dir) BASE_DIR=${2:?--dir needs a directory}; shift ;;
     --config) CONFIG=${2:?--config needs a file}; shift ;;
     --no-build) BUILD=0 ;;
-    --only) ONLY=${2:?--only needs stacks, snapshots or clones}; shift ;;
+    --only) ONLY=${2:?--only needs stacks, snapshots, clones or bucket}; shift ;;
     --qcow2-loop-dio) QCOW2_LOOP_DIO=${2:?}; shift ;;
     --rounds) ROUNDS=${2:?--rounds needs a number}; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -60,7 +63,7 @@ while [[ $# -gt 0 ]]; do
   esac
   shift
 done
-case $ONLY in all|stacks|snapshots|clones) ;; *) echo "run.sh: --only takes stacks, snapshots or clones" >&2; exit 2 ;; esac
+case $ONLY in all|stacks|snapshots|clones|bucket) ;; *) echo "run.sh: --only takes stacks, snapshots, clones or bucket" >&2; exit 2 ;; esac
 case $QCOW2_LOOP_DIO in on|off) ;; *) echo "run.sh: --qcow2-loop-dio takes on or off" >&2; exit 2 ;; esac
 [[ -z $ROUNDS || $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --rounds takes a positive number" >&2; exit 2; }
 
@@ -268,6 +271,22 @@ TARGET_DIR=$(cd "$REPO" && cargo metadata --format-version 1 --no-deps 2>/dev/nu
 BIN="$TARGET_DIR/release/ebsfs"
 [[ -x $BIN ]] || { echo "run.sh: $BIN not found: build with cargo build --release" >&2; exit 2; }
 
+S3S=""
+S3S_SECRET=""
+if [[ $ONLY == bucket ]]; then
+  S3S=${S3S_FS_BIN:-$(command -v s3s-fs || true)}
+  if [[ -z $S3S ]]; then
+    S3S="$BENCH_DIR/.tools/bin/s3s-fs"
+    if [[ ! -x $S3S ]]; then
+      log "installing s3s-fs 0.14.1 into bench/.tools (cargo install, about 5 min)"
+      cargo install --quiet --locked s3s-fs@0.14.1 --features binary --root "$BENCH_DIR/.tools" \
+        || { echo "run.sh: cannot install s3s-fs (set S3S_FS_BIN)" >&2; exit 2; }
+    fi
+  fi
+  [[ -x $S3S ]] || { echo "run.sh: s3s-fs $S3S is not executable" >&2; exit 2; }
+  S3S_SECRET=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+fi
+
 # ------------------------------------------------------------------ work directory
 if [[ -n $BASE_DIR ]]; then
   mkdir -p "$BASE_DIR"
@@ -286,6 +305,8 @@ case $ONLY in
   # CLONE_SPILL: what two copies that fall back to copying bytes may write before
   # they are stopped (the request in flight, up to 4 GiB, runs on).
   clones) need=$(( V_LARGE * 102 / 100 + 4 * V_SMALL + CLONE_SPILL + 2 * GiB )) ;;
+  # The volume, its chunks, the bucket's copy, the hydrated copy on the second host.
+  bucket) need=$(( 4 * CAP + 2 * GiB )) ;;
   *) need=$(( V_LARGE * 106 / 100 + 6 * V_SMALL + 42 * CAP / 10 + CLONE_SPILL + 2 * GiB )) ;;
 esac
 if [[ $avail -lt $need ]]; then
@@ -801,6 +822,149 @@ run_clones() {
   "$PY" "$HELPER" daemon-stats --pid "$EBSFS_PID" --label "after the clone figures" >>"$RECORDS"
 }
 
+# ------------------------------------------------------------------------ bucket
+# Snapshots in an S3-compatible bucket: s3s-fs on loopback, two ebsfs hosts (A captures
+# and uploads, B copies A's snapshot and hydrates the copy from the bucket). Requests
+# are counted in the server's own log (one `req:` line per HTTP request it receives).
+S3S_PID=""
+S3S_PORT=""
+S3S_LOG=""
+BUCKET=ebsfs-bench
+EBSFS_B_PID=""
+EBSFS_B_MNT=""
+
+bucket_config() {  # bucket_config OUT HOST_ID HYDRATE: CONFIG with host_id, hydrate and [store]
+  "$PY" "$HELPER" config-set --file "$CONFIG" --out "$1" "host_id=\"$2\"" "hydrate=$3" \
+    || die "cannot write the config for host $2"
+  cat >>"$1" <<EOF
+
+[store]
+url = "s3://$BUCKET/bench"
+endpoint = "http://127.0.0.1:$S3S_PORT"
+region = "us-east-1"
+path_style = true
+poll_seconds = 1
+EOF
+}
+
+prepare_bucket() {
+  grep -Eq '^[[:space:]]*\[store\]' "$CONFIG" && die "--only bucket writes its own [store] table: use a config without one"
+  S3S_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  S3S_LOG="$WORK/s3s-fs.log"
+  mkdir -p "$WORK/s3/$BUCKET"
+  log "starting s3s-fs ($S3S) on 127.0.0.1:$S3S_PORT, root $WORK/s3"
+  RUST_LOG=s3s::service=debug setsid "$S3S" --host 127.0.0.1 --port "$S3S_PORT" \
+    --access-key ebsfs-bench --secret-key "$S3S_SECRET" "$WORK/s3" </dev/null >"$S3S_LOG" 2>&1 &
+  S3S_PID=$!
+  BG_PIDS+=("$S3S_PID")
+  local i
+  for ((i = 0; i < 100; i++)); do
+    grep -q 'server is running' "$S3S_LOG" 2>/dev/null && break
+    proc_alive "$S3S_PID" || { tail -n 5 "$S3S_LOG" >&2; die "s3s-fs exited"; }
+    sleep 0.1
+  done
+  export AWS_ACCESS_KEY_ID=ebsfs-bench AWS_SECRET_ACCESS_KEY=$S3S_SECRET
+  bucket_config "$WORK/ebsfs.toml" bench-a true
+  record meta store_cache_size=$((256 * MiB)) s3s_fs="$("$S3S" --version 2>/dev/null | head -n 1)" \
+    bucket_sizes="a $((CAP / MiB)) MiB volume of random data captured by host A into the bucket, then copied by host B and hydrated from it"
+}
+
+s3s_requests() {  # s3s_requests METHOD: requests with that method the server has received
+  grep -c "req: Request { method: $1," "$S3S_LOG" || true
+}
+
+stop_ebsfs_b() {
+  [[ -n $EBSFS_B_PID ]] || return 0
+  local i rc=0
+  kill -TERM "$EBSFS_B_PID" 2>/dev/null || true
+  for ((i = 0; i < 1800; i++)); do proc_alive "$EBSFS_B_PID" || break; sleep 0.1; done
+  if proc_alive "$EBSFS_B_PID"; then
+    record failure what="ebsfs daemon (host B)" detail="did not exit within 180 s of SIGTERM; killed" fatal=1
+    kill -KILL "$EBSFS_B_PID" 2>/dev/null || true
+  fi
+  wait "$EBSFS_B_PID" 2>/dev/null || rc=$?
+  [[ $rc -eq 0 ]] || record failure what="ebsfs daemon (host B)" detail="exited with status $rc after SIGTERM" fatal=1
+  EBSFS_B_PID=""
+  if is_mounted "$EBSFS_B_MNT"; then umount -l "$EBSFS_B_MNT"; fi
+  return 0
+}
+
+start_ebsfs_b() {  # host B on $WORK/ebsfs-data-b; returns once it lists up@s3@bench-a
+  local i
+  RUST_LOG=${RUST_LOG:-info} setsid "$BIN" mount "$EBSFS_B_MNT" --data-dir "$WORK/ebsfs-data-b" \
+    --config "$WORK/ebsfs-b.toml" </dev/null >>"$WORK/ebsfs-b.log" 2>&1 &
+  EBSFS_B_PID=$!
+  BG_PIDS+=("$EBSFS_B_PID")
+  for ((i = 0; i < 600; i++)); do
+    [[ -e $EBSFS_B_MNT/snapshots/up@s3@bench-a/volume.img ]] && return 0
+    proc_alive "$EBSFS_B_PID" || { tail -n 20 "$WORK/ebsfs-b.log" >&2; die "ebsfs host B exited"; }
+    sleep 0.1
+  done
+  die "host B does not list up@s3@bench-a after 60 s"
+}
+
+run_bucket() {
+  local m=$EBSFS_MNT aux="$WORK/state/bucket" vol put0 post0 get0 put1 post1 sha_src remote b
+  mkdir -p "$aux"
+  write_opts "$aux"
+  vol="$m/volumes/up.img"
+  log "=== bucket: $((CAP / MiB)) MiB volume of random data on host A"
+  truncate -s "$CAP" "$vol"
+  fio_job bucket ebsfs prefill fillup "fill the volume with random data (verified)" \
+    --filename="$vol" --rw=write --bs=1M --iodepth=8 --size="$CAP" --randseed=601 "${WOPTS[@]}"
+  sha_of "$vol" sha-bucket-source; sha_src=$SHA
+  drop_caches
+  put0=$(s3s_requests PUT); post0=$(s3s_requests POST); get0=$(s3s_requests GET)
+  log "bucket: capture of $((CAP / MiB)) MiB changed into the bucket, cold cache"
+  snap_mkdir_wait up@s3 bucket-capture
+  put1=$(s3s_requests PUT); post1=$(s3s_requests POST)
+  record requests what=capture put=$((put1 - put0)) post=$((post1 - post0)) get=$(( $(s3s_requests GET) - get0 )) \
+    bucket_bytes="$(du -s -B1 "$WORK/s3/$BUCKET" | cut -f1)" \
+    bucket_objects="$(find "$WORK/s3/$BUCKET" -type f | wc -l)"
+  "$PY" "$HELPER" daemon-stats --pid "$EBSFS_PID" --label "host A after the capture into the bucket" \
+    | sed 's/"type": "daemon"/"type": "bucket_daemon"/' >>"$RECORDS"
+
+  log "=== bucket: host B copies up@s3@bench-a and hydrates the copy from the bucket"
+  b="$WORK/ebsfs-data-b"
+  EBSFS_B_MNT="$WORK/ebsfs-mnt-b"
+  mkdir -p "$b" "$EBSFS_B_MNT"
+  bucket_config "$WORK/ebsfs-b.toml" bench-b true
+  drop_caches
+  CLEAN_MOUNTS+=("$EBSFS_B_MNT")
+  start_ebsfs_b
+  remote="$EBSFS_B_MNT/snapshots/up@s3@bench-a/volume.img"
+  get0=$(s3s_requests GET)
+  cp "$remote" "$EBSFS_B_MNT/volumes/hyd.img" || { ABORT_REASON="cp of up@s3@bench-a on host B failed"; FATAL=1; exit 1; }
+  "$PY" "$HELPER" hydrate-wait --file "$EBSFS_B_MNT/volumes/hyd.img" --timeout "$SNAP_TIMEOUT" --poll 0.05 \
+    --label bucket-hydrate >>"$RECORDS" \
+    || { ABORT_REASON="the copy on host B did not hydrate within $SNAP_TIMEOUT s"; FATAL=1; exit 1; }
+  record requests what=hydrate get=$(( $(s3s_requests GET) - get0 ))
+  sha_of "$EBSFS_B_MNT/volumes/hyd.img" sha-bucket-copy
+  if [[ $SHA == "$sha_src" ]]; then
+    record check group=bucket what="copy on host B, hydrated from the bucket = host A's volume (sha256)" ok=1
+  else
+    log "!!! the copy on host B differs from host A's volume"
+    record check group=bucket what="copy on host B, hydrated from the bucket = host A's volume (sha256)" ok=0 \
+      detail="sha256 $SHA != $sha_src"
+  fi
+  "$PY" "$HELPER" daemon-stats --pid "$EBSFS_B_PID" --label "host B after the hydration" \
+    | sed 's/"type": "daemon"/"type": "bucket_daemon"/' >>"$RECORDS"
+  stop_ebsfs_b
+
+  # Host B again with hydrate = false: a cold sequential read of a new copy that
+  # nothing hydrates, every block from the bucket.
+  log "=== bucket: host B with hydrate = false reads a new copy of up@s3@bench-a"
+  bucket_config "$WORK/ebsfs-b.toml" bench-b false
+  drop_caches
+  start_ebsfs_b
+  cp "$remote" "$EBSFS_B_MNT/volumes/cold.img" || { ABORT_REASON="cp of up@s3@bench-a on host B failed"; FATAL=1; exit 1; }
+  get0=$(s3s_requests GET)
+  fio_job bucket ebsfs read copyread "cold seq read 1 MiB QD8 of a copy on host B, not hydrated (from the bucket)" \
+    --filename="$EBSFS_B_MNT/volumes/cold.img" --readonly --rw=read --bs=1M --iodepth=8 --size="$CAP"
+  record requests what=copyread get=$(( $(s3s_requests GET) - get0 ))
+  stop_ebsfs_b
+}
+
 make_report() {  # make_report [INCOMPLETE-REASON]
   local rc=0
   "$PY" "$HELPER" report --records "$RECORDS" --out-md "$RESULT_BASE.md" --out-json "$RESULT_BASE.json" \
@@ -810,6 +974,7 @@ make_report() {  # make_report [INCOMPLETE-REASON]
 }
 
 # -------------------------------------------------------------------------- main
+[[ $ONLY == bucket ]] && prepare_bucket
 start_ebsfs
 if [[ $ONLY == all || $ONLY == stacks ]]; then
   # Rounds interleave the stacks, so that drift of the machine (its disk, its host)
@@ -829,6 +994,9 @@ if [[ $ONLY == all || $ONLY == snapshots ]]; then
 fi
 if [[ $ONLY == all || $ONLY == clones ]]; then
   run_clones
+fi
+if [[ $ONLY == bucket ]]; then
+  run_bucket
 fi
 "$PY" "$HELPER" daemon-stats --pid "$EBSFS_PID" --label "at the end" >>"$RECORDS"
 log "stopping ebsfs"

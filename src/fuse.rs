@@ -135,8 +135,8 @@ impl<S: Storage> Filesystem for EbsFuse<S> {
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.core.getattr(ino.0) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.core.getattr_open(ino.0, fh.map(|fh| fh.0)) {
             Ok(attr) => reply.attr(&TTL, &to_file_attr(&attr)),
             Err(e) => reply.error(errno("getattr", ino.0, &e)),
         }

@@ -10,7 +10,6 @@
 mod common;
 mod snapshot_support;
 
-use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::{FileExt, PermissionsExt};
@@ -22,68 +21,9 @@ use snapshot_support::*;
 
 const BLOCK: u64 = 64 * KIB;
 
-/// How long hydration of a few hundred MiB may take on a slow machine.
-const HYDRATE_TIMEOUT: Duration = Duration::from_secs(400);
-
 // ---------------------------------------------------------------------------------
 // Helpers.
 // ---------------------------------------------------------------------------------
-
-/// Creates volume `name` of `size_mib` MiB holding `data_mib` MiB of random data at
-/// `offset_mib` MiB, the rest holes.
-fn random_volume(fs: &Ebsfs, name: &str, size_mib: u64, offset_mib: u64, data_mib: u64) {
-    let img = fs.volume(name);
-    run("truncate", &[format!("-s{size_mib}M"), path_str(&img)]);
-    write_urandom(&img, offset_mib, data_mib);
-}
-
-fn path_str(path: &Path) -> String {
-    path.to_str().expect("UTF-8 path").to_string()
-}
-
-/// `cp snapshots/<id>/volume.img volumes/<name>.img`, timed.
-fn cp_image(fs: &Ebsfs, id: &str, name: &str) {
-    let start = Instant::now();
-    run("cp", &[image(fs, id), fs.volume(name)]);
-    let took = start.elapsed();
-    eprintln!(
-        "cp of {id} ({} MiB) into volume {name}: {:.1} ms",
-        fs::metadata(image(fs, id)).unwrap().len() / MIB,
-        took.as_secs_f64() * 1000.0
-    );
-}
-
-/// `user.ebsfs.hydrated` of a volume, as a number of percent.
-fn hydrated_percent(volume: &Path) -> u64 {
-    let value = get_xattr(volume, "user.ebsfs.hydrated")
-        .unwrap_or_else(|e| panic!("user.ebsfs.hydrated of {}: {e}", volume.display()));
-    let text = String::from_utf8_lossy(&value);
-    text.strip_suffix('%')
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("user.ebsfs.hydrated is {text:?}, not a percentage"))
-}
-
-/// Waits until a volume made from a snapshot holds every block itself.
-fn wait_hydrated(fs: &Ebsfs, name: &str) {
-    let start = Instant::now();
-    let volume = fs.volume(name);
-    loop {
-        let percent = hydrated_percent(&volume);
-        if percent == 100 {
-            break;
-        }
-        assert!(
-            start.elapsed() < HYDRATE_TIMEOUT,
-            "volume {name} still {percent}% hydrated after {HYDRATE_TIMEOUT:?}:\n{}",
-            tail_lines(&fs.log(), 30)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    eprintln!(
-        "volume {name} hydrated in {:.1} s",
-        start.elapsed().as_secs_f64()
-    );
-}
 
 /// `ebsfs volume ARGS --mount MNT`.
 fn volume_cli(fs: &Ebsfs, args: &[&str]) -> std::process::Output {
@@ -91,37 +31,6 @@ fn volume_cli(fs: &Ebsfs, args: &[&str]) -> std::process::Output {
     all.extend_from_slice(args);
     all.extend_from_slice(&["--mount", fs.mnt.to_str().unwrap()]);
     try_run(BIN, &all)
-}
-
-/// SHA-256 of every file under `dir` (lost+found aside), by path relative to `dir`.
-fn tree_sums(dir: &Path) -> BTreeMap<String, String> {
-    let out = sh(&format!(
-        "cd '{}' && find . -path ./lost+found -prune -o -type f -print0 | sort -z \
-         | xargs -0 -r sha256sum",
-        dir.display()
-    ));
-    out.lines()
-        .filter_map(|line| {
-            let (sum, name) = line.split_once("  ")?;
-            Some((name.to_string(), sum.to_string()))
-        })
-        .collect()
-}
-
-/// Where two trees of [`tree_sums`] differ, for assertion messages.
-fn tree_diff(expected: &BTreeMap<String, String>, found: &BTreeMap<String, String>) -> String {
-    let mut lines = Vec::new();
-    for (name, sum) in expected {
-        match found.get(name) {
-            None => lines.push(format!("{name} missing")),
-            Some(other) if other != sum => lines.push(format!("{name} differs")),
-            Some(_) => {}
-        }
-    }
-    for name in found.keys().filter(|n| !expected.contains_key(*n)) {
-        lines.push(format!("{name} unexpected"));
-    }
-    lines.join(", ")
 }
 
 /// `e2fsck -fn` on an image, panicking with its output unless it is clean.
@@ -141,15 +50,6 @@ fn write_synced(path: &Path, offset: u64, bytes: &[u8]) {
     file.write_all_at(bytes, offset)
         .unwrap_or_else(|e| panic!("write at {offset} of {}: {e}", path.display()));
     file.sync_data().unwrap();
-}
-
-fn read_range(path: &Path, offset: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    fs::File::open(path)
-        .unwrap()
-        .read_exact_at(&mut buf, offset)
-        .unwrap_or_else(|e| panic!("read {len} at {offset} of {}: {e}", path.display()));
-    buf
 }
 
 /// Copies a snapshot image to a scratch file outside the mount (holes stay holes).
@@ -297,20 +197,6 @@ fn cp_of_a_snapshot_image_is_an_equal_copy_that_takes_no_space() {
 // 2. ext4 on a clone.
 // ---------------------------------------------------------------------------------
 
-/// Writes a tree of files with pseudo-random contents and sizes under `dir`.
-fn write_tree(dir: &Path) {
-    for d in 0..5u64 {
-        let sub = dir.join(format!("d{d}"));
-        fs::create_dir_all(&sub).unwrap();
-        for f in 0..8u64 {
-            let len = ((d * 7919 + f * 104_729) * 977 % (4 * MIB)) as usize + 1;
-            fs::write(sub.join(format!("f{f}")), pattern(len, d * 100 + f)).unwrap();
-        }
-    }
-    fs::create_dir_all(dir.join("empty/dir")).unwrap();
-    fs::write(dir.join("small"), b"a small file\n").unwrap();
-}
-
 /// ext4 on a copy of a snapshot: the files are there, heavy writes and deletions
 /// leave a clean filesystem, and the snapshot's image and files are untouched.
 #[test]
@@ -319,14 +205,7 @@ fn ext4_on_a_clone_is_writable_and_leaves_its_snapshot_untouched() {
         return;
     }
     let mut fs = Ebsfs::start();
-    let base = fs.volume("base");
-    run("truncate", &["-s1G", &path_str(&base)]);
-    run("mkfs.ext4", &["-q", "-F", &path_str(&base)]);
-    let dir = fs.loop_mount(&base, "base", "");
-    write_tree(&dir);
-    let original = tree_sums(&dir);
-    assert!(original.len() > 40, "tree written: {original:?}");
-    fs.loop_unmount(&dir);
+    let original = ext4_volume_with_tree(&mut fs, "base", "1G");
     take_snapshot(&fs, "base@fs");
     let snap_sum = sha256(&image(&fs, "base@fs"));
 

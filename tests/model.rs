@@ -269,6 +269,9 @@ struct SnapModel {
     state: SnapState,
     /// Its `rmdir` failed in a crash: it may be gone.
     deleting: bool,
+    /// Its volume was deleted (or a crash cut the deletion short) while it was
+    /// pending: its capture cannot resume after a crash.
+    volume_deleted: bool,
 }
 
 struct Harness {
@@ -475,6 +478,7 @@ impl Harness {
                             image,
                             state: SnapState::Pending,
                             deleting: false,
+                            volume_deleted: false,
                         });
                         Ok(())
                     }
@@ -493,6 +497,7 @@ impl Harness {
                                 image,
                                 state: SnapState::Unsure,
                                 deleting: false,
+                                volume_deleted: false,
                             });
                         }
                         Err(format!("mkdir {snap}: {e}"))
@@ -562,12 +567,16 @@ impl Harness {
                             self.volumes.remove(&v).is_some(),
                             "deleted unknown volume {v}"
                         );
+                        self.volume_deleted(&v);
                         Ok(())
                     }
                     Err(e) if !self.volumes.contains_key(&v) && e.errno() == libc::ENOENT => Ok(()),
                     Err(e) => {
                         if let Some(model) = self.volumes.get_mut(&v) {
                             model.deleting = self.storage.has_crashed();
+                        }
+                        if self.storage.has_crashed() {
+                            self.volume_deleted(&v);
                         }
                         Err(format!("unlink {v}: {e}"))
                     }
@@ -773,6 +782,13 @@ impl Harness {
         self.storage.has_crashed()
     }
 
+    /// Volume `v` is (or may be) deleted: its pending snapshots cannot resume.
+    fn volume_deleted(&mut self, v: &str) {
+        for s in self.snapshots.iter_mut().filter(|s| s.volume == v) {
+            s.volume_deleted = true;
+        }
+    }
+
     /// Restarts after a crash in `mode` (or a clean stop: `None`) and checks everything.
     fn restart(&mut self, mode: Option<CrashMode>) {
         if let Some(core) = self.core.take() {
@@ -858,9 +874,7 @@ impl Harness {
                 // error.
                 (SnapState::Pending | SnapState::Unsure, Some("completed")) => SnapState::Completed,
                 (SnapState::Pending, Some("error"))
-                    if deleting
-                        || mode == Some(CrashMode::PowerLoss)
-                        || !self.volumes.contains_key(&s.volume) =>
+                    if deleting || mode == Some(CrashMode::PowerLoss) || s.volume_deleted =>
                 {
                     SnapState::Error
                 }

@@ -550,7 +550,10 @@ fn writes_into_a_snapshot_are_erofs() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     entries.sort();
-    assert_eq!(entries, ["info", "progress", "status", "volume.img"]);
+    assert_eq!(
+        entries,
+        ["changed", "info", "progress", "status", "volume.img"]
+    );
 }
 
 /// `touch` (or any utime) of a snapshot directory fails with EROFS, logged, and leaves

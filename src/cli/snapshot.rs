@@ -20,7 +20,9 @@ use crate::names::{NameError, SnapshotName, VolumeName};
 
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCommand {
-    /// Start a snapshot of VOLUME (mkdir snapshots/VOLUME@LABEL).
+    /// Start a snapshot of VOLUME (mkdir snapshots/VOLUME@LABEL); of several volumes
+    /// at one instant with VOLUME,VOLUME,… (a crash-consistent set: setfattr -n
+    /// user.ebsfs.snapshot -v VOLUME,VOLUME@LABEL snapshots).
     Create {
         volume: String,
         label: String,
@@ -88,11 +90,17 @@ fn dispatch(cmd: SnapshotCommand) -> Result<(), Failure> {
             description,
             location,
         } => {
-            let name = VolumeName::parse(&volume)
-                .and_then(|v| SnapshotName::new(v, &label))
-                .map_err(|e| invalid_name(&format!("{volume}@{label}"), e))?;
-            with_mount(&location, |mnt| {
-                create(mnt, &name, description.as_deref(), wait)
+            let names = volume
+                .split(',')
+                .map(|v| {
+                    VolumeName::parse(v)
+                        .and_then(|v| SnapshotName::new(v, &label))
+                        .map_err(|e| invalid_name(&format!("{v}@{label}"), e))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            with_mount(&location, |mnt| match names.as_slice() {
+                [name] => create(mnt, name, description.as_deref(), wait),
+                _ => create_set(mnt, &volume, &label, &names, description.as_deref(), wait),
             })
         }
         SnapshotCommand::List { location } => {
@@ -291,6 +299,39 @@ fn create(
     }
     println!("{id}");
     if wait { wait_for(mnt, &id) } else { Ok(()) }
+}
+
+/// `snapshot create A,B LABEL`: one set, at one instant, through the `snapshots/`
+/// directory's `user.ebsfs.snapshot` attribute.
+fn create_set(
+    mnt: &Path,
+    volumes: &str,
+    label: &str,
+    names: &[SnapshotName],
+    description: Option<&str>,
+    wait: bool,
+) -> Result<(), Failure> {
+    let spec = format!("{volumes}@{label}");
+    set_xattr(
+        &mnt.join("snapshots"),
+        crate::fs::SNAPSHOT_SET_XATTR,
+        spec.as_bytes(),
+    )
+    .map_err(|e| Failure(1, explain(&e, &spec)))?;
+    for name in names {
+        let id = name.to_string();
+        if let Some(text) = description {
+            set_xattr(&snapshot_dir(mnt, &id), "user.description", text.as_bytes())
+                .map_err(|e| Failure(1, format!("{id}: setting description: {e}")))?;
+        }
+        println!("{id}");
+    }
+    if wait {
+        for name in names {
+            wait_for(mnt, &name.to_string())?;
+        }
+    }
+    Ok(())
 }
 
 /// The pending snapshot of `volume`, if any.

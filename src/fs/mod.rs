@@ -38,6 +38,11 @@ pub use error::{FsError, FsResult};
 use inode::{Node, SnapshotFile};
 pub use xattr::XattrFlags;
 
+/// Extended attribute set on `snapshots/` to snapshot several volumes at one instant
+/// (a crash-consistent set): `setfattr -n user.ebsfs.snapshot -v db,log@nightly
+/// snapshots`.
+pub const SNAPSHOT_SET_XATTR: &str = "user.ebsfs.snapshot";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FileKind {
     Directory,
@@ -291,6 +296,23 @@ impl<S: Storage> FsCore<S> {
         }
     }
 
+    /// [`FsCore::getattr`] asked through open file `fh`: the image of a snapshot
+    /// deleted while open still has its attributes (the kernel asks for them when a
+    /// read reaches the end of the file).
+    pub fn getattr_open(&self, ino: u64, fh: Option<u64>) -> FsResult<Attr> {
+        let found = self.getattr(ino);
+        let Err(FsError::NotFound(_)) = found else {
+            return found;
+        };
+        let record = match fh.and_then(|fh| self.handles.get(&fh).map(|h| h.clone())) {
+            Some(Handle::Image(image)) => (*image.record).clone(),
+            Some(Handle::Remote(image)) => image.record.clone(),
+            _ => return found,
+        };
+        let attr = snapshots::file_attr(&record, SnapshotFile::Image, record.size_bytes);
+        if attr.ino == ino { Ok(attr) } else { found }
+    }
+
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
         let shown = name.to_string_lossy();
         match Node::from_ino(parent) {
@@ -506,6 +528,12 @@ impl<S: Storage> FsCore<S> {
             Some(Node::Volume(id)) => self.volume_xattr_set(id, name, value, flags, caller),
             Some(Node::SnapshotDir(id)) => self.snapshot_xattr_set(id, name, value, flags, caller),
             Some(Node::SnapshotFile(..)) => Err(FsError::ReadOnly("snapshot files".into())),
+            Some(Node::SnapshotsDir) if name == SNAPSHOT_SET_XATTR => {
+                let spec = value.ok_or_else(|| {
+                    FsError::NotSupported(format!("{SNAPSHOT_SET_XATTR} cannot be removed"))
+                })?;
+                self.snapshot_set(spec, caller).map(|_| ())
+            }
             _ => Err(FsError::NotSupported(
                 "extended attributes are kept on volumes and snapshots only".into(),
             )),

@@ -16,7 +16,7 @@ use log::info;
 use super::clones::{ImageShape, blank_copy_target};
 use super::{FsCore, FsError, FsResult};
 use crate::layout::VolumeFile;
-use crate::namespace::{RemoteParent, SnapshotId};
+use crate::namespace::{RemoteParent, SnapshotId, SnapshotRecord};
 use crate::remote::catalog::{FOREIGN_IDS, Foreign};
 use crate::remote::reader::{self, RemoteBlocks};
 use crate::snapshot::upload::Uploader;
@@ -29,6 +29,8 @@ use crate::volume::source::{SnapshotBlocks, Source};
 pub struct RemoteImage {
     pub blocks: Arc<RemoteBlocks>,
     pub name: String,
+    /// The snapshot as listed when it was opened.
+    pub record: SnapshotRecord,
     uploader: Arc<Uploader>,
     extents: OnceLock<Vec<Range<u64>>>,
 }
@@ -139,6 +141,7 @@ impl<S: Storage> FsCore<S> {
                 foreign.root.clone(),
             )),
             name: foreign.name.clone(),
+            record: foreign.record(),
             uploader: up,
             extents: OnceLock::new(),
         })
@@ -666,5 +669,64 @@ mod tests {
         let image = b.read_all(b.image("db@two@hosta"), 4 * BLOCK);
         assert_eq!(&image[..10], &[6; 10]);
         assert!(image[10..].iter().all(|&x| x == 5));
+    }
+
+    #[test]
+    fn an_open_image_of_a_snapshot_deleted_on_either_host_keeps_its_attributes() {
+        let bucket = Arc::new(InMemory::new());
+        let a = host(&bucket, "hosta");
+        let b = host(&bucket, "hostb");
+        a.volume("db", &[(0, 5, 4 * BLOCK)]);
+        a.snapshot("db@one");
+        a.core.engine().run_remote_work();
+        b.core.engine().refresh_catalog().unwrap();
+        let on_a = a.image("db@one");
+        let on_b = b.image("db@one@hosta");
+        let (fh_a, _) = a.core.open(on_a, false).unwrap();
+        let (fh_b, _) = b.core.open(on_b, false).unwrap();
+        a.core
+            .rmdir(SNAPSHOTS_DIR, OsStr::new("db@one"), &root())
+            .unwrap();
+        a.core.engine().run_remote_work();
+        b.core.engine().refresh_catalog().unwrap();
+        for (core, ino, fh) in [(&a.core, on_a, fh_a), (&b.core, on_b, fh_b)] {
+            let err = core.getattr(ino).unwrap_err();
+            assert_eq!(err.errno(), libc::ENOENT, "{err}");
+            let attr = core.getattr_open(ino, Some(fh)).unwrap();
+            assert_eq!((attr.ino, attr.size), (ino, 4 * BLOCK as u64));
+            let err = core.getattr_open(ino, None).unwrap_err();
+            assert_eq!(err.errno(), libc::ENOENT, "{err}");
+            let mut buf = vec![0; 2 * BLOCK];
+            assert_eq!(
+                core.read(ino, fh, 3 * BLOCK as u64, &mut buf).unwrap(),
+                BLOCK
+            );
+            assert!(buf[..BLOCK].iter().all(|&x| x == 5));
+            core.release(fh);
+        }
+    }
+
+    #[test]
+    fn a_completed_snapshot_shows_no_upload_error_even_if_the_last_request_failed() {
+        // Allow one more write each time until the upload completes: the write
+        // after its root (the lease naming it) then fails.
+        for writes in 1.. {
+            let memory = Arc::new(InMemory::new());
+            let a = host(&memory, "hosta");
+            a.volume("db", &[(0, 1, 8 * BLOCK)]);
+            let snap = a.snapshot("db@one");
+            a.bucket
+                .writes_left
+                .store(writes, std::sync::atomic::Ordering::SeqCst);
+            let done = a.core.engine().run_remote_work();
+            if a.status(snap) != "completed" {
+                assert!(writes < 1000, "no completion");
+                continue;
+            }
+            assert_eq!(done, 0, "precondition: a request after the root failed");
+            let info = a.text(snap, SnapshotFile::Info);
+            assert!(!info.contains("upload_error"), "{info}");
+            break;
+        }
     }
 }

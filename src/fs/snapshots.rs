@@ -120,7 +120,10 @@ impl<S: Storage> FsCore<S> {
             } else {
                 "local"
             },
-            upload_error: up.and_then(|up| up.upload_error(record.id)),
+            // A completed snapshot has no upload to fail, whatever the last attempt said.
+            upload_error: up
+                .filter(|_| record.status == SnapshotStatus::Pending)
+                .and_then(|up| up.upload_error(record.id)),
         }
     }
 
@@ -186,35 +189,7 @@ impl<S: Storage> FsCore<S> {
             SnapshotFile::Changed if super::remote::is_foreign(id) || !record.is_captured() => 0,
             _ => self.snapshot_file_text(id, file)?.len() as u64,
         };
-        let time = record.completed.unwrap_or(record.created).to_system_time();
-        Ok(Attr {
-            ino: Node::SnapshotFile(id, file).ino(),
-            kind: FileKind::RegularFile,
-            size,
-            // The image's blocks are shared with other snapshots and volumes: it is
-            // counted at its full size (`stored_bytes` in `info` is what it added).
-            // That also tells `cp` it is not sparse, so that it copies with
-            // `copy_file_range`, which makes the copy by reference; `SEEK_HOLE` still
-            // finds the holes for the tools that ask.
-            blocks: if file == SnapshotFile::Image {
-                size.div_ceil(512)
-            } else {
-                0
-            },
-            // Owner-writable, so that a copy (`cp` copies the mode) is a writable
-            // volume; writes to the snapshot itself fail with EROFS.
-            perm: if file == SnapshotFile::Image {
-                0o644
-            } else {
-                0o444
-            },
-            nlink: 1,
-            uid: record.owner.uid,
-            gid: record.owner.gid,
-            atime: time,
-            mtime: time,
-            ctime: time,
-        })
+        Ok(file_attr(&record, file, size))
     }
 
     /// Current contents of `status`, `progress` or `info`.
@@ -298,6 +273,44 @@ impl<S: Storage> FsCore<S> {
         };
         let record = self.engine.create(&name, &volume, owner)?;
         self.snapshot_dir_attr(record.id)
+    }
+
+    /// `setfattr -n user.ebsfs.snapshot -v VOL[,VOL…]@LABEL snapshots`: snapshots of
+    /// every volume named, at one instant (a crash-consistent set: see
+    /// [`crate::snapshot::SnapshotEngine::create_set`]). All or nothing; each needs
+    /// read permission on its volume, like `mkdir`.
+    pub fn snapshot_set(&self, spec: &[u8], caller: &Caller) -> FsResult<Vec<SnapshotId>> {
+        let spec = std::str::from_utf8(spec)
+            .map_err(|_| FsError::Invalid("a snapshot set must be UTF-8".into()))?;
+        let (volumes, label) = spec.rsplit_once('@').ok_or_else(|| {
+            FsError::Invalid(format!(
+                "snapshot set {spec:?}: expected VOLUME[,VOLUME...]@LABEL"
+            ))
+        })?;
+        let mut members = Vec::new();
+        for volume in volumes.split(',') {
+            let name = SnapshotName::parse(&format!("{volume}@{label}"))?;
+            let view = self.ns.view();
+            let volume_id = view
+                .volume_id(name.volume().as_str())
+                .ok_or_else(|| FsError::NotFound(format!("volume {}", name.volume())))?;
+            if let Some(record) = view.volumes.get(&volume_id)
+                && !volume_permits(record, caller, Access::Read)?
+            {
+                return Err(FsError::AccessDenied(format!(
+                    "snapshot {name}: no read permission on volume {}",
+                    name.volume()
+                )));
+            }
+            members.push((name, self.live_volume(volume_id)?));
+        }
+        let owner = Owner {
+            uid: caller.uid,
+            gid: caller.gid,
+            mode: SNAPSHOT_DIR_MODE,
+        };
+        let records = self.engine.create_set(&members, owner)?;
+        Ok(records.iter().map(|r| r.id).collect())
     }
 
     /// `rmdir snapshots/<name>`: deletes it (cancelling a pending capture).
@@ -490,6 +503,39 @@ impl<S: Storage> FsCore<S> {
             }
             Ok(())
         })
+    }
+}
+
+/// The attributes of file `file` of snapshot `record`, `size` bytes long.
+pub(super) fn file_attr(record: &SnapshotRecord, file: SnapshotFile, size: u64) -> Attr {
+    let time = record.completed.unwrap_or(record.created).to_system_time();
+    Attr {
+        ino: Node::SnapshotFile(record.id, file).ino(),
+        kind: FileKind::RegularFile,
+        size,
+        // The image's blocks are shared with other snapshots and volumes: it is
+        // counted at its full size (`stored_bytes` in `info` is what it added).
+        // That also tells `cp` it is not sparse, so that it copies with
+        // `copy_file_range`, which makes the copy by reference; `SEEK_HOLE` still
+        // finds the holes for the tools that ask.
+        blocks: if file == SnapshotFile::Image {
+            size.div_ceil(512)
+        } else {
+            0
+        },
+        // Owner-writable, so that a copy (`cp` copies the mode) is a writable
+        // volume; writes to the snapshot itself fail with EROFS.
+        perm: if file == SnapshotFile::Image {
+            0o644
+        } else {
+            0o444
+        },
+        nlink: 1,
+        uid: record.owner.uid,
+        gid: record.owner.gid,
+        atime: time,
+        mtime: time,
+        ctime: time,
     }
 }
 

@@ -34,7 +34,8 @@ pub enum BucketError {
 
 impl BucketError {
     fn of(object: &str, e: object_store::Error) -> BucketError {
-        let text = e.to_string();
+        let text = error_chain(&e);
+        let lower = text.to_lowercase();
         match e {
             object_store::Error::NotFound { .. } => BucketError::NotFound(object.to_string()),
             object_store::Error::PermissionDenied { .. }
@@ -42,11 +43,14 @@ impl BucketError {
             _ if text.contains("InvalidAccessKeyId")
                 || text.contains("SignatureDoesNotMatch")
                 || text.contains("AccessDenied")
-                || text.contains("403") =>
+                || text.contains("403 Forbidden") =>
             {
                 BucketError::Denied(text)
             }
-            _ if text.contains("connect") || text.contains("timed out") || text.contains("dns") => {
+            _ if lower.contains("connect")
+                || lower.contains("timed out")
+                || lower.contains("dns") =>
+            {
                 BucketError::Unreachable(text)
             }
             _ => BucketError::Failed {
@@ -55,6 +59,22 @@ impl BucketError {
             },
         }
     }
+}
+
+/// An error and its causes: `object_store` shows only the outermost (an endpoint that
+/// refuses connections is "error sending request"; "Connection refused" is a cause).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let shown = c.to_string();
+        if !text.contains(&shown) {
+            text.push_str(": ");
+            text.push_str(&shown);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 pub type BucketResult<T> = Result<T, BucketError>;
@@ -369,5 +389,62 @@ impl Bucket {
             .into_iter()
             .map(|r| r.expect("every job ran"))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error that shows only its own text, with a cause.
+    #[derive(Debug)]
+    struct Outer(&'static str, std::io::Error);
+
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.1)
+        }
+    }
+
+    fn generic(outer: &'static str, cause: std::io::Error) -> object_store::Error {
+        object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(Outer(outer, cause)),
+        }
+    }
+
+    #[test]
+    fn an_endpoint_refusing_connections_cannot_be_reached_whatever_its_port() {
+        let refused = || std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let e = BucketError::of(
+            "ebsfs-store",
+            generic(
+                "Error performing GET http://127.0.0.1:40312/b/ebsfs-store - HTTP error: \
+                 error sending request",
+                refused(),
+            ),
+        );
+        assert!(matches!(e, BucketError::Unreachable(_)), "{e:?}");
+        let shown = e.to_string();
+        assert!(shown.contains("cannot be reached"), "{shown}");
+        assert!(shown.contains("connection refused"), "{shown}");
+    }
+
+    #[test]
+    fn a_refusal_of_the_credentials_is_denied() {
+        let e = BucketError::of(
+            "ebsfs-store",
+            generic(
+                "Server returned non-2xx status code: 403 Forbidden: SignatureDoesNotMatch",
+                std::io::Error::other("response"),
+            ),
+        );
+        assert!(matches!(e, BucketError::Denied(_)), "{e:?}");
     }
 }

@@ -54,97 +54,152 @@ impl<S: Storage> SnapshotEngine<S> {
         volume: &Arc<Volume<S>>,
         owner: Owner,
     ) -> SnapshotResult<SnapshotRecord> {
+        let mut records = self.create_set(&[(name.clone(), volume.clone())], owner)?;
+        Ok(records.remove(0))
+    }
+
+    /// Snapshots of several volumes at one instant (a crash-consistent set): every
+    /// volume is frozen under its barrier while all the barriers are held (see
+    /// [`Volume::freeze_together`]), and every pending record commits in one
+    /// transaction. All or nothing: any refusal (a name taken, a volume busy or
+    /// unknown, one volume twice) creates none.
+    pub fn create_set(
+        self: &Arc<Self>,
+        members: &[(SnapshotName, Arc<Volume<S>>)],
+        owner: Owner,
+    ) -> SnapshotResult<Vec<SnapshotRecord>> {
         let guard = self.ns.lock();
         let view = self.ns.view();
-        if view.snapshot_id(&name.to_string()).is_some() {
-            return Err(SnapshotError::Exists(name.to_string()));
+        let mut vols = Vec::with_capacity(members.len());
+        for (name, _) in members {
+            if view.snapshot_id(&name.to_string()).is_some() {
+                return Err(SnapshotError::Exists(name.to_string()));
+            }
+            let Some(vol) = view.volume_by_name(name.volume().as_str()).cloned() else {
+                return Err(SnapshotError::NoVolume(name.volume().to_string()));
+            };
+            if view.pending_in(vol.id).is_some() {
+                return Err(SnapshotError::Busy(vol.name.clone()));
+            }
+            if vols
+                .iter()
+                .any(|v: &crate::namespace::VolumeRecord| v.id == vol.id)
+            {
+                return Err(SnapshotError::CaptureFailed(format!(
+                    "volume {} appears twice in one set",
+                    vol.name
+                )));
+            }
+            vols.push(vol);
         }
-        let Some(vol) = view.volume_by_name(name.volume().as_str()).cloned() else {
-            return Err(SnapshotError::NoVolume(name.volume().to_string()));
-        };
-        if view.pending_in(vol.id).is_some() {
-            return Err(SnapshotError::Busy(vol.name.clone()));
-        }
-        // The largest image any earlier snapshot of the volume held: blocks past it
-        // cannot show through from older entries.
-        let high_water = view
-            .lineage(vol.id)
-            .filter(|s| s.status == SnapshotStatus::Completed)
-            .map(|s| s.size_bytes)
-            .fold(vol.high_water_bytes, u64::max);
-        let rescan = if vol.full_compare {
-            Rescan::All
-        } else {
-            Rescan::ShrunkBelow(high_water)
-        };
-        let mut frozen = None;
+        let rescans: Vec<Rescan> = vols
+            .iter()
+            .map(|vol| {
+                // The largest image any earlier snapshot of the volume held: blocks
+                // past it cannot show through from older entries.
+                let high_water = view
+                    .lineage(vol.id)
+                    .filter(|s| s.status == SnapshotStatus::Completed)
+                    .map(|s| s.size_bytes)
+                    .fold(vol.high_water_bytes, u64::max);
+                if vol.full_compare {
+                    Rescan::All
+                } else {
+                    Rescan::ShrunkBelow(high_water)
+                }
+            })
+            .collect();
+        let mut frozen: Vec<(SnapshotId, Arc<crate::volume::freeze::Freeze<S>>)> = Vec::new();
         let committed = self
             .ns
-            .change(&guard, |c| -> SnapshotResult<SnapshotRecord> {
-                let id = c.next_snapshot_id()?;
-                let freeze = volume.freeze(id, rescan)?;
-                let size_bytes = freeze.size_bytes;
-                let reexamine = [freeze.reexamine.start, freeze.reexamine.end];
-                frozen = Some((id, freeze));
-                let record = SnapshotRecord {
-                    id,
-                    volume: vol.name.clone(),
-                    label: name.label().to_string(),
-                    lineage: vol.id,
-                    size_bytes,
-                    block_size: vol.block_size,
-                    created: Timestamp::now(),
-                    completed: None,
-                    status: SnapshotStatus::Pending,
-                    hidden: false,
-                    parent: c.records().visible_parent(vol.id, id),
-                    changed_blocks: 0,
-                    stored_bytes: 0,
-                    owner,
-                    description: vol
-                        .xattrs
-                        .get("user.description")
-                        .map(|d| String::from_utf8_lossy(&d).into_owned())
-                        .unwrap_or_default(),
-                    xattrs: vol.xattrs.user_only(),
-                    error: None,
-                    captured: false,
-                    remote_root: None,
-                    reexamine: Some(reexamine),
-                };
-                c.put_snapshot(record.clone())?;
-                Ok(record)
+            .change(&guard, |c| -> SnapshotResult<Vec<SnapshotRecord>> {
+                let mut ids = Vec::with_capacity(members.len());
+                for _ in members {
+                    ids.push(c.next_snapshot_id()?);
+                }
+                let set: Vec<(&Volume<S>, SnapshotId, Rescan)> = members
+                    .iter()
+                    .zip(&ids)
+                    .zip(&rescans)
+                    .map(|(((_, volume), id), rescan)| (&**volume, *id, *rescan))
+                    .collect();
+                let freezes = Volume::freeze_together(&set)?;
+                frozen = ids.iter().copied().zip(freezes).collect();
+                let mut records = Vec::with_capacity(members.len());
+                for (((name, _), vol), (id, freeze)) in members.iter().zip(&vols).zip(&frozen) {
+                    let record = SnapshotRecord {
+                        id: *id,
+                        volume: vol.name.clone(),
+                        label: name.label().to_string(),
+                        lineage: vol.id,
+                        size_bytes: freeze.size_bytes,
+                        block_size: vol.block_size,
+                        created: Timestamp::now(),
+                        completed: None,
+                        status: SnapshotStatus::Pending,
+                        hidden: false,
+                        parent: c.records().visible_parent(vol.id, *id),
+                        changed_blocks: 0,
+                        stored_bytes: 0,
+                        owner,
+                        description: vol
+                            .xattrs
+                            .get("user.description")
+                            .map(|d| String::from_utf8_lossy(&d).into_owned())
+                            .unwrap_or_default(),
+                        xattrs: vol.xattrs.user_only(),
+                        error: None,
+                        captured: false,
+                        remote_root: None,
+                        reexamine: Some([freeze.reexamine.start, freeze.reexamine.end]),
+                    };
+                    c.put_snapshot(record.clone())?;
+                    records.push(record);
+                }
+                Ok(records)
             });
-        let record = match committed {
-            Ok(record) => record,
+        let records = match committed {
+            Ok(records) => records,
             Err(e) => {
-                // Nothing was promised yet: undo the freeze, keep every change tracked.
-                if let Some((id, _)) = frozen {
-                    volume.thaw(true)?;
-                    self.remove_capture_files(vol.id, id);
+                // Nothing was promised yet: undo the freezes, keep every change tracked.
+                for ((_, volume), vol) in members.iter().zip(&vols) {
+                    if let Some((id, _)) = frozen.iter().find(|(_, f)| {
+                        volume
+                            .active_freeze()
+                            .is_some_and(|active| Arc::ptr_eq(&active, f))
+                    }) {
+                        volume.thaw(true)?;
+                        self.remove_capture_files(vol.id, *id);
+                    }
                 }
                 return Err(e);
             }
         };
-        let (id, freeze) = frozen.expect("a committed snapshot froze its volume");
-        let progress = Arc::new(CaptureProgress::default());
-        let job = CaptureJob {
-            snapshot: id,
-            lineage: vol.id,
-            base: vol
-                .base_snapshot
-                .and_then(|base| view.chain_of(base))
-                .unwrap_or_default(),
-            volume: volume.clone(),
-            freeze,
-            progress,
-            committed_before: 0,
-        };
-        self.register(&job);
+        let mut jobs = Vec::with_capacity(members.len());
+        for (((_, volume), vol), (id, freeze)) in members.iter().zip(&vols).zip(frozen) {
+            let job = CaptureJob {
+                snapshot: id,
+                lineage: vol.id,
+                base: vol
+                    .base_snapshot
+                    .and_then(|base| view.chain_of(base))
+                    .unwrap_or_default(),
+                volume: volume.clone(),
+                freeze,
+                progress: Arc::new(CaptureProgress::default()),
+                committed_before: 0,
+            };
+            self.register(&job);
+            jobs.push(job);
+        }
         drop(guard);
-        self.start_capture(job)?;
-        info!("snapshot {name} (id {id}) started");
-        Ok(record)
+        for job in jobs {
+            self.start_capture(job)?;
+        }
+        for record in &records {
+            info!("snapshot {} (id {}) started", record.name(), record.id);
+        }
+        Ok(records)
     }
 
     pub(super) fn start_capture(self: &Arc<Self>, job: CaptureJob<S>) -> SnapshotResult<()> {

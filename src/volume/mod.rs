@@ -684,56 +684,136 @@ impl<S: Storage> Volume<S> {
     ///    `<id>.dirty.new` renamed to `<id>.dirty`;
     /// 3. after it: both directories synced.
     pub fn freeze(&self, snapshot: SnapshotId, rescan: Rescan) -> VolumeResult<Arc<Freeze<S>>> {
-        let set_path = self
-            .layout
-            .capture_file(self.id, snapshot, CaptureFile::Set);
+        let prepared = self.prepare_freeze(snapshot)?;
+        let freeze = self.freeze_under_barrier(&mut self.epoch_exclusive(), prepared, rescan)?;
+        self.sync_freeze_dirs()?;
+        Ok(freeze)
+    }
+
+    /// Freezes several volumes at one instant, for a crash-consistent set of
+    /// snapshots: every volume's barrier is held (taken in volume id order) while each
+    /// is frozen, so a write that completed before another began — whichever volumes
+    /// they went to — is never missing from a snapshot that holds the later one. On
+    /// an error no volume stays frozen.
+    pub fn freeze_together(
+        volumes: &[(&Volume<S>, SnapshotId, Rescan)],
+    ) -> VolumeResult<Vec<Arc<Freeze<S>>>> {
+        let mut prepared = Vec::with_capacity(volumes.len());
+        for (volume, snapshot, _) in volumes {
+            prepared.push(Some(volume.prepare_freeze(*snapshot)?));
+        }
+        let mut order: Vec<usize> = (0..volumes.len()).collect();
+        order.sort_by_key(|&i| volumes[i].0.id);
+        let mut frozen: Vec<Option<Arc<Freeze<S>>>> = vec![None; volumes.len()];
+        let failure = {
+            let mut barriers: Vec<_> = order
+                .iter()
+                .map(|&i| (i, volumes[i].0.epoch_exclusive()))
+                .collect();
+            let mut failure = None;
+            for (i, epoch) in &mut barriers {
+                let (volume, _, rescan) = &volumes[*i];
+                let prepared = prepared[*i].take().expect("prepared once");
+                match volume.freeze_under_barrier(epoch, prepared, *rescan) {
+                    Ok(freeze) => frozen[*i] = Some(freeze),
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+            }
+            failure
+        };
+        let result = match failure {
+            Some(e) => Err(e),
+            None => volumes
+                .iter()
+                .try_for_each(|(volume, _, _)| volume.sync_freeze_dirs()),
+        };
+        if let Err(e) = result {
+            for (i, freeze) in frozen.iter().enumerate() {
+                if freeze.is_some() {
+                    volumes[i].0.thaw(true)?;
+                }
+            }
+            return Err(e);
+        }
+        Ok(frozen.into_iter().flatten().collect())
+    }
+
+    /// The files of a freeze, made before the barrier (step 1 of [`Volume::freeze`]).
+    fn prepare_freeze(&self, snapshot: SnapshotId) -> VolumeResult<PreparedFreeze<S>> {
         let cow_path = self
             .layout
             .capture_file(self.id, snapshot, CaptureFile::Cow);
-        let dirty_path = self.layout.volume_file(self.id, VolumeFile::Dirty);
         let fresh_path = self.layout.volume_file(self.id, VolumeFile::DirtyNew);
-        let freeze_err = self.io_err("freeze", 0);
         let cow = self
             .storage
             .open(&cow_path, OpenOptions::TRUNCATE)
             .map_err(self.io_err("freeze", 0))?;
         let fresh = DirtyMap::create_unpublished(&self.storage, &fresh_path, self.size()?)
             .map_err(self.io_err("freeze", 0))?;
-        let freeze = {
-            let mut epoch = self.epoch_exclusive();
-            if epoch.freeze.is_some() {
-                return Err(VolumeError::CaptureInProgress { volume: self.id });
-            }
-            let size = self.size()?;
-            fresh.note_shrink(size).map_err(self.io_err("freeze", 0))?;
-            let reexamine = self.reexamine_range(&epoch.dirty, size, rescan);
-            epoch
-                .dirty
-                .rename(&self.storage, &set_path)
-                .map_err(self.io_err("freeze", 0))?;
-            if let Err(e) = fresh.rename(&self.storage, &dirty_path) {
-                // Put the map back: the volume must keep tracking changes.
-                let _ = epoch.dirty.rename(&self.storage, &dirty_path);
-                return Err(freeze_err(e));
-            }
-            let captured = std::mem::replace(&mut epoch.dirty, fresh);
-            let freeze = Arc::new(Freeze::new(
-                captured,
-                reexamine,
-                size,
-                self.block_size,
-                cow,
-                &cow_path,
-            ));
-            epoch.freeze = Some(freeze.clone());
-            freeze
-        };
+        Ok(PreparedFreeze {
+            snapshot,
+            cow,
+            cow_path,
+            fresh,
+        })
+    }
+
+    /// Step 2 of [`Volume::freeze`], with the barrier held.
+    fn freeze_under_barrier(
+        &self,
+        epoch: &mut Epoch<S>,
+        prepared: PreparedFreeze<S>,
+        rescan: Rescan,
+    ) -> VolumeResult<Arc<Freeze<S>>> {
+        let PreparedFreeze {
+            snapshot,
+            cow,
+            cow_path,
+            fresh,
+        } = prepared;
+        let set_path = self
+            .layout
+            .capture_file(self.id, snapshot, CaptureFile::Set);
+        let dirty_path = self.layout.volume_file(self.id, VolumeFile::Dirty);
+        if epoch.freeze.is_some() {
+            return Err(VolumeError::CaptureInProgress { volume: self.id });
+        }
+        let size = self.size()?;
+        fresh.note_shrink(size).map_err(self.io_err("freeze", 0))?;
+        let reexamine = self.reexamine_range(&epoch.dirty, size, rescan);
+        epoch
+            .dirty
+            .rename(&self.storage, &set_path)
+            .map_err(self.io_err("freeze", 0))?;
+        if let Err(e) = fresh.rename(&self.storage, &dirty_path) {
+            // Put the map back: the volume must keep tracking changes.
+            let _ = epoch.dirty.rename(&self.storage, &dirty_path);
+            return Err(self.io_err("freeze", 0)(e));
+        }
+        let captured = std::mem::replace(&mut epoch.dirty, fresh);
+        let freeze = Arc::new(Freeze::new(
+            captured,
+            reexamine,
+            size,
+            self.block_size,
+            cow,
+            &cow_path,
+        ));
+        epoch.freeze = Some(freeze.clone());
+        Ok(freeze)
+    }
+
+    /// Step 3 of [`Volume::freeze`].
+    fn sync_freeze_dirs(&self) -> VolumeResult<()> {
         for dir in [self.layout.volumes_dir(), self.layout.captures_dir()] {
             self.storage
                 .sync_dir(&dir)
                 .map_err(self.io_err("freeze", 0))?;
         }
-        Ok(freeze)
+        Ok(())
     }
 
     /// Puts back the freeze of snapshot `snapshot`'s capture that a `kill -9`
@@ -862,6 +942,14 @@ impl<S: Storage> Volume<S> {
             .sync()
             .map_err(self.io_err("sync dirty map", 0))
     }
+}
+
+/// The files of a freeze made before its barrier.
+struct PreparedFreeze<S: Storage> {
+    snapshot: SnapshotId,
+    cow: S::File,
+    cow_path: std::path::PathBuf,
+    fresh: DirtyMap<S>,
 }
 
 impl<S: Storage> LiveRead for Volume<S> {

@@ -5,6 +5,7 @@
 //! missing root fails the test; elsewhere the test prints why and skips.
 #![allow(dead_code)]
 
+pub mod s3;
 pub mod users;
 
 use std::ffi::OsStr;
@@ -128,6 +129,8 @@ pub struct Ebsfs {
     pub config: PathBuf,
     child: Option<Child>,
     loops: Vec<PathBuf>,
+    /// Variables set (`Some`) or removed (`None`) in the daemon's environment.
+    env: Vec<(String, Option<String>)>,
 }
 
 impl Ebsfs {
@@ -148,19 +151,58 @@ impl Ebsfs {
 
     /// Mounts with a data directory that may live elsewhere (e.g. a small filesystem).
     pub fn start_in(root: tempfile::TempDir, data: PathBuf, config: &str) -> Ebsfs {
+        let mut fs = Ebsfs::unstarted_in(root, data, config);
+        fs.spawn();
+        fs
+    }
+
+    /// Mounts with `config` and these variables in the daemon's environment
+    /// (e.g. a snapshot store's credentials).
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Ebsfs {
+        let mut fs = Ebsfs::unstarted(config);
+        for (key, value) in env {
+            fs.set_env(key, Some(value));
+        }
+        fs.spawn();
+        fs
+    }
+
+    /// A temporary data directory, mount point and `config`, with no daemon yet:
+    /// [`Ebsfs::set_env`], then [`Ebsfs::restart`] or [`Ebsfs::try_restart`] start it.
+    pub fn unstarted(config: &str) -> Ebsfs {
+        let root = tempfile::Builder::new()
+            .prefix("ebsfs-test")
+            .tempdir()
+            .expect("tempdir");
+        let data = root.path().join("data");
+        Ebsfs::unstarted_in(root, data, config)
+    }
+
+    fn unstarted_in(root: tempfile::TempDir, data: PathBuf, config: &str) -> Ebsfs {
         let mnt = root.path().join("mnt");
         let config_path = root.path().join("config.toml");
         fs::write(&config_path, config).expect("write config");
-        let mut fs = Ebsfs {
+        Ebsfs {
             root,
             data,
             mnt,
             config: config_path,
             child: None,
             loops: Vec::new(),
-        };
-        fs.spawn();
-        fs
+            env: Vec::new(),
+        }
+    }
+
+    /// Sets (`Some`) or removes (`None`) a variable of the daemon's environment, from
+    /// its next start on.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.map(str::to_string)));
+    }
+
+    /// Replaces the daemon's `config.toml` (read at its next start).
+    pub fn write_config(&self, config: &str) {
+        fs::write(&self.config, config).expect("write config");
     }
 
     fn spawn(&mut self) {
@@ -174,8 +216,8 @@ impl Ebsfs {
         }
     }
 
-    /// Starts the daemon again on the same data directory, where it may refuse to
-    /// mount: returns its exit status and stderr if it exits before the mount is live.
+    /// Starts the daemon again on the same data directory (or first, after
+    /// [`Ebsfs::unstarted`]), where it may refuse to mount: returns its exit status and stderr if it exits before the mount is live.
     /// Its stderr goes to a file of its own, which [`Ebsfs::log`] includes.
     pub fn try_restart(&mut self) -> Result<(), Refusal> {
         assert!(self.child.is_none(), "restart of a running daemon");
@@ -196,7 +238,8 @@ impl Ebsfs {
         let stdout = append(&self.root.path().join("ebsfs.log"));
         let stderr = append(stderr_path);
         let stderr_start = stderr.metadata().map_or(0, |m| m.len()) as usize;
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .arg("mount")
             .arg(&self.mnt)
             .arg("--data-dir")
@@ -209,9 +252,14 @@ impl Ebsfs {
             )
             .stdin(Stdio::null())
             .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn ebsfs");
+            .stderr(stderr);
+        for (key, value) in &self.env {
+            match value {
+                Some(value) => command.env(key, value),
+                None => command.env_remove(key),
+            };
+        }
+        let child = command.spawn().expect("spawn ebsfs");
         self.child = Some(child);
         let mnt = self.mnt.clone();
         let start = Instant::now();
@@ -373,7 +421,8 @@ impl Ebsfs {
         lazy_unmount(&self.mnt);
     }
 
-    /// Starts the daemon again on the same data directory.
+    /// Starts the daemon again on the same data directory (or first, after
+    /// [`Ebsfs::unstarted`]).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "restart of a running daemon");
         self.spawn();

@@ -3,10 +3,12 @@
 //! common harness.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -297,4 +299,134 @@ impl Drop for Frozen {
             .arg(&self.0)
             .status();
     }
+}
+
+// Volumes made from snapshots (tests/clones.rs, tests/bucket.rs).
+
+/// How long hydration of a few hundred MiB may take on a slow machine.
+pub const HYDRATE_TIMEOUT: Duration = Duration::from_secs(400);
+
+/// Creates volume `name` of `size_mib` MiB holding `data_mib` MiB of random data at
+/// `offset_mib` MiB, the rest holes.
+pub fn random_volume(fs: &Ebsfs, name: &str, size_mib: u64, offset_mib: u64, data_mib: u64) {
+    let img = fs.volume(name);
+    run("truncate", &[format!("-s{size_mib}M"), path_str(&img)]);
+    write_urandom(&img, offset_mib, data_mib);
+}
+
+pub fn path_str(path: &Path) -> String {
+    path.to_str().expect("UTF-8 path").to_string()
+}
+
+/// `user.ebsfs.hydrated` of a volume, as a number of percent.
+pub fn hydrated_percent(volume: &Path) -> u64 {
+    let value = get_xattr(volume, "user.ebsfs.hydrated")
+        .unwrap_or_else(|e| panic!("user.ebsfs.hydrated of {}: {e}", volume.display()));
+    let text = String::from_utf8_lossy(&value);
+    text.strip_suffix('%')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("user.ebsfs.hydrated is {text:?}, not a percentage"))
+}
+
+/// Waits until a volume made from a snapshot holds every block itself.
+pub fn wait_hydrated(fs: &Ebsfs, name: &str) {
+    let start = Instant::now();
+    let volume = fs.volume(name);
+    loop {
+        let percent = hydrated_percent(&volume);
+        if percent == 100 {
+            break;
+        }
+        assert!(
+            start.elapsed() < HYDRATE_TIMEOUT,
+            "volume {name} still {percent}% hydrated after {HYDRATE_TIMEOUT:?}:\n{}",
+            tail_lines(&fs.log(), 30)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "volume {name} hydrated in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+}
+
+/// SHA-256 of every file under `dir` (lost+found aside), by path relative to `dir`.
+pub fn tree_sums(dir: &Path) -> BTreeMap<String, String> {
+    let out = sh(&format!(
+        "cd '{}' && find . -path ./lost+found -prune -o -type f -print0 | sort -z \
+         | xargs -0 -r sha256sum",
+        dir.display()
+    ));
+    out.lines()
+        .filter_map(|line| {
+            let (sum, name) = line.split_once("  ")?;
+            Some((name.to_string(), sum.to_string()))
+        })
+        .collect()
+}
+
+/// Where two trees of [`tree_sums`] differ, for assertion messages.
+pub fn tree_diff(expected: &BTreeMap<String, String>, found: &BTreeMap<String, String>) -> String {
+    let mut lines = Vec::new();
+    for (name, sum) in expected {
+        match found.get(name) {
+            None => lines.push(format!("{name} missing")),
+            Some(other) if other != sum => lines.push(format!("{name} differs")),
+            Some(_) => {}
+        }
+    }
+    for name in found.keys().filter(|n| !expected.contains_key(*n)) {
+        lines.push(format!("{name} unexpected"));
+    }
+    lines.join(", ")
+}
+
+/// Writes a tree of files with pseudo-random contents and sizes under `dir`.
+pub fn write_tree(dir: &Path) {
+    for d in 0..5u64 {
+        let sub = dir.join(format!("d{d}"));
+        fs::create_dir_all(&sub).unwrap();
+        for f in 0..8u64 {
+            let len = ((d * 7919 + f * 104_729) * 977 % (4 * MIB)) as usize + 1;
+            fs::write(sub.join(format!("f{f}")), pattern(len, d * 100 + f)).unwrap();
+        }
+    }
+    fs::create_dir_all(dir.join("empty/dir")).unwrap();
+    fs::write(dir.join("small"), b"a small file\n").unwrap();
+}
+
+/// Volume `name` of `size` (as `truncate -s` takes it) formatted as ext4 and holding
+/// [`write_tree`]: the files' [`tree_sums`].
+pub fn ext4_volume_with_tree(fs: &mut Ebsfs, name: &str, size: &str) -> BTreeMap<String, String> {
+    let volume = fs.volume(name);
+    run("truncate", &[&format!("-s{size}"), &path_str(&volume)]);
+    run("mkfs.ext4", &["-q", "-F", &path_str(&volume)]);
+    let dir = fs.loop_mount(&volume, name, "");
+    write_tree(&dir);
+    let files = tree_sums(&dir);
+    assert!(files.len() > 40, "tree written: {files:?}");
+    fs.loop_unmount(&dir);
+    files
+}
+
+/// `cp snapshots/<id>/volume.img volumes/<name>.img`, timed.
+pub fn cp_image(fs: &Ebsfs, id: &str, name: &str) {
+    let start = Instant::now();
+    run("cp", &[image(fs, id), fs.volume(name)]);
+    let took = start.elapsed();
+    eprintln!(
+        "cp of {id} ({} MiB) into volume {name}: {:.1} ms",
+        fs::metadata(image(fs, id)).unwrap().len() / MIB,
+        took.as_secs_f64() * 1000.0
+    );
+}
+
+/// `len` bytes of a file at `offset`.
+pub fn read_range(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut buf, offset)
+        .unwrap_or_else(|e| panic!("read {len} at {offset} of {}: {e}", path.display()));
+    buf
 }
