@@ -2,7 +2,8 @@
 //! image is an equal copy that costs no space, ext4 on a copy leaves its snapshot
 //! untouched, a copy outlives its source snapshot, a `kill -9` mid-hydration loses
 //! nothing, a copy's snapshots are incremental against its source, the CLI, holes in
-//! snapshot images, partial copies, and reads of a copy through a loop device.
+//! snapshot images, partial copies, reads of a copy through a loop device, and copies
+//! longer than one of the kernel's `copy_file_range` requests.
 //!
 //! Timings are printed, never asserted (machines are noisy).
 
@@ -975,4 +976,243 @@ fn an_unhydrated_clone_reads_the_snapshot_through_a_loop_device() {
          snapshot image {image_iops:.0} IOPS (clone/image {:.2})",
         clone_iops / image_iops
     );
+}
+
+// ---------------------------------------------------------------------------------
+// 10. Copies longer than one kernel request.
+// ---------------------------------------------------------------------------------
+
+/// Writes the file `data` (outside the mount) into `file` at byte `offset`.
+fn write_at_bytes(file: &Path, offset: u64, data: &Path) {
+    run(
+        "dd",
+        &[
+            format!("if={}", data.display()),
+            format!("of={}", file.display()),
+            "bs=1M".into(),
+            format!("seek={offset}"),
+            "oflag=seek_bytes".into(),
+            "conv=notrunc".into(),
+            "status=none".into(),
+        ],
+    );
+}
+
+/// A snapshot image with runs of data in holes, and the same bytes outside the
+/// mount.
+struct SparseImage<'a> {
+    id: String,
+    reference: PathBuf,
+    /// (offset, MiB)
+    data: &'a [(u64, u64)],
+}
+
+impl SparseImage<'_> {
+    /// Whether `copy` has the image's bytes: all of them (`whole`), or its runs of
+    /// data and the MiB before each (holes, or the end of the run before).
+    fn same_as(&self, copy: &Path, whole: bool) -> bool {
+        if whole {
+            return sha256(copy) == sha256(&self.reference);
+        }
+        self.data.iter().all(|&(offset, mib)| {
+            let start = offset.saturating_sub(MIB);
+            let len = (offset - start + mib * MIB) as usize;
+            read_range(copy, start, len) == read_range(&self.reference, start, len)
+        })
+    }
+}
+
+/// Makes volume `name` of `size` bytes, holes but for random data at `data`
+/// ((offset, MiB)), the same bytes in a scratch file, and snapshot `<name>@s`.
+fn sparse_snapshot<'a>(
+    fs: &Ebsfs,
+    name: &str,
+    size: u64,
+    data: &'a [(u64, u64)],
+) -> SparseImage<'a> {
+    let volume = fs.volume(name);
+    let reference = fs.scratch(&format!("{name}-reference"));
+    for file in [&volume, &reference] {
+        run("truncate", &[format!("-s{size}"), path_str(file)]);
+    }
+    for (i, &(offset, mib)) in data.iter().enumerate() {
+        let piece = fs.scratch(&format!("{name}-piece-{i}"));
+        run(
+            "dd",
+            &[
+                "if=/dev/urandom".to_string(),
+                format!("of={}", piece.display()),
+                "bs=1M".into(),
+                format!("count={mib}"),
+                "status=none".into(),
+            ],
+        );
+        write_at_bytes(&volume, offset, &piece);
+        write_at_bytes(&reference, offset, &piece);
+    }
+    let id = format!("{name}@s");
+    take_snapshot(fs, &id);
+    assert_eq!(fs::metadata(image(fs, &id)).unwrap().len(), size);
+    SparseImage {
+        id,
+        reference,
+        data,
+    }
+}
+
+/// Copies `from` into the new file `to` as a tool that skips holes does: for each
+/// run of data `SEEK_DATA` and `SEEK_HOLE` find, in order, `copy_file_range(2)` at
+/// the same offset on both sides until the run is copied; then the size set with
+/// `ftruncate`. Returns what each call returned.
+fn copy_runs_skipping_holes(from: &Path, to: &Path) -> Vec<u64> {
+    use std::os::fd::AsRawFd;
+    let src = fs::File::open(from).unwrap();
+    let dst = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)
+        .unwrap();
+    let size = src.metadata().unwrap().len();
+    let seek = |offset: u64, whence| {
+        // SAFETY: the descriptor is open; lseek has no memory effects.
+        let at = unsafe { libc::lseek(src.as_raw_fd(), offset as libc::off_t, whence) };
+        (at >= 0).then_some(at as u64)
+    };
+    let mut calls = Vec::new();
+    let mut at = 0;
+    while let Some(data) = seek(at, libc::SEEK_DATA) {
+        let hole = seek(data, libc::SEEK_HOLE).expect("SEEK_HOLE after data");
+        let mut done = data;
+        while done < hole {
+            let (mut off_in, mut off_out) = (done as libc::loff_t, done as libc::loff_t);
+            // SAFETY: both descriptors are open and the offsets point at locals.
+            let n = unsafe {
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    &mut off_in,
+                    dst.as_raw_fd(),
+                    &mut off_out,
+                    (hole - done) as usize,
+                    0,
+                )
+            };
+            assert!(
+                n > 0,
+                "copy_file_range at {done} into {}: {n}, {}",
+                to.display(),
+                std::io::Error::last_os_error()
+            );
+            calls.push(n as u64);
+            done += n as u64;
+        }
+        at = hole;
+    }
+    dst.set_len(size).unwrap();
+    calls
+}
+
+/// Checks a copy `name` of `image` made by `make` (timed): it has the image's bytes
+/// (all of them compared if `whole`, else its runs of data: see
+/// [`SparseImage::same_as`]), the data directory grew by less than 1 MiB (nothing
+/// was copied), it is 0% hydrated (hydration is off) and `ebsfs volume list` names
+/// the snapshot as its source.
+fn check_copy_by_reference(
+    fs: &Ebsfs,
+    image_of: &SparseImage,
+    name: &str,
+    whole: bool,
+    make: impl FnOnce(),
+) {
+    let id = image_of.id.as_str();
+    let du_before = du_bytes(&fs.data);
+    let start = Instant::now();
+    make();
+    let took = start.elapsed();
+    let grew = du_bytes(&fs.data).saturating_sub(du_before);
+    let copy = fs.volume(name);
+    let size = fs::metadata(&copy).unwrap().len();
+    eprintln!(
+        "{name}, a copy of {id} ({size} bytes): {:.1} ms, data directory grew by {grew} bytes",
+        took.as_secs_f64() * 1000.0
+    );
+    assert!(
+        grew < MIB,
+        "{name}: the data directory grew by {grew} bytes\n{}",
+        tail_lines(&fs.log(), 20)
+    );
+    assert_eq!(
+        size,
+        fs::metadata(image(fs, id)).unwrap().len(),
+        "size of {name}"
+    );
+    assert_eq!(
+        hydrated_percent(&copy),
+        0,
+        "{name} hydrated with hydrate = false"
+    );
+    assert!(image_of.same_as(&copy, whole), "{name} differs from {id}");
+    let out = volume_cli(fs, &["list"]);
+    assert!(
+        out.status.success(),
+        "volume list: {}",
+        describe_output(&out)
+    );
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = listing
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .unwrap_or_else(|| panic!("volume list has no line for {name}:\n{listing}"));
+    assert!(
+        line.split_whitespace().any(|field| field == id),
+        "volume list does not name {id} as the source of {name}: {line}"
+    );
+}
+
+/// Copies of snapshot images longer than one of the requests the kernel cuts a
+/// `copy_file_range` into (at most 4 GiB − 4 KiB each), all made by reference
+/// (equal, the data directory growing by less than 1 MiB, listed as copies):
+/// - a 9 GiB (and 5000 bytes) image, mostly holes, with data at its start, across
+///   the end of the first request and at its very end: by `cp` (the kernel's
+///   requests from 0), by a copy that skips holes (one request per run of data),
+///   and by `ebsfs volume create --from`;
+/// - a 6 GiB image with data only in its last GiB, by `cp` and by a copy that skips
+///   holes (whose first request starts there).
+#[test]
+fn copies_longer_than_one_kernel_request_are_made_by_reference() {
+    if !require_fuse() {
+        return;
+    }
+    let fs = Ebsfs::start_with("hydrate = false\n");
+    let size = 9 * GIB + 5000;
+    let data = [(0, 3), (4 * GIB - 2 * MIB, 4), (size - 3 * MIB, 3)];
+    let src = sparse_snapshot(&fs, "src", size, &data);
+
+    check_copy_by_reference(&fs, &src, "copy", true, || {
+        run("cp", &[image(&fs, "src@s"), fs.volume("copy")]);
+    });
+    check_copy_by_reference(&fs, &src, "runs", false, || {
+        let calls = copy_runs_skipping_holes(&image(&fs, "src@s"), &fs.volume("runs"));
+        eprintln!("copy_file_range calls returned {calls:?}");
+        assert_eq!(calls.len(), 3, "{calls:?}: one request a run");
+    });
+    check_copy_by_reference(&fs, &src, "made", false, || {
+        let out = volume_cli(&fs, &["create", "made", "--from", "src@s"]);
+        assert!(
+            out.status.success(),
+            "volume create --from: {}",
+            describe_output(&out)
+        );
+    });
+
+    let size = 6 * GIB;
+    let data = [(5 * GIB + 100 * MIB, 8), (size - 2 * MIB, 2)];
+    let late = sparse_snapshot(&fs, "late", size, &data);
+    check_copy_by_reference(&fs, &late, "late-copy", true, || {
+        run("cp", &[image(&fs, "late@s"), fs.volume("late-copy")]);
+    });
+    check_copy_by_reference(&fs, &late, "late-runs", false, || {
+        let calls = copy_runs_skipping_holes(&image(&fs, "late@s"), &fs.volume("late-runs"));
+        eprintln!("copy_file_range calls returned {calls:?}");
+        assert_eq!(calls.len(), 2, "{calls:?}: one request a run");
+    });
 }

@@ -1,32 +1,56 @@
 //! Volumes from snapshots.
 //!
 //! `cp snapshots/db@x/volume.img volumes/new.img` reaches the daemon as
-//! `copy_file_range` from the image to the new volume. When the volume is blank and
-//! the range starts at 0 on both sides, nothing is copied: the volume
+//! `copy_file_range` requests from the image to the new volume, at equal offsets on
+//! both sides. A request the volume can take by reference copies nothing: the volume
 //! becomes a copy of the snapshot *by reference* (its lineage's parent is the
-//! snapshot, see `namespace::catalog`), in constant time whatever the size. Its
-//! blocks read from the snapshot until written or hydrated (`volume::source`); a
-//! background thread hydrates the rest, yielding to volume I/O. Anything else
-//! (another source, other offsets, a volume with data) is copied byte by byte.
+//! snapshot, see `namespace::catalog`), or such a copy grows, in constant time
+//! whatever the size. Its blocks read from the snapshot until written or hydrated
+//! (`volume::source`); a background thread hydrates the rest, yielding to volume I/O.
 //!
-//! Order of a copy by reference, and what a crash leaves:
-//! 1. `volumes/<id>.present` written whole (empty, source limit = snapshot size):
+//! A request for `[offset, end)` is taken by reference when
+//! - the volume is blank and the image holds no data before `offset`: the volume
+//!   becomes a copy of the snapshot up to `end` (its *source limit*);
+//! - the volume is such a copy and the range is untouched (below the limit, no
+//!   block written or hydrated over): nothing to do;
+//! - the volume is such a copy ending (size and limit) at or before `offset`, with
+//!   only holes of the snapshot in between: the limit and the size rise to `end`
+//!   (`Volume::extend_copy`).
+//!
+//! `end` is cut to a block boundary unless it is the image's end, and the reply says
+//! how much was taken: the caller asks again for the rest. That is how `cp` arrives:
+//! requests from 0 in increasing order, each at most 4 GiB − 4 KiB (the kernel cuts a
+//! longer `copy_file_range`; images report their full size as allocated, so `cp`
+//! does not look for holes). A tool that skips holes (`SEEK_DATA`/`SEEK_HOLE`)
+//! copies one run of data after another, in increasing order too. Anything
+//! else (another source, unequal offsets, data of the snapshot before the range that
+//! the copy did not take, a range written over, a copy found hydrated whole when
+//! the daemon started) is copied byte by byte.
+//!
+//! Order of the first request taken by reference, and what a crash leaves:
+//! 1. `volumes/<id>.present` written whole (empty, source limit = the request's end):
 //!    a stray file of a volume that is not a copy (replaced by the next attempt);
 //! 2. under the volume's freeze barrier (no write races it), its dirty map's
-//!    low-water size lowered to the snapshot's size (harmless alone), then one commit:
+//!    low-water size lowered to the limit (harmless alone), then one commit:
 //!    the lineage parent and the volume record (base = the snapshot, so its first
-//!    snapshot is incremental against it);
-//! 3. in memory only: the source attached, the size set.
+//!    snapshot is incremental against it): a copy of size 0, whose limit the next
+//!    start lowers to 0;
+//! 3. in memory: the source attached; then the data file's size set: the copy.
+//!
+//! A later request that extends the copy writes no record (unless the copy had been
+//! hydrated: then one commit says it reads the snapshot again); its steps, and what
+//! a crash after each leaves, are in `Volume::extend_copy`: at worst the copy as it
+//! was before the request, never bytes of the snapshot the copy did not take.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::{debug, info, warn};
 
 use super::{FsCore, FsError, FsResult, Handle, VolumeSlot};
 use crate::layout::VolumeFile;
-use crate::namespace::{Records, SnapshotRef, VolumeId, VolumeRecord};
+use crate::namespace::{NsGuard, Records, SnapshotRef, SnapshotStatus, VolumeId, VolumeRecord};
 use crate::remote::reader::RemoteBlocks;
 use crate::snapshot::SnapshotEngine;
 use crate::snapshot::read::{ChainBlocks, OpenImage};
@@ -74,6 +98,46 @@ pub(super) fn blank_copy_target(view: &Records, record: &VolumeRecord, block_siz
         && !view.remote_parents.contains_key(&record.id)
 }
 
+/// What sharing needs to know of the snapshot image a copy request reads.
+pub(super) struct ImageShape<'a> {
+    pub size: u64,
+    pub block_size: u64,
+    /// `SEEK_DATA` from an offset: the first byte at or past it in a block of the
+    /// image that may hold data; `None` if there is none.
+    pub next_data: &'a dyn Fn(u64) -> FsResult<Option<u64>>,
+}
+
+impl ImageShape<'_> {
+    /// Whether the image holds only zeros in `[from, to)`.
+    fn holes_only(&self, from: u64, to: u64) -> FsResult<bool> {
+        Ok(from >= to || (self.next_data)(from)?.is_none_or(|at| at >= to))
+    }
+
+    /// How far a request ending at `end` may share: to a block boundary, unless it
+    /// ends with the image. The tail of a shared block would read the snapshot's
+    /// bytes, not zeros, once the volume grows; the kernel (or `cp`) asks again for
+    /// the rest.
+    fn shared_end(&self, end: u64) -> u64 {
+        if end < self.size {
+            end - end % self.block_size
+        } else {
+            end
+        }
+    }
+
+    /// For a blank volume, the source limit of a copy by reference for a request
+    /// `[offset, end)`: the volume reads whole blocks from the snapshot from the
+    /// first on, so only if the image holds no data before `offset` (whose bytes
+    /// must stay zeros). `None`: copy instead.
+    pub(super) fn first_share(&self, offset: u64, end: u64) -> FsResult<Option<u64>> {
+        let end = self.shared_end(end);
+        if end <= offset || !self.holes_only(0, offset)? {
+            return Ok(None);
+        }
+        Ok(Some(end))
+    }
+}
+
 /// The blocks of the snapshot in the bucket a volume was made from. If its root
 /// cannot be read now, the volume still opens: its blocks not hydrated yet read as
 /// errors (`EIO`, logged) until a restart finds the root again.
@@ -103,7 +167,7 @@ impl SnapshotBlocks for Unreadable {
         Err(std::io::Error::other(self.0.clone()))
     }
 
-    fn data_blocks(&self, _limit: u64) -> std::io::Result<Vec<u64>> {
+    fn data_blocks(&self, _blocks: std::ops::Range<u64>) -> std::io::Result<Vec<u64>> {
         Err(std::io::Error::other(self.0.clone()))
     }
 }
@@ -176,8 +240,9 @@ impl<S: Storage> FsCore<S> {
     }
 
     /// Makes `[offset, offset + len)` of `volume` the snapshot's bytes by reference, if
-    /// the volume is blank or already a copy of that snapshot untouched in the range.
-    /// `None`: not possible here, copy instead.
+    /// the volume is blank, already a copy of that snapshot untouched in the range, or
+    /// a copy of it that ends before `offset` with only holes of the snapshot in
+    /// between (see [`FsCore::share_more`]). `None`: not possible here, copy instead.
     fn share_blocks(
         &self,
         volume: &Arc<Volume<S>>,
@@ -186,49 +251,60 @@ impl<S: Storage> FsCore<S> {
         len: u64,
     ) -> FsResult<Option<u64>> {
         let snapshot = &image.record;
-        let mut end = offset.saturating_add(len).min(snapshot.size_bytes);
+        let next_data = |at| Ok(image.seek(at, true)?);
+        let shape = ImageShape {
+            size: snapshot.size_bytes,
+            block_size: u64::from(snapshot.block_size),
+            next_data: &next_data,
+        };
+        let end = offset.saturating_add(len).min(shape.size);
         if offset >= end {
             return Ok(Some(0));
         }
-        let bs = u64::from(snapshot.block_size);
         let guard = self.ns.lock();
         let view = self.ns.view();
         let Some(record) = view.volumes.get(&volume.id).cloned() else {
             return Ok(None);
         };
-        match view.lineage_parents.get(&volume.id) {
+        // A pending snapshot's image reads through its volume's freeze: only a
+        // completed one's blocks are all in its entries.
+        let completed = view
+            .snapshots
+            .get(&snapshot.id)
+            .is_some_and(|s| s.status == SnapshotStatus::Completed);
+        if !completed {
+            return Ok(None);
+        }
+        let end = match view.lineage_parents.get(&volume.id) {
             Some(parent) if parent.snapshot == snapshot.id => {
-                // Only blocks still read from the snapshot (below its limit, never
-                // written) already hold the snapshot's bytes.
-                let untouched = volume.active_source().is_some_and(|source| {
-                    end.div_ceil(bs) <= source.limit_blocks()
-                        && (offset / bs..end.div_ceil(bs)).all(|b| !source.is_own(b))
-                });
-                if !untouched {
+                let base_is_source = record.base_snapshot == Some(snapshot.id);
+                let shared = self.share_more(
+                    &guard,
+                    volume,
+                    &record,
+                    &shape,
+                    (offset, end),
+                    base_is_source,
+                )?;
+                let Some(end) = shared else {
                     return Ok(None);
-                }
+                };
+                end
             }
             Some(_) => return Ok(None),
             None => {
                 if !blank_copy_target(&view, &record, snapshot.block_size) {
                     return Ok(None);
                 }
-                // The volume reads whole blocks from the snapshot, from the first on:
-                // a copy that starts past 0 (whose head must stay zeros) is made byte
-                // by byte, and one that ends inside a block shares up to that block
-                // (the tail of a shared block would read the snapshot's bytes, not
-                // zeros, once the volume grows). The kernel asks again for the rest.
-                if end < snapshot.size_bytes {
-                    end -= end % bs;
-                }
-                if offset != 0 || end == 0 {
+                let Some(end) = shape.first_share(offset, end)? else {
                     return Ok(None);
-                }
+                };
+                let bs = shape.block_size;
                 let present_path = self.layout.volume_file(volume.id, VolumeFile::Present);
-                let present =
-                    DirtyMap::create(&self.storage, &present_path, snapshot.size_bytes).map_err(
-                        super::io_error(format!("creating {}", present_path.display())),
-                    )?;
+                // The source limit: the end of this request. The next one raises it.
+                let present = DirtyMap::create(&self.storage, &present_path, end).map_err(
+                    super::io_error(format!("creating {}", present_path.display())),
+                )?;
                 let point = SnapshotRef {
                     lineage: snapshot.lineage,
                     snapshot: snapshot.id,
@@ -239,7 +315,7 @@ impl<S: Storage> FsCore<S> {
                     bs,
                 ));
                 let source = Source::new(blocks, present, bs);
-                let converted = volume.become_copy_of(source, snapshot.size_bytes, || {
+                let converted = volume.become_copy_of(source, || {
                     self.ns.change(&guard, |c| -> FsResult<()> {
                         c.put_lineage_parent(volume.id, point)?;
                         let mut record = record.clone();
@@ -255,14 +331,77 @@ impl<S: Storage> FsCore<S> {
                     return Ok(None);
                 }
                 info!(
-                    "volume {} is now a copy of snapshot {} ({} bytes, shared, nothing copied)",
+                    "volume {} is now a copy of snapshot {} ({end} of its {} bytes so far, \
+                     shared, nothing copied)",
                     record.name,
                     snapshot.name(),
                     snapshot.size_bytes
                 );
+                end
             }
-        }
+        };
         drop(guard);
+        self.shared(volume, offset, end)
+    }
+
+    /// For `volume`, already a copy by reference of the image's snapshot (local or in
+    /// the bucket): shares `[offset, end)` too, if it is untouched (every block below
+    /// the source limit and never written or hydrated over), or if the copy ends at
+    /// or before `offset` with only holes of the snapshot in between: then the copy
+    /// extends to `end` (cut to a block boundary unless the snapshot's end) by
+    /// reference ([`Volume::extend_copy`]), the bytes in between reading the
+    /// snapshot's holes: the kernel's pieces of at most 4 GiB − 4 KiB of one long
+    /// request, or the runs of data of a copy that skips holes. Returns the end of
+    /// the part shared, or `None`: copy instead.
+    pub(super) fn share_more(
+        &self,
+        guard: &NsGuard,
+        volume: &Volume<S>,
+        record: &VolumeRecord,
+        shape: &ImageShape,
+        (offset, end): (u64, u64),
+        base_is_source: bool,
+    ) -> FsResult<Option<u64>> {
+        let bs = shape.block_size;
+        // Only blocks still read from the snapshot (below its limit, never written)
+        // already hold the snapshot's bytes.
+        let untouched = volume.active_source().is_some_and(|source| {
+            end.div_ceil(bs) <= source.limit_blocks()
+                && (offset / bs..end.div_ceil(bs)).all(|b| !source.is_own(b))
+        });
+        if untouched {
+            return Ok(Some(end));
+        }
+        let from = volume.size()?;
+        let end = shape.shared_end(end);
+        if offset < from || end <= offset || !shape.holes_only(from, offset)? {
+            return Ok(None);
+        }
+        let extended = volume.extend_copy(from, end, base_is_source, || {
+            self.ns.change(guard, |c| -> FsResult<()> {
+                let mut record = record.clone();
+                record.hydrated = false;
+                Ok(c.put_volume(record)?)
+            })
+        })?;
+        if !extended {
+            return Ok(None);
+        }
+        debug!(
+            "volume {}: bytes {from}..{end} shared with its snapshot too",
+            record.name
+        );
+        Ok(Some(end))
+    }
+
+    /// The end of a request whose `[offset, end)` is the volume's now: grows the
+    /// volume to it and wakes the hydrator. Returns the bytes copied.
+    pub(super) fn shared(
+        &self,
+        volume: &Volume<S>,
+        offset: u64,
+        end: u64,
+    ) -> FsResult<Option<u64>> {
         if volume.size()? < end {
             volume.set_size(end)?;
         }
@@ -332,49 +471,35 @@ impl<S: Storage> FsCore<S> {
         let Some(source) = volume.active_source() else {
             return Ok(true);
         };
-        let size = volume.size()?;
-        let limit = source.limit_blocks();
-        let data_blocks = source
-            .blocks
-            .data_blocks(limit)
-            .map_err(super::io_error("listing the blocks of a volume's snapshot"))?;
-        let missing = data_blocks.iter().filter(|&&b| !source.is_own(b));
-        for (done, &block) in missing.enumerate() {
-            if done >= budget || yield_now() {
-                return Ok(true);
-            }
-            source
-                .hydrate(volume.data_file(), block, size)
-                .map_err(super::io_error(format!(
-                    "hydrating block {block} of volume {}",
-                    volume.id
-                )))?;
+        let raises = source.raises();
+        let complete = source
+            .hydrate_some(volume.data_file(), budget, yield_now)
+            .map_err(super::io_error(format!("hydrating volume {}", volume.id)))?;
+        if !complete {
+            return Ok(true);
         }
-        // The rest reads zeros in the snapshot: marking them present copies nothing.
-        let mut word = 0;
-        while word * 64 < limit {
-            let (first, last) = (word * 64, (word * 64 + 63).min(limit - 1));
-            source
-                .mark_zero_blocks(first, last, &data_blocks)
-                .map_err(super::io_error(format!("hydrating volume {}", volume.id)))?;
-            word += 1;
-        }
-        self.finish_hydration(&volume)?;
+        self.finish_hydration(&volume, raises)?;
         Ok(true)
     }
 
-    /// Records that a volume holds every block itself.
-    fn finish_hydration(&self, volume: &Arc<Volume<S>>) -> FsResult<()> {
+    /// Records that a volume holds every block itself, if it still does once the
+    /// blocks are synced and no copy request can raise its limit (under the
+    /// namespace lock): `raises` is how many times the limit had been raised when
+    /// hydration last found blocks missing.
+    fn finish_hydration(&self, volume: &Arc<Volume<S>>, raises: u64) -> FsResult<()> {
         let Some(source) = volume.active_source() else {
             return Ok(());
         };
-        let (present, total) = source.progress();
-        if present < total {
+        if !source.all_present() {
             return Ok(());
         }
         // The blocks must be durable before the record says the snapshot is not needed.
         volume.sync(true)?;
         let guard = self.ns.lock();
+        // A copy request may have raised the limit past blocks the sync did not see.
+        if source.raises() != raises || !source.all_present() {
+            return Ok(());
+        }
         let Some(mut record) = self.ns.view().volumes.get(&volume.id).cloned() else {
             return Ok(());
         };

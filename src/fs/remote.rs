@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 
 use log::info;
 
-use super::clones::blank_copy_target;
+use super::clones::{ImageShape, blank_copy_target};
 use super::{FsCore, FsError, FsResult};
 use crate::layout::VolumeFile;
 use crate::namespace::{RemoteParent, SnapshotId, SnapshotRecord};
@@ -61,7 +61,7 @@ impl RemoteImage {
             None => {
                 let blocks =
                     self.blocks
-                        .data_blocks(size.div_ceil(bs))
+                        .data_blocks(0..size.div_ceil(bs))
                         .map_err(|e| FsError::Io {
                             what: format!("listing snapshot {}", self.name),
                             source: e,
@@ -147,9 +147,9 @@ impl<S: Storage> FsCore<S> {
         })
     }
 
-    /// Makes a blank `volume` a copy of another host's snapshot by reference: its
-    /// blocks read from the bucket until hydrated. Only from offset 0, whole blocks
-    /// (see `share_blocks`). `None`: copy bytes instead.
+    /// Makes `volume` a copy of another host's snapshot by reference, or shares more
+    /// of it, as `share_blocks` does for local snapshots: its blocks read from the
+    /// bucket until hydrated. `None`: copy bytes instead.
     pub(super) fn share_remote_blocks(
         &self,
         volume: &Arc<Volume<S>>,
@@ -178,38 +178,40 @@ impl<S: Storage> FsCore<S> {
         volume: &Arc<Volume<S>>,
         image: &RemoteImage,
         offset: u64,
-        mut end: u64,
+        end: u64,
     ) -> FsResult<Option<u64>> {
-        let size = image.blocks.size_bytes();
-        let bs = u64::from(image.blocks.root.facts.block_size);
+        let next_data = |at| image.seek(at, true);
+        let shape = ImageShape {
+            size: image.blocks.size_bytes(),
+            block_size: u64::from(image.blocks.root.facts.block_size),
+            next_data: &next_data,
+        };
+        let bs = shape.block_size;
         let guard = self.ns.lock();
         let view = self.ns.view();
         let Some(record) = view.volumes.get(&volume.id).cloned() else {
             return Ok(None);
         };
-        match view.remote_parents.get(&volume.id) {
+        let end = match view.remote_parents.get(&volume.id) {
             Some(parent) if parent.root == image.blocks.root_name => {
-                let untouched = volume.active_source().is_some_and(|source| {
-                    end.div_ceil(bs) <= source.limit_blocks()
-                        && (offset / bs..end.div_ceil(bs)).all(|b| !source.is_own(b))
-                });
-                if !untouched {
+                // Its captures compare every block (no local base).
+                let shared =
+                    self.share_more(&guard, volume, &record, &shape, (offset, end), false)?;
+                let Some(end) = shared else {
                     return Ok(None);
-                }
+                };
+                end
             }
             Some(_) => return Ok(None),
             None => {
                 if !blank_copy_target(&view, &record, bs as u32) {
                     return Ok(None);
                 }
-                if end < size {
-                    end -= end % bs;
-                }
-                if offset != 0 || end == 0 {
+                let Some(end) = shape.first_share(offset, end)? else {
                     return Ok(None);
-                }
+                };
                 let present_path = self.layout.volume_file(volume.id, VolumeFile::Present);
-                let made = DirtyMap::create(&self.storage, &present_path, size)
+                let made = DirtyMap::create(&self.storage, &present_path, end)
                     .map_err(super::io_error(format!(
                         "creating {}",
                         present_path.display()
@@ -217,7 +219,7 @@ impl<S: Storage> FsCore<S> {
                     .and_then(|present| {
                         let blocks: Arc<dyn SnapshotBlocks> = image.blocks.clone();
                         let source = Source::new(blocks, present, bs);
-                        volume.become_copy_of(source, size, || {
+                        volume.become_copy_of(source, || {
                             self.ns.change(&guard, |c| -> FsResult<()> {
                                 c.put_remote_parent(
                                     volume.id,
@@ -240,18 +242,15 @@ impl<S: Storage> FsCore<S> {
                     return Ok(None);
                 }
                 info!(
-                    "volume {} is now a copy of snapshot {} from the bucket ({size} bytes, \
-                     nothing copied)",
-                    record.name, image.name
+                    "volume {} is now a copy of snapshot {} from the bucket ({end} of its \
+                     {} bytes so far, nothing copied)",
+                    record.name, image.name, shape.size
                 );
+                end
             }
-        }
+        };
         drop(guard);
-        if volume.size()? < end {
-            volume.set_size(end)?;
-        }
-        self.wake_hydrator();
-        Ok(Some(end - offset))
+        self.shared(volume, offset, end)
     }
 }
 

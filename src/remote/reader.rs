@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use log::error;
@@ -179,21 +180,24 @@ impl SnapshotBlocks for RemoteBlocks {
         Ok(())
     }
 
-    fn data_blocks(&self, limit: u64) -> io::Result<Vec<u64>> {
-        let mut blocks = Vec::new();
+    fn data_blocks(&self, blocks: Range<u64>) -> io::Result<Vec<u64>> {
+        let mut found = Vec::new();
         for (index, name) in &self.root.pages {
-            if index * PAGE_BLOCKS >= limit {
+            if index * PAGE_BLOCKS >= blocks.end {
                 break;
             }
+            if (index + 1) * PAGE_BLOCKS <= blocks.start {
+                continue;
+            }
             let page = self.store.page(name).map_err(|e| self.fail(name, e))?;
-            blocks.extend(
+            found.extend(
                 page.entries
                     .iter()
                     .map(|(b, _)| index * PAGE_BLOCKS + u64::from(*b))
-                    .filter(|&b| b < limit),
+                    .filter(|b| blocks.contains(b)),
             );
         }
-        Ok(blocks)
+        Ok(found)
     }
 }
 

@@ -344,9 +344,10 @@ impl<S: Storage> SnapshotBlocks for ChainBlocks<S> {
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
     }
 
-    fn data_blocks(&self, limit: u64) -> std::io::Result<Vec<u64>> {
+    /// One range scan of the manifest per snapshot of the chain, over `blocks` only.
+    fn data_blocks(&self, blocks: Range<u64>) -> std::io::Result<Vec<u64>> {
         let txn = self.engine.ns.read().map_err(to_io)?;
         let table = txn.open_table(MANIFEST).map_err(to_io)?;
-        manifest::nonzero_blocks(&table, &self.chain, 0..limit).map_err(to_io)
+        manifest::nonzero_blocks(&table, &self.chain, blocks).map_err(to_io)
     }
 }

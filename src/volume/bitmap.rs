@@ -135,6 +135,38 @@ impl Bitmap {
         out
     }
 
+    /// Number of set bits in `range`, visiting only allocated pages.
+    pub fn count_in(&self, range: std::ops::Range<u64>) -> u64 {
+        if range.is_empty() {
+            return 0;
+        }
+        let pages = self.read();
+        let (first_word, last_word) = (range.start / 64, (range.end - 1) / 64);
+        let mut count = 0;
+        for (p, page) in pages.iter().enumerate() {
+            let Some(words) = page else { continue };
+            let page_first = (p * PAGE_WORDS) as u64;
+            if page_first + PAGE_WORDS as u64 <= first_word || page_first > last_word {
+                continue;
+            }
+            for (i, word) in words.iter().enumerate() {
+                let w = page_first + i as u64;
+                if w < first_word || w > last_word {
+                    continue;
+                }
+                let lo = if w == first_word { range.start % 64 } else { 0 };
+                let hi = if w == last_word {
+                    (range.end - 1) % 64
+                } else {
+                    63
+                };
+                let mask = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
+                count += u64::from((word.load(Ordering::Acquire) & mask).count_ones());
+            }
+        }
+        count
+    }
+
     /// Number of words that memory is reserved for (a multiple of the page size).
     pub fn allocated_words(&self) -> usize {
         self.read().iter().flatten().count() * PAGE_WORDS
@@ -159,5 +191,14 @@ mod tests {
         assert_eq!(map.ones_in(0..1 << 31), vec![5, 1 << 30]);
         assert_eq!(map.ones_in(6..1 << 30), Vec::<u64>::new());
         assert_eq!(map.ones_in(5..6), vec![5]);
+        assert_eq!(map.count_in(0..1 << 31), 2);
+        assert_eq!(map.count_in(5..(1 << 30) + 1), 2);
+        assert_eq!(map.count_in(6..1 << 30), 0);
+        assert_eq!(map.count_in(5..5), 0);
+        for bit in 60..70 {
+            map.set(bit);
+        }
+        assert_eq!(map.count_in(62..68), 6);
+        assert_eq!(map.count_in(0..64), 5);
     }
 }

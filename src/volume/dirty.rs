@@ -240,6 +240,27 @@ impl<S: Storage> DirtyMap<S> {
         Ok(())
     }
 
+    /// Raises the low-water size to `size_bytes` (nothing if it is that high
+    /// already); returns once the file says so. The file changes before memory, so
+    /// whoever reads the new value may rely on it being in the file.
+    ///
+    /// Only for a caller that knows every block in between to be what the number
+    /// claims (for a dirty map: equal to the snapshot it is incremental against; for
+    /// a present map: to be read from the source), and that keeps every other change
+    /// of this map's low-water size out for the duration ([`DirtyMap::note_shrink`]
+    /// running concurrently could be lost).
+    pub fn raise_low_water(&self, size_bytes: u64) -> io::Result<()> {
+        let file = self.lock_file();
+        if self.low_water.load(Ordering::Acquire) >= size_bytes {
+            return Ok(());
+        }
+        file.file.write_all_at(&header(size_bytes), 0)?;
+        self.low_water_persisted
+            .store(size_bytes, Ordering::Release);
+        self.low_water.store(size_bytes, Ordering::Release);
+        Ok(())
+    }
+
     /// The smallest size since the last snapshot, or [`NEVER_SHRUNK`].
     pub fn low_water(&self) -> u64 {
         self.low_water.load(Ordering::Acquire)
@@ -290,6 +311,11 @@ impl<S: Storage> DirtyMap<S> {
 
     pub fn count(&self) -> u64 {
         self.bits.count_ones()
+    }
+
+    /// Number of set blocks in `blocks`.
+    pub fn count_in(&self, blocks: std::ops::Range<u64>) -> u64 {
+        self.bits.count_in(blocks)
     }
 
     /// Indices of the 64-block words with any block set, in order.
@@ -383,6 +409,24 @@ mod tests {
         }
         storage.remove_file(&path).unwrap();
         assert!(DirtyMap::open(&storage, &path).err().unwrap().is_missing());
+    }
+
+    #[test]
+    fn a_raised_low_water_size_is_in_the_file_and_shrinks_still_lower_it() {
+        let (storage, path) = setup();
+        let map = DirtyMap::create(&storage, &path, 4096).unwrap();
+        map.raise_low_water(1 << 20).unwrap();
+        assert_eq!(map.low_water(), 1 << 20);
+        assert_eq!(
+            DirtyMap::open(&storage, &path).unwrap().low_water(),
+            1 << 20
+        );
+        // Never lowers.
+        map.raise_low_water(8192).unwrap();
+        assert_eq!(map.low_water(), 1 << 20);
+        // A shrink after a raise reaches the file again.
+        map.note_shrink(12288).unwrap();
+        assert_eq!(DirtyMap::open(&storage, &path).unwrap().low_water(), 12288);
     }
 
     #[test]

@@ -168,17 +168,27 @@ impl<S: Storage> Volume<S> {
     }
 
     /// Makes this volume, opened after a restart, read its unwritten blocks from a
-    /// snapshot again. A shrink a crash cut short before the source limit followed
-    /// it is completed here.
+    /// snapshot again. A source limit past the size (a shrink a crash cut short
+    /// before the limit followed it, or a copy's extension cut short before the size
+    /// followed the limit: see [`Volume::extend_copy`]) is lowered to the size here.
+    ///
+    /// The dirty map's low-water size is lowered to the limit too, when past it:
+    /// after a power loss the data file's size and the dirty map may be durable
+    /// with a copy's extension while the present map is not (its limit is the old
+    /// one), and blocks past the limit, reading zeros, must be compared at the next
+    /// capture, not taken for the snapshot's.
     pub fn reattach_source(&self, source: Source<S>) -> VolumeResult<()> {
         let size = self.size()?;
-        if source.present.low_water() > size {
-            // Blocks past the new limit read zeros now: the next capture must compare
-            // them with the snapshot's lineage, as after any shrink.
+        let limit = source.present.low_water().min(size);
+        if self.epoch_shared().dirty.low_water() > limit {
+            // Blocks past the limit read zeros: the next capture must compare them
+            // with the snapshot's lineage, as after any shrink.
             self.epoch_shared()
                 .dirty
-                .note_shrink(size)
-                .map_err(self.io_err("record shrink", size))?;
+                .note_shrink(limit)
+                .map_err(self.io_err("record shrink", limit))?;
+        }
+        if source.present.low_water() > size {
             source
                 .present
                 .note_shrink(size)
@@ -203,15 +213,16 @@ impl<S: Storage> Volume<S> {
     }
 
     /// Makes a blank volume (size 0; that it was never snapshotted, the caller
-    /// checks) read its unwritten blocks from a snapshot of `source_size` bytes:
-    /// `commit` records that durably, then the source is attached. All under the
-    /// freeze barrier, so no write races the change. Returns false, doing nothing, if
-    /// the volume is not blank. Blocks past the source's end that the volume grows
-    /// into are re-examined by the next capture (the dirty map's low-water size).
+    /// checks) read its unwritten blocks from a snapshot, up to the source limit its
+    /// present map holds (the end of the part shared): `commit` records that
+    /// durably, then the source is attached. All under the freeze barrier, so no
+    /// write races the change. Returns false, doing nothing, if the volume is not
+    /// blank. Blocks past the limit that the volume grows into read zeros, where the
+    /// snapshot may hold data: the next capture re-examines them (the dirty map's
+    /// low-water size is lowered to the limit).
     pub fn become_copy_of<E: From<VolumeError>>(
         &self,
         source: Source<S>,
-        source_size: u64,
         commit: impl FnOnce() -> Result<(), E>,
     ) -> Result<bool, E> {
         let epoch = self.epoch_exclusive();
@@ -222,11 +233,98 @@ impl<S: Storage> Volume<S> {
         // wider re-examination.
         epoch
             .dirty
-            .note_shrink(source_size)
+            .note_shrink(source.present.low_water())
             .map_err(self.io_err("record change", 0))?;
         commit()?;
         drop(epoch);
         self.attach_source(source)?;
+        Ok(true)
+    }
+
+    /// Continues this volume's copy by reference of its snapshot: bytes `[from, to)`
+    /// become the snapshot's, read from it like the rest, without a byte read or
+    /// written. Only when the copy ends at `from` now (the volume's size and its
+    /// source limit, on a block boundary) and no block past it is present; returns
+    /// false, doing nothing, otherwise. `to` is a block boundary or the snapshot's
+    /// end (the caller checks).
+    ///
+    /// `unhydrate` runs only if the volume had hydrated everything below `from` (and
+    /// no longer reads the snapshot): it must record durably that the volume reads
+    /// it again. `base_is_source`: the volume's next capture is incremental against
+    /// that same snapshot, so blocks `[from, to)` are unchanged since it.
+    ///
+    /// Steps, under the limit lock and the freeze barrier (no write, hydration,
+    /// resize or freeze runs meanwhile), and what a `kill -9` after each leaves:
+    /// 1. `unhydrate`, if needed: the copy as it was, the hydrator finishes it again;
+    /// 2. the present map's limit raised to `to`, in its file: a limit past the size,
+    ///    which the next open lowers to the size ([`Volume::reattach_source`]): the
+    ///    copy as it was;
+    /// 3. if nothing was captured since the copy was made and the dirty map's
+    ///    low-water size is `from`, that raised to `to` (blocks `[from, to)` need no
+    ///    re-examination: they are the snapshot's): the same, also lowered at the
+    ///    next open;
+    /// 4. the data file's size set to `to`: the copy up to `to`.
+    ///
+    /// The limit rises before the size in memory too: a read meanwhile stops at the
+    /// old size. None of it is synced (like a write): after a power loss the size may
+    /// be an older one (the limit is lowered to it) or, if synced without the present
+    /// map, `to` with the limit still `from`: the blocks past `from` then read zeros,
+    /// never snapshot data the copy did not take, and the next open lowers the dirty
+    /// map's low-water size to the limit whatever it says, so the next capture
+    /// compares those blocks instead of taking them for the snapshot's.
+    pub fn extend_copy<E: From<VolumeError>>(
+        &self,
+        from: u64,
+        to: u64,
+        base_is_source: bool,
+        unhydrate: impl FnOnce() -> Result<(), E>,
+    ) -> Result<bool, E> {
+        self.check_size(to)?;
+        let Some(source) = self.source.get() else {
+            return Ok(false);
+        };
+        let bs = self.block_size;
+        let _limit = source.limit_exclusive();
+        let epoch = self.epoch_exclusive();
+        let (first, end_block) = (from / bs, to.div_ceil(bs));
+        let continues = to > from
+            && from.is_multiple_of(bs)
+            && self.size()? == from
+            && source.present.low_water() == from
+            && source.present.count_in(first..end_block) == 0;
+        if !continues {
+            return Ok(false);
+        }
+        if source.is_hydrated() {
+            if source.present.count_in(0..first) != first {
+                return Ok(false);
+            }
+            unhydrate()?;
+            source.clear_hydrated();
+        }
+        let undo = |e: io::Error, op| {
+            // Lowering is always safe; the next open lowers them anyway.
+            let _ = source.present.note_shrink(from);
+            let _ = epoch.dirty.note_shrink(from);
+            VolumeError::Io {
+                volume: self.id,
+                op,
+                offset: from,
+                source: e,
+            }
+        };
+        source
+            .present
+            .raise_low_water(to)
+            .map_err(|e| undo(e, "raise the source limit"))?;
+        if base_is_source && epoch.freeze.is_none() && epoch.dirty.low_water() == from {
+            epoch
+                .dirty
+                .raise_low_water(to)
+                .map_err(|e| undo(e, "record change"))?;
+        }
+        self.data.set_len(to).map_err(|e| undo(e, "truncate"))?;
+        source.note_raised();
         Ok(true)
     }
 
@@ -346,9 +444,26 @@ impl<S: Storage> Volume<S> {
         end: u64,
         change: impl FnOnce() -> VolumeResult<T>,
     ) -> VolumeResult<T> {
-        let Some(source) = self.active_source().filter(|_| end > start) else {
+        // Even a hydrated volume's: a copy's extension may make it read its snapshot
+        // again, and must not race a write past its end.
+        let Some(source) = self.source.get() else {
             return change();
         };
+        let _limit = source.limit_shared();
+        self.own_blocks_held(source, start, end, change)
+    }
+
+    /// [`Volume::own_blocks`], the caller holding `source`'s limit lock.
+    fn own_blocks_held<T>(
+        &self,
+        source: &Source<S>,
+        start: u64,
+        end: u64,
+        change: impl FnOnce() -> VolumeResult<T>,
+    ) -> VolumeResult<T> {
+        if source.is_hydrated() || end <= start {
+            return change();
+        }
         let bs = self.block_size;
         let (guards, missing) = source.lock_missing(start / bs, (end - 1) / bs);
         if missing.is_empty() {
@@ -436,15 +551,19 @@ impl<S: Storage> Volume<S> {
     /// between the two is completed at the next open).
     pub fn set_size(&self, new_size: u64) -> VolumeResult<()> {
         self.check_size(new_size)?;
+        let Some(source) = self.source.get() else {
+            return self.resize(new_size);
+        };
+        // No hydration, write or copy extension while the size and the limit change.
+        let _limit = source.limit_exclusive();
         let old_size = self.size()?;
         if new_size < old_size && !new_size.is_multiple_of(self.block_size) {
-            self.own_blocks(new_size, new_size + 1, || self.resize(new_size))?;
+            self.own_blocks_held(source, new_size, new_size + 1, || self.resize(new_size))?;
         } else {
             self.resize(new_size)?;
         }
-        if let Some(source) = self.active_source()
-            && new_size < source.present.low_water()
-        {
+        // Hydrated or not: a copy's extension starts from the size.
+        if new_size < source.present.low_water() {
             source
                 .present
                 .note_shrink(new_size)
@@ -506,7 +625,11 @@ impl<S: Storage> Volume<S> {
                 .map_err(self.io_err("fallocate", offset))
         };
         match how {
-            Allocate::Reserve { .. } => apply(&self.data),
+            Allocate::Reserve { .. } => {
+                // It may grow the volume: not while a copy's extension runs.
+                let _limit = self.source.get().map(Source::limit_shared);
+                apply(&self.data)
+            }
             Allocate::PunchHole | Allocate::ZeroRange { .. } => {
                 let size = self.size()?;
                 let end = end.min(size.max(offset));
@@ -841,7 +964,7 @@ impl<S: Storage> LiveRead for Volume<S> {
 #[cfg(all(test, not(feature = "shuttle")))]
 mod tests {
     use super::*;
-    use crate::storage::memory::MemStorage;
+    use crate::storage::memory::{CrashMode, MemStorage};
 
     const BS: u64 = 4096;
 
@@ -1005,8 +1128,8 @@ mod tests {
             Ok(())
         }
 
-        fn data_blocks(&self, limit: u64) -> io::Result<Vec<u64>> {
-            Ok((0..limit).filter(|&b| b != 3).collect())
+        fn data_blocks(&self, blocks: std::ops::Range<u64>) -> io::Result<Vec<u64>> {
+            Ok(blocks.filter(|&b| b != 3).collect())
         }
     }
 
@@ -1082,6 +1205,138 @@ mod tests {
         assert_eq!(read_all(&v), expected);
     }
 
+    fn present_limit_in_file(storage: &MemStorage, layout: &Layout) -> u64 {
+        DirtyMap::open(
+            storage,
+            &layout.volume_file(VolumeId(1), VolumeFile::Present),
+        )
+        .unwrap()
+        .low_water()
+    }
+
+    fn not_hydrated() -> Result<(), VolumeError> {
+        panic!("the volume was not hydrated")
+    }
+
+    #[test]
+    fn a_copy_extends_only_from_its_end_over_blocks_it_does_not_hold() {
+        let (storage, layout) = setup();
+        let (v, snapshot) = clone_volume(&storage, &layout);
+        v.set_size(2 * BS).unwrap();
+        assert_eq!(v.active_source().unwrap().limit_blocks(), 2);
+        // Not from the end, not on a block boundary, nothing to add: refused.
+        for (from, to) in [(BS, 4 * BS), (2 * BS + 1, 4 * BS), (2 * BS, 2 * BS)] {
+            assert!(!v.extend_copy(from, to, true, not_hydrated).unwrap());
+        }
+        assert_eq!(v.size().unwrap(), 2 * BS);
+        assert!(v.extend_copy(2 * BS, 4 * BS, true, not_hydrated).unwrap());
+        assert_eq!(read_all(&v), expected_clone()[..4 * BS as usize]);
+        assert_eq!(v.allocated_bytes().unwrap(), 0, "nothing copied");
+        // Read from the snapshot, blocks 0 to 3.
+        assert_eq!(snapshot.reads.load(std::sync::atomic::Ordering::Relaxed), 4);
+        // The limit is in the file; the dirty map's low-water size rose with it (the
+        // blocks added are the snapshot's: nothing to re-examine).
+        assert_eq!(present_limit_in_file(&storage, &layout), 4 * BS);
+        assert_eq!(v.epoch_shared().dirty.low_water(), 4 * BS);
+        assert_eq!(v.source().unwrap().raises(), 1);
+
+        // Block 3 hydrated by a partial write, then cut off: its bit stays, and a
+        // copy can no longer extend over it (the data file does not hold it now).
+        v.write_at(b"x", 3 * BS).unwrap();
+        v.set_size(3 * BS).unwrap();
+        assert!(!v.extend_copy(3 * BS, 5 * BS, true, not_hydrated).unwrap());
+        assert_eq!(v.size().unwrap(), 3 * BS);
+        // Grown otherwise, it reads zeros past the cut.
+        v.set_size(5 * BS).unwrap();
+        let mut expected = expected_clone()[..5 * BS as usize].to_vec();
+        expected[3 * BS as usize..].fill(0);
+        assert_eq!(read_all(&v), expected);
+    }
+
+    #[test]
+    fn a_copy_extended_during_a_capture_or_after_one_keeps_its_low_water_size() {
+        let (storage, layout) = setup();
+        let (v, _) = clone_volume(&storage, &layout);
+        v.set_size(2 * BS).unwrap();
+        let low_water = v.epoch_shared().dirty.low_water();
+        // A capture in progress: its fresh dirty map stays as it is.
+        v.freeze(SnapshotId(1), Rescan::ShrunkBelow(0)).unwrap();
+        assert!(v.extend_copy(2 * BS, 3 * BS, true, not_hydrated).unwrap());
+        assert_eq!(v.epoch_shared().dirty.low_water(), 2 * BS);
+        v.thaw(true).unwrap();
+        assert_eq!(v.epoch_shared().dirty.low_water(), low_water.min(2 * BS));
+        // Incremental against something else than the snapshot: the same.
+        assert!(v.extend_copy(3 * BS, 4 * BS, false, not_hydrated).unwrap());
+        assert!(v.epoch_shared().dirty.low_water() <= 3 * BS);
+        assert_eq!(read_all(&v), expected_clone()[..4 * BS as usize]);
+        assert_eq!(present_limit_in_file(&storage, &layout), 4 * BS);
+    }
+
+    #[test]
+    fn a_hydrated_copy_reads_its_snapshot_again_once_extended() {
+        let (storage, layout) = setup();
+        let (v, _) = clone_volume(&storage, &layout);
+        v.set_size(2 * BS).unwrap();
+        let source = v.active_source().unwrap();
+        assert!(
+            source
+                .hydrate_some(v.data_file(), usize::MAX, || false)
+                .unwrap()
+        );
+        source.set_hydrated();
+        assert!(v.active_source().is_none());
+        let mut unhydrated = 0;
+        let extended = v
+            .extend_copy(2 * BS, 4 * BS, true, || -> Result<(), VolumeError> {
+                unhydrated += 1;
+                Ok(())
+            })
+            .unwrap();
+        assert!(extended && unhydrated == 1);
+        let source = v.active_source().expect("reads its snapshot again");
+        assert_eq!(source.progress(), (2, 4));
+        assert_eq!(read_all(&v), expected_clone()[..4 * BS as usize]);
+        assert_eq!(
+            v.allocated_bytes().unwrap(),
+            2 * BS,
+            "only what hydration copied"
+        );
+    }
+
+    #[test]
+    fn a_power_loss_keeping_an_extension_s_size_but_not_its_limit_reads_and_compares_zeros() {
+        let (storage, layout) = setup();
+        let (v, _) = clone_volume(&storage, &layout);
+        v.set_size(2 * BS).unwrap();
+        v.sync(false).unwrap();
+        v.sync_dirty_map().unwrap();
+        assert!(v.extend_copy(2 * BS, 4 * BS, true, not_hydrated).unwrap());
+        assert_eq!(v.epoch_shared().dirty.low_water(), 4 * BS);
+        // The size and the dirty map reach the disk, the present map does not.
+        v.data.sync_all().unwrap();
+        v.sync_dirty_map().unwrap();
+        drop(v);
+        let storage = storage.restart(CrashMode::PowerLoss);
+        let v = volume(&storage, &layout);
+        assert_eq!(v.size().unwrap(), 4 * BS);
+        let present = DirtyMap::open(
+            &storage,
+            &layout.volume_file(VolumeId(1), VolumeFile::Present),
+        )
+        .unwrap();
+        assert_eq!(present.low_water(), 2 * BS, "the limit was not synced");
+        let snapshot = Arc::new(FakeSnapshot {
+            reads: std::sync::atomic::AtomicU64::new(0),
+        });
+        v.reattach_source(Source::new(snapshot, present, BS))
+            .unwrap();
+        let mut expected = expected_clone()[..4 * BS as usize].to_vec();
+        expected[2 * BS as usize..].fill(0);
+        assert_eq!(read_all(&v), expected);
+        // The next capture compares the blocks past the limit.
+        assert_eq!(v.epoch_shared().dirty.low_water(), 2 * BS);
+    }
+
     #[test]
     fn a_shrunk_and_regrown_clone_reads_zeros_past_the_cut() {
         let (storage, layout) = setup();
@@ -1106,6 +1361,90 @@ mod tests {
         block[0] = b'a';
         assert_eq!(freeze.take(&v, 0).unwrap(), block);
     }
+
+    /// A snapshot whose every fifth block holds data (block `b` filled with `b % 251 +
+    /// 1`), the rest zeros; counts what `data_blocks` is asked and lists.
+    struct CountingSnapshot {
+        calls: std::sync::atomic::AtomicU64,
+        listed: std::sync::atomic::AtomicU64,
+    }
+
+    impl CountingSnapshot {
+        fn byte(block: u64) -> u8 {
+            if block.is_multiple_of(5) {
+                (block % 251) as u8 + 1
+            } else {
+                0
+            }
+        }
+    }
+
+    impl source::SnapshotBlocks for CountingSnapshot {
+        fn read_block(&self, block: u64, buf: &mut [u8]) -> io::Result<()> {
+            buf.fill(CountingSnapshot::byte(block));
+            Ok(())
+        }
+
+        fn data_blocks(&self, blocks: std::ops::Range<u64>) -> io::Result<Vec<u64>> {
+            let blocks: Vec<u64> = blocks.filter(|b| b.is_multiple_of(5)).collect();
+            self.calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.listed
+                .fetch_add(blocks.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(blocks)
+        }
+    }
+
+    #[test]
+    fn hydration_lists_each_block_of_the_snapshot_once() {
+        // Fault: every batch of 16 blocks listed all of the snapshot's data blocks
+        // again, so hydrating a copy took time quadratic in its size.
+        let (storage, layout) = setup();
+        let v = Volume::create(&storage, &layout, VolumeId(1), BS, 1 << 40).unwrap();
+        let blocks = 2 * source::LIST_WINDOW + 100;
+        v.set_size(blocks * BS).unwrap();
+        let present = DirtyMap::create(
+            &storage,
+            &layout.volume_file(VolumeId(1), VolumeFile::Present),
+            blocks * BS,
+        )
+        .unwrap();
+        let snapshot = Arc::new(CountingSnapshot {
+            calls: std::sync::atomic::AtomicU64::new(0),
+            listed: std::sync::atomic::AtomicU64::new(0),
+        });
+        v.reattach_source(Source::new(snapshot.clone(), present, BS))
+            .unwrap();
+        let source = v.active_source().unwrap();
+        let mut steps = 0;
+        while !source.hydrate_some(v.data_file(), 16, || false).unwrap() {
+            steps += 1;
+            assert!(steps < blocks, "hydration does not end");
+        }
+        let data_blocks = blocks.div_ceil(5);
+        assert!(steps >= data_blocks / 16, "{steps} steps of 16 blocks");
+        let listed = snapshot.listed.load(std::sync::atomic::Ordering::Relaxed);
+        let calls = snapshot.calls.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!(
+            "{data_blocks} data blocks in {blocks}: {calls} listings, {listed} blocks listed"
+        );
+        assert_eq!(listed, data_blocks, "blocks listed ({calls} listings)");
+        assert_eq!(calls, blocks.div_ceil(source::LIST_WINDOW), "listings");
+        assert_eq!(source.progress(), (blocks, blocks));
+        // Only the data blocks were copied, and they read back.
+        assert_eq!(v.allocated_bytes().unwrap(), data_blocks * BS);
+        let mut buf = vec![0u8; BS as usize];
+        for block in [0, 1, 5, LIST_WINDOW_LAST, blocks - 1] {
+            let block = block.min(blocks - 1);
+            v.data_file().read_at(&mut buf, block * BS).unwrap();
+            assert!(
+                buf.iter().all(|&b| b == CountingSnapshot::byte(block)),
+                "block {block} in the data file"
+            );
+        }
+    }
+
+    const LIST_WINDOW_LAST: u64 = source::LIST_WINDOW - 1;
 
     #[test]
     fn a_freeze_moves_the_map_aside_and_puts_a_fresh_one_in_place() {

@@ -16,26 +16,66 @@
 //!   needed it is acknowledged only after the bit is in the map's file (the dirty
 //!   map's rule, for the same reason: see `dirty`);
 //! - hydrating a block and writing it are serialised by the block's lock, so a
-//!   hydration never overwrites a write, and two partial writes never both copy.
+//!   hydration never overwrites a write, and two partial writes never both copy;
+//! - in memory the limit never lies past the volume's size, and blocks past the
+//!   limit are never read from the snapshot: bytes the copy did not take from the
+//!   snapshot never show its data. In the file the limit may lie past the size after
+//!   a crash (see [`Volume::extend_copy`](super::Volume::extend_copy)); the next
+//!   open lowers it to the size.
+//!
+//! The limit falls with a shrink, and rises only when a copy by reference of the
+//! same snapshot continues past the volume's end ([`Volume::extend_copy`](super::Volume::extend_copy)):
+//! the kernel cuts one `copy_file_range` into requests of at most 4 GiB − 4 KiB, so
+//! a larger copy arrives as several. Everything that writes the data file or hydrates
+//! holds the *limit lock* shared; a resize and a rise hold it exclusively, so none of
+//! them sees the size and the limit change under it. Locks are taken in this order:
+//! the limit lock, blocks' hydration locks, the volume's freeze barrier.
+//!
+//! Background hydration walks the snapshot once, in windows of [`LIST_WINDOW`]
+//! blocks: it asks [`SnapshotBlocks::data_blocks`] for each window once, marks the
+//! window's other blocks present at once (they are zeros: nothing to copy), and
+//! copies its data blocks a few at a time, keeping its place between batches (a
+//! cursor in [`Source`]). The work is linear in the snapshot's size.
 
+use std::collections::VecDeque;
 use std::io;
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::storage::{Storage, StorageFile};
-use crate::sync::atomic::{AtomicBool, Ordering};
-use crate::sync::{Mutex, MutexGuard, lock};
+use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use crate::sync::{
+    Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, lock, read, write,
+};
 
 use super::dirty::DirtyMap;
+
+/// Blocks of the snapshot background hydration lists at a time (a multiple of 64:
+/// windows start on a word of the present map).
+pub const LIST_WINDOW: u64 = 16 * 1024;
 
 /// Locks over hydration; a block always uses the same one.
 const SHARDS: usize = 64;
 
-/// Blocks of the snapshot a volume was made from.
+/// The blocks of the snapshot a volume was made from: all a volume needs of it.
+///
+/// Both methods may be called from several threads at once, and only for blocks
+/// within the snapshot's size. An error fails the read or write that needed the block
+/// (`EIO`) or pauses background hydration; nothing is marked present on an error.
 pub trait SnapshotBlocks: Send + Sync {
-    /// Reads block `block` of the snapshot into `buf` (one block long).
+    /// Reads block `block` of the snapshot into `buf` (one block long). A block the
+    /// snapshot never wrote reads as zeros.
     fn read_block(&self, block: u64, buf: &mut [u8]) -> io::Result<()>;
-    /// The blocks holding anything but zeros, below `limit`, in order.
-    fn data_blocks(&self, limit: u64) -> io::Result<Vec<u64>>;
+
+    /// The blocks within `blocks` that may hold anything but zeros, in increasing
+    /// order, each once.
+    ///
+    /// A block left out must read as zeros: background hydration marks it present
+    /// without reading it. Listing a block of zeros is allowed (it is read, and
+    /// nothing is written). Hydration asks for consecutive windows of at most
+    /// [`LIST_WINDOW`] blocks, each about once, so the cost of a call should follow
+    /// the size of its window (or the entries in it), not the snapshot's.
+    fn data_blocks(&self, blocks: Range<u64>) -> io::Result<Vec<u64>>;
 }
 
 pub struct Source<S: Storage> {
@@ -44,8 +84,24 @@ pub struct Source<S: Storage> {
     pub present: DirtyMap<S>,
     block_size: u64,
     locks: Vec<Mutex<()>>,
+    /// Shared by whatever writes the data file or hydrates, exclusive to resize the
+    /// volume or raise the limit (see the module documentation).
+    limit_lock: RwLock<()>,
+    /// Times the limit was raised: hydration that finds every block present checks
+    /// that none was raised since it last looked.
+    raises: AtomicU64,
     /// Every block below the limit is present: the snapshot is no longer read.
     hydrated: AtomicBool,
+    /// Where background hydration stands.
+    cursor: Mutex<Cursor>,
+}
+
+/// Background hydration's place: the blocks below `next` were listed; those of
+/// them holding data and not copied yet wait in `listed`, in order.
+#[derive(Default)]
+struct Cursor {
+    next: u64,
+    listed: VecDeque<u64>,
 }
 
 impl<S: Storage> Source<S> {
@@ -59,7 +115,10 @@ impl<S: Storage> Source<S> {
             present,
             block_size,
             locks: (0..SHARDS).map(|_| Mutex::new(())).collect(),
+            limit_lock: RwLock::new(()),
+            raises: AtomicU64::new(0),
             hydrated: AtomicBool::new(false),
+            cursor: Mutex::new(Cursor::default()),
         }
     }
 
@@ -69,6 +128,32 @@ impl<S: Storage> Source<S> {
 
     pub fn set_hydrated(&self) {
         self.hydrated.store(true, Ordering::Release);
+    }
+
+    /// The volume reads blocks from the snapshot again (the limit is about to rise
+    /// past blocks it does not hold). Its record must say so first.
+    pub(super) fn clear_hydrated(&self) {
+        self.hydrated.store(false, Ordering::Release);
+    }
+
+    /// The limit lock, shared: the limit does not rise, nor does the volume's size
+    /// change by a resize, while it is held.
+    pub fn limit_shared(&self) -> RwLockReadGuard<'_, ()> {
+        read(&self.limit_lock)
+    }
+
+    /// The limit lock, exclusive: nothing writes the data file or hydrates.
+    pub(super) fn limit_exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        write(&self.limit_lock)
+    }
+
+    /// Times the limit was raised so far.
+    pub fn raises(&self) -> u64 {
+        self.raises.load(Ordering::Acquire)
+    }
+
+    pub(super) fn note_raised(&self) {
+        self.raises.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Blocks at or past this index never come from the snapshot.
@@ -111,7 +196,8 @@ impl<S: Storage> Source<S> {
     }
 
     /// Copies block `block`'s snapshot contents into `data` (up to `size_bytes`, the
-    /// volume's size) and marks it present. The caller holds the block's lock.
+    /// volume's size) and marks it present. The caller holds the limit lock (shared
+    /// or exclusive) and the block's lock.
     pub fn hydrate_locked(&self, data: &S::File, block: u64, size_bytes: u64) -> io::Result<()> {
         let start = block * self.block_size;
         let end = (start + self.block_size).min(size_bytes);
@@ -128,24 +214,101 @@ impl<S: Storage> Source<S> {
     }
 
     /// Hydrates block `block` unless it is present (background hydration).
-    pub fn hydrate(&self, data: &S::File, block: u64, size_bytes: u64) -> io::Result<()> {
+    pub fn hydrate(&self, data: &S::File, block: u64) -> io::Result<()> {
+        let _limit = self.limit_shared();
         let (_guards, missing) = self.lock_missing(block, block);
         if missing.is_empty() {
             return Ok(());
         }
-        self.hydrate_locked(data, block, size_bytes)
+        // The size under the block's lock: the bytes past it are not copied.
+        self.hydrate_locked(data, block, data.len()?)
     }
 
-    /// Marks the blocks of `words` (64-block words) that are still missing and hold
-    /// zeros in the snapshot as present, without copying anything.
-    pub fn mark_zero_blocks(&self, first: u64, last: u64, data_blocks: &[u64]) -> io::Result<()> {
-        let (_guards, missing) = self.lock_missing(first, last);
-        for block in missing {
-            if data_blocks.binary_search(&block).is_err() {
-                self.present.mark(block, block)?;
+    /// Background hydration: copies up to `budget` blocks still missing, stopping
+    /// early when `yield_now` says volume I/O wants the disk, and goes on from there
+    /// at the next call. Returns whether every block below the limit is present.
+    ///
+    /// Each window of [`LIST_WINDOW`] blocks is listed once (see the module
+    /// documentation). Should a block below the cursor be missing when it reaches
+    /// the limit (the limit fell below it, then rose again), the walk starts over.
+    pub fn hydrate_some(
+        &self,
+        data: &S::File,
+        budget: usize,
+        yield_now: impl Fn() -> bool,
+    ) -> io::Result<bool> {
+        let mut cursor = lock(&self.cursor);
+        let mut done = 0;
+        let mut rewound = false;
+        loop {
+            while let Some(&block) = cursor.listed.front() {
+                if done >= budget || yield_now() {
+                    return Ok(false);
+                }
+                self.hydrate(data, block)?;
+                cursor.listed.pop_front();
+                done += 1;
             }
+            let limit = self.limit_blocks();
+            if cursor.next >= limit {
+                if self.all_present() {
+                    return Ok(true);
+                }
+                if rewound {
+                    return Ok(false);
+                }
+                rewound = true;
+                cursor.next = 0;
+                continue;
+            }
+            if done >= budget || yield_now() {
+                return Ok(false);
+            }
+            let window_end = ((cursor.next / LIST_WINDOW + 1) * LIST_WINDOW).min(limit);
+            let window = cursor.next..window_end;
+            let listed = self.blocks.data_blocks(window.clone())?;
+            self.mark_zero_blocks(window.clone(), &listed)?;
+            cursor.listed.extend(listed);
+            cursor.next = window.end;
+        }
+    }
+
+    /// Marks the blocks of `window` that are still missing and are not in `listed`
+    /// (the window's data blocks, in order) present, without copying anything: they
+    /// are zeros in the snapshot. A word of the present map at a time, one write per
+    /// run of such blocks.
+    fn mark_zero_blocks(&self, window: Range<u64>, listed: &[u64]) -> io::Result<()> {
+        let mut first = window.start;
+        while first < window.end {
+            let last = (first | 63).min(window.end - 1);
+            let _limit = self.limit_shared();
+            let (_guards, missing) = self.lock_missing(first, last);
+            let zero = missing
+                .into_iter()
+                .filter(|b| listed.binary_search(b).is_err());
+            let mut run: Option<(u64, u64)> = None;
+            for block in zero {
+                run = match run {
+                    Some((start, end)) if end + 1 == block => Some((start, block)),
+                    Some((start, end)) => {
+                        self.present.mark(start, end)?;
+                        Some((block, block))
+                    }
+                    None => Some((block, block)),
+                };
+            }
+            if let Some((start, end)) = run {
+                self.present.mark(start, end)?;
+            }
+            first = last + 1;
         }
         Ok(())
+    }
+
+    /// Whether every block below the limit is present.
+    pub fn all_present(&self) -> bool {
+        let limit = self.limit_blocks();
+        self.present.count_in(0..limit) == limit
     }
 
     /// Blocks present so far and blocks in all (below the limit).
@@ -154,6 +317,6 @@ impl<S: Storage> Source<S> {
         if self.is_hydrated() {
             return (limit, limit);
         }
-        (self.present.count().min(limit), limit)
+        (self.present.count_in(0..limit), limit)
     }
 }
