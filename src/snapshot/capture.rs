@@ -199,8 +199,9 @@ fn plan<S: Storage>(job: &CaptureJob<S>, ns: &Namespace) -> Result<(), SnapshotE
     if !freeze.reexamine.is_empty()
         && let Some(source) = job.volume.active_source()
     {
-        let limit = freeze.reexamine.end.min(source.limit_blocks());
-        let from_source = source.blocks.data_blocks(limit).map_err(|e| {
+        let end = freeze.reexamine.end.min(source.limit_blocks());
+        let range = freeze.reexamine.start..end.max(freeze.reexamine.start);
+        let from_source = source.blocks.data_blocks(range).map_err(|e| {
             SnapshotError::CaptureFailed(format!("listing the source snapshot's blocks: {e}"))
         })?;
         older_data.extend(
