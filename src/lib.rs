@@ -15,6 +15,7 @@ pub mod fuse;
 pub mod layout;
 pub mod names;
 pub mod namespace;
+pub mod policy;
 pub mod remote;
 pub mod snapshot;
 pub mod storage;
