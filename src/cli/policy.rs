@@ -160,7 +160,7 @@ mod tests {
         let snaps = vec![snap(0), snap(3600)];
         let volumes = vec!["db".to_string(), "new".to_string(), "x".to_string()];
         let text = render(
-            &[p.clone()],
+            std::slice::from_ref(&p),
             &volumes,
             &snaps,
             Timestamp(t0.0 + 4000 * 1_000_000_000),
