@@ -129,3 +129,52 @@ fn policies_snapshot_on_schedule_and_prune_all_but_the_kept_and_locked() {
     assert!(auto.contains(&&locked));
     assert!(!names.iter().any(|n| n.starts_with("other@")), "{names:?}");
 }
+
+#[test]
+fn a_star_policy_covers_volumes_made_later_and_keep_for_prunes_by_age() {
+    let storage = MemStorage::new();
+    let mut settings = settings();
+    settings.policies = vec![Policy {
+        name: "daily".into(),
+        volumes: Volumes::All,
+        every_secs: 86_400,
+        keep: None,
+        keep_for_secs: Some(3 * 86_400),
+        label: LabelPattern::parse("daily-%Y-%m-%d").unwrap(),
+    }];
+    let core = start(&storage, &settings).expect("start");
+    // No volume: nothing to do, nothing due.
+    let pass = core.run_policies(at(T0));
+    assert!(pass.created.is_empty() && pass.next.is_none());
+    core.new_volume("a").unwrap();
+    let mut pruned = Vec::new();
+    for day in 0..6 {
+        let pass = core.run_policies(at(T0 + day * 86_400 + 7 * HOUR));
+        assert_eq!(pass.created.len(), 1, "day {day}: {pass:?}");
+        pruned.extend(pass.pruned);
+        core.engine().run_queued();
+    }
+    // Each run at 07:00 is recorded as its day's midnight: by January 6th at 07:00,
+    // only January 4th's, 5th's and 6th's are younger than three days.
+    assert_eq!(
+        pruned,
+        [
+            "a@daily-2030-01-01",
+            "a@daily-2030-01-02",
+            "a@daily-2030-01-03"
+        ]
+    );
+    let pass = core.run_policies(at(T0 + 5 * 86_400 + 8 * HOUR));
+    assert!(
+        pass.created.is_empty() && pass.pruned.is_empty(),
+        "{pass:?}"
+    );
+    // A daily label records its day: the next run is the next midnight.
+    assert_eq!(pass.next, Some(at(T0 + 6 * 86_400)));
+    // A volume made later gets its first run at once.
+    core.new_volume("b").unwrap();
+    assert_eq!(
+        core.run_policies(at(T0 + 5 * 86_400 + 9 * HOUR)).created,
+        ["b@daily-2030-01-06"]
+    );
+}
