@@ -5,7 +5,8 @@
 //! [`snapshot`] (capture, manifests, deletion) → [`store`] (content-addressed chunks)
 //! and [`namespace`] (the metadata database and the catalog). Every byte is kept
 //! through a [`storage::Storage`]: the data directory on a mount, memory in tests.
-//! [`layout`] names every file of the data directory; [`check`] verifies one offline.
+//! [`layout`] names every file of the data directory; [`check`] verifies one offline;
+//! [`policy`] decides when `[[policy]]` tables snapshot and what they delete.
 
 pub mod check;
 pub mod cli;
@@ -15,6 +16,7 @@ pub mod fuse;
 pub mod layout;
 pub mod names;
 pub mod namespace;
+pub mod policy;
 pub mod remote;
 pub mod snapshot;
 pub mod storage;

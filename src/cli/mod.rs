@@ -1,5 +1,5 @@
 //! Command line: `ebsfs mount`, `ebsfs snapshot …`, `ebsfs volume …`, `ebsfs check`,
-//! `ebsfs scrub`, `ebsfs bucket gc`, and the `mount -t fuse.ebsfs` helper form
+//! `ebsfs scrub`, `ebsfs bucket gc`, `ebsfs policy list`, and the `mount -t fuse.ebsfs` helper form
 //! (`ebsfs DATA_DIR MOUNTPOINT -o OPTIONS`).
 //!
 //! `snapshot`, `volume` and `scrub` are thin layers over the mounted filesystem:
@@ -11,6 +11,7 @@
 pub mod bucket;
 pub mod check;
 pub mod mount;
+pub mod policy;
 pub mod scrub;
 pub mod snapshot;
 pub mod volume;
@@ -52,6 +53,9 @@ enum Command {
     /// The snapshot store's bucket ([store] in the config): garbage collection.
     #[command(subcommand)]
     Bucket(bucket::BucketCommand),
+    /// Scheduled snapshots ([[policy]] in the config): next runs and what they prune.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
 }
 
 /// Where to find the mount: `--mount DIR`, else the config's mountpoint.
@@ -107,6 +111,7 @@ pub fn run(args: Vec<OsString>) -> i32 {
         Command::Check(args) => check::run(args),
         Command::Scrub(args) => scrub::run(args),
         Command::Bucket(cmd) => bucket::run(cmd),
+        Command::Policy(cmd) => policy::run(cmd),
     }
 }
 

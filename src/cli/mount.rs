@@ -286,6 +286,7 @@ fn mount_and_serve(plan: MountPlan, ready: Option<OwnedFd>) -> Result<(), String
     })?;
     let core = Arc::new(core);
     core.start_hydrator();
+    core.start_policies();
 
     let mut config = Config::default();
     config.mount_options = vec![

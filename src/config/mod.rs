@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub mod policy;
 pub mod store;
 
 pub use store::StoreSettings;
@@ -40,6 +41,8 @@ pub struct Settings {
     pub host_id: String,
     /// The S3-compatible snapshot store, if any (`[store]`).
     pub store: Option<StoreSettings>,
+    /// Scheduled snapshots and their retention (`[[policy]]` tables).
+    pub policies: Vec<crate::policy::Policy>,
 }
 
 /// One config file's keys, all optional so a file may override only some.
@@ -59,6 +62,7 @@ struct ConfigFile {
     block_public_access: Option<bool>,
     host_id: Option<String>,
     store: Option<store::StoreTable>,
+    policy: Option<Vec<policy::PolicyTable>>,
 }
 
 /// What went wrong with a config file, and where.
@@ -132,6 +136,7 @@ impl Settings {
             block_public_access: false,
             host_id: String::new(),
             store: None,
+            policies: Vec::new(),
         }
     }
 }
@@ -256,7 +261,54 @@ fn apply_text(
         })?;
         settings.store = Some(store);
     }
+    if let Some(tables) = file.policy {
+        let mut policies: Vec<crate::policy::Policy> = Vec::new();
+        for (index, table) in tables.into_iter().enumerate() {
+            let at = |key: &str| line_of_table_key(text, "[[policy]]", index, key);
+            let policy = table
+                .policy()
+                .map_err(|(key, what)| invalid(at(key), format!("key `policy.{key}`: {what}")))?;
+            if policies.iter().any(|p| p.name == policy.name) {
+                return Err(invalid(
+                    at("name"),
+                    format!(
+                        "key `policy.name`: two policies are named `{}`",
+                        policy.name
+                    ),
+                ));
+            }
+            policies.push(policy);
+        }
+        settings.policies = policies;
+    }
     Ok(())
+}
+
+/// The line on which `key` is assigned in the `index`th (0-based) `header` table, or
+/// the header's own line when the key is not written there.
+fn line_of_table_key(text: &str, header: &str, index: usize, key: &str) -> usize {
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(start) = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.trim() == header)
+        .nth(index)
+        .map(|(i, _)| i)
+    else {
+        return 1;
+    };
+    let end = lines[start + 1..]
+        .iter()
+        .position(|l| l.trim_start().starts_with('['))
+        .map_or(lines.len(), |p| start + 1 + p);
+    lines[start + 1..end]
+        .iter()
+        .position(|l| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map_or(start + 1, |p| start + 2 + p)
 }
 
 fn line_of_offset(text: &str, offset: usize) -> usize {
@@ -481,6 +533,70 @@ mod tests {
     fn syntax_error_has_line() {
         let err = load_text("a = 1\nb = [\n").unwrap_err().to_string();
         assert!(err.starts_with("test.toml:"), "{err}");
+    }
+
+    #[test]
+    fn policies_are_read_and_bad_ones_refused_with_their_line() {
+        let s = load_text(
+            "[[policy]]\nname = \"hourly\"\nvolumes = [\"db\", \"log\"]\nevery = \"1h\"\nkeep = 24\n\n[[policy]]\nname = \"daily\"\nvolumes = \"*\"\nevery = \"1d\"\nkeep_for = \"30d\"\nlabel = \"day-%Y-%m-%d\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.policies.len(), 2);
+        let hourly = &s.policies[0];
+        assert_eq!(hourly.every_secs, 3600);
+        assert_eq!(hourly.keep, Some(24));
+        assert!(hourly.volumes.covers("log") && !hourly.volumes.covers("x"));
+        assert_eq!(hourly.label.to_string(), "hourly-%Y%m%d-%H%M%S");
+        let daily = &s.policies[1];
+        assert!(daily.volumes.covers("anything"));
+        assert_eq!(daily.keep_for_secs, Some(30 * 86_400));
+        assert!(Settings::embedded().policies.is_empty());
+
+        let head = "[[policy]]\nname = \"ok\"\nvolumes = \"*\"\nevery = \"1h\"\nkeep = 1\n[[policy]]\nname = \"p\"\nvolumes = [\"db\"]\n";
+        for (rest, line, key) in [
+            ("every = \"soon\"\nkeep = 2\n", 9, "policy.every"),
+            ("every = \"1h\"\nkeep = 0\n", 10, "policy.keep"),
+            ("every = \"1h\"\n", 6, "policy.keep"),
+            (
+                "every = \"1h\"\nkeep = 2\nlabel = \"a/%S\"\n",
+                11,
+                "policy.label",
+            ),
+            (
+                "every = \"1h\"\nkeep = 2\nlabel = \"day-%Y%m%d\"\n",
+                11,
+                "policy.label",
+            ),
+            (
+                "every = \"1h\"\nkeep = 2\nkeep_for = \"1y\"\n",
+                11,
+                "policy.keep_for",
+            ),
+        ] {
+            let err = load_text(&format!("{head}{rest}")).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("test.toml:{line}:")) && err.contains(key),
+                "{rest}: {err}"
+            );
+        }
+        let err = load_text(&format!(
+            "{head}every = \"1h\"\nkeep = 0\nkeep_for = \"1d\"\n"
+        ))
+        .map(|s| s.policies.len());
+        assert_eq!(err.unwrap(), 2, "keep = 0 with keep_for is age alone");
+        let err = load_text(&head.replace("\"p\"", "\"ok\"").replace(
+            "volumes = [\"db\"]\n",
+            "volumes = [\"db\"]\nevery = \"1h\"\nkeep = 1\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("two policies"), "{err}");
+        let err = load_text(
+            "[[policy]]\nname = \"p\"\nvolumes = [\"db\"]\nevery = \"1h\"\nkeep = 1\nwhen = 3\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("when"), "{err}");
     }
 
     #[test]

@@ -572,7 +572,8 @@ impl<S: Storage> FsCore<S> {
     }
 }
 
-/// Wakes the hydrator thread, and tells it when the core is gone.
+/// Wakes a background thread (the hydrator, the policy thread), and tells it when
+/// the core is gone.
 #[derive(Default)]
 pub(super) struct HydrateSignal {
     state: std::sync::Mutex<(bool, bool)>,
@@ -591,7 +592,7 @@ impl HydrateSignal {
     }
 
     /// Waits for work (or `timeout`); false once stopped.
-    fn wait(&self, timeout: Duration) -> bool {
+    pub(super) fn wait(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         while !state.0 && !state.1 {

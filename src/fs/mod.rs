@@ -12,6 +12,7 @@ pub mod acl;
 mod clones;
 pub mod error;
 pub mod inode;
+mod policies;
 mod recovery;
 pub mod remote;
 mod snapshots;
@@ -36,6 +37,7 @@ use crate::volume::Volume;
 pub use access::{Access, Caller};
 pub use error::{FsError, FsResult};
 use inode::{Node, SnapshotFile};
+pub use policies::PolicyPass;
 pub use xattr::XattrFlags;
 
 /// Extended attribute set on `snapshots/` to snapshot several volumes at one instant
@@ -160,6 +162,8 @@ pub struct FsCore<S: Storage> {
     /// Whether the kernel enforces POSIX ACLs (see [`FsCore::enable_posix_acls`]).
     posix_acls: AtomicBool,
     hydrate_signal: Arc<clones::HydrateSignal>,
+    /// Wakes the policy thread early, and tells it to stop.
+    policy_signal: Arc<clones::HydrateSignal>,
     /// When volume I/O last happened, in ms since `epoch_start` (the hydrator yields).
     last_io: AtomicU64,
     epoch_start: Instant,
@@ -168,6 +172,7 @@ pub struct FsCore<S: Storage> {
 impl<S: Storage> Drop for FsCore<S> {
     fn drop(&mut self) {
         self.hydrate_signal.stop();
+        self.policy_signal.stop();
     }
 }
 
@@ -215,6 +220,7 @@ impl<S: Storage> FsCore<S> {
             mounted_at: SystemTime::now(),
             stopped: AtomicBool::new(false),
             hydrate_signal: Arc::default(),
+            policy_signal: Arc::default(),
             last_io: AtomicU64::new(0),
             epoch_start: Instant::now(),
             posix_acls: AtomicBool::new(false),
@@ -254,6 +260,7 @@ impl<S: Storage> FsCore<S> {
             return;
         }
         self.hydrate_signal.stop();
+        self.policy_signal.stop();
         self.engine.wait_all();
         self.engine.stop_remote_worker();
         self.engine.stop_settler();

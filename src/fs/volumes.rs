@@ -167,6 +167,8 @@ impl<S: Storage> FsCore<S> {
         };
         drop(guard);
         info!("volume {name} created");
+        // A policy may cover it: its first run is due now.
+        self.policy_signal.notify();
         self.volume_attr(id)
     }
 
