@@ -89,9 +89,11 @@ for line in text.splitlines():
     listed.update(range(off // block, (off + length) // block))
 written = set()
 for line in open(iolog):
+    # fio's iolog: [TIME] FILE write OFFSET LENGTH (version 2 has no time, 3 does).
     parts = line.split()
-    if len(parts) == 4 and parts[1] == "write":
-        written.add(int(parts[2]) // block)
+    if "write" in parts[1:3]:
+        at = parts.index("write")
+        written.add(int(parts[at + 1]) // block)
 ok = listed == written and out == text
 print(f"changed blocks written {len(written)}, listed {len(listed)}: {'exact' if ok else 'WRONG'}")
 print(f"read snapshots/d@next/changed   {ms_file:8.1f} ms   target < 100 ms  ratio {100 / ms_file:5.1f}x")

@@ -80,7 +80,7 @@ fn policies_snapshot_on_schedule_and_prune_all_but_the_kept_and_locked() {
     core.setxattr(
         dir,
         OsStr::new(LOCK_XATTR),
-        Some(b"2999-01-01T00:00:00Z"),
+        Some(b"2200-01-01T00:00:00Z"),
         XattrFlags::default(),
         &root(),
     )

@@ -48,7 +48,7 @@ fn policies_take_snapshots_and_prune_all_but_the_kept_and_locked() {
             "-n",
             "user.ebsfs.lock",
             "-v",
-            "2999-01-01T00:00:00Z",
+            "2200-01-01T00:00:00Z",
             fs.snapshot(&first).to_str().unwrap(),
         ],
     );
