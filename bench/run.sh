@@ -943,7 +943,8 @@ prepare_bucket() {
 
 s3s_requests() {  # s3s_requests METHOD: requests with that method the server has received
   if [[ $S3_SERVER == garage ]]; then
-    grep -cE "generic_server.{0,20} [0-9.]+:[0-9]+ $1 /" "$S3S_LOG" || true
+    # `<address> <METHOD> <path>`; an error line repeats its request after "in response to".
+    grep -E " $1 /" "$S3S_LOG" | grep -vc "in response to" || true
   else
     grep -c "req: Request { method: $1," "$S3S_LOG" || true
   fi
