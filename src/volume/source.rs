@@ -22,7 +22,7 @@ use std::io;
 use std::sync::Arc;
 
 use crate::storage::{Storage, StorageFile};
-use crate::sync::atomic::{AtomicBool, Ordering};
+use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::sync::{Mutex, MutexGuard, lock};
 
 use super::dirty::DirtyMap;
@@ -36,6 +36,10 @@ pub trait SnapshotBlocks: Send + Sync {
     fn read_block(&self, block: u64, buf: &mut [u8]) -> io::Result<()>;
     /// The blocks holding anything but zeros, below `limit`, in order.
     fn data_blocks(&self, limit: u64) -> io::Result<Vec<u64>>;
+    /// The blocks about to be read, in order: a source that can fetch ahead (from a
+    /// bucket) brings in as many of them as its memory allows. Only a hint: errors
+    /// are left for the reads themselves.
+    fn prefetch(&self, _blocks: &[u64]) {}
 }
 
 pub struct Source<S: Storage> {
@@ -46,6 +50,10 @@ pub struct Source<S: Storage> {
     locks: Vec<Mutex<()>>,
     /// Every block below the limit is present: the snapshot is no longer read.
     hydrated: AtomicBool,
+    /// Every data block below this one was found present by background hydration,
+    /// which looks on from here. Present blocks stay present (bits are only ever
+    /// set, the limit only ever falls), so this never skips one that is not.
+    hydrated_below: AtomicU64,
 }
 
 impl<S: Storage> Source<S> {
@@ -60,6 +68,7 @@ impl<S: Storage> Source<S> {
             block_size,
             locks: (0..SHARDS).map(|_| Mutex::new(())).collect(),
             hydrated: AtomicBool::new(false),
+            hydrated_below: AtomicU64::new(0),
         }
     }
 
@@ -69,6 +78,16 @@ impl<S: Storage> Source<S> {
 
     pub fn set_hydrated(&self) {
         self.hydrated.store(true, Ordering::Release);
+    }
+
+    /// Where background hydration looks on from (see `hydrated_below`).
+    pub fn hydrated_below(&self) -> u64 {
+        self.hydrated_below.load(Ordering::Acquire)
+    }
+
+    /// Notes that every data block below `block` is present.
+    pub fn note_hydrated_below(&self, block: u64) {
+        self.hydrated_below.fetch_max(block, Ordering::AcqRel);
     }
 
     /// Blocks at or past this index never come from the snapshot.
