@@ -5,7 +5,8 @@
 //! into a chunk cache bounded by `store.cache_size`. Hydration fetches further ahead
 //! ([`SnapshotBlocks::prefetch`]): the chunks of the next blocks to copy, up to a
 //! quarter of that cache, as multi-MiB ranges of their packs, several requests at
-//! once (`store.download_concurrency`). A missing or damaged object gives an error
+//! once (`store.download_concurrency`), the next quarter in the background while the
+//! blocks before it are copied. A missing or damaged object gives an error
 //! (`EIO` to the reader), logged once per object.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -55,6 +56,26 @@ pub fn coalesce(mut chunks: Vec<RemoteChunk>, max: u64, gap: u64) -> Vec<Vec<Rem
         ranges.push(vec![chunk]);
     }
     ranges
+}
+
+/// Fetches `chunks` into the store's chunk cache, in ranges grouped by [`coalesce`],
+/// `download_concurrency` requests at once, each chunk verified; failures are dropped
+/// (the reads of those blocks meet them again and report them).
+fn fetch(store: &RemoteStore, chunks: &[RemoteChunk]) {
+    let ranges = coalesce(chunks.to_vec(), PREFETCH_RANGE_BYTES, PREFETCH_GAP_BYTES);
+    let jobs: Vec<Job<'_, RemoteResult<()>>> = ranges
+        .iter()
+        .map(|range| {
+            Box::new(move |_: &Bucket| {
+                Ok(store.read_chunks(range, |i, plain| {
+                    lock(&store.chunks).insert(range[i].hash, Arc::new(plain.to_vec()));
+                }))
+            }) as Job<'_, RemoteResult<()>>
+        })
+        .collect();
+    store
+        .bucket
+        .parallel(store.settings.download_concurrency, jobs);
 }
 
 /// Decoded chunks, least recently used first out, bounded by bytes.
@@ -121,6 +142,8 @@ pub struct RemoteBlocks {
     block_size: u64,
     /// Objects already reported unreadable (each is logged once).
     reported: Mutex<HashSet<String>>,
+    /// A prefetch running in the background.
+    ahead: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl RemoteBlocks {
@@ -140,6 +163,7 @@ impl RemoteBlocks {
             root_name: root_name.to_string(),
             root,
             reported: Mutex::new(HashSet::new()),
+            ahead: Mutex::new(None),
         }
     }
 
@@ -193,6 +217,35 @@ impl RemoteBlocks {
         }
         Ok(run)
     }
+
+    /// The chunks of `blocks` (from the first on) not in the cache, up to `budget`
+    /// plain bytes; `None` when the cached ones before the first missing already
+    /// reach `budget` (enough is fetched ahead).
+    fn wanted(&self, blocks: &[u64], budget: u64) -> Option<Vec<RemoteChunk>> {
+        let mut wanted = Vec::new();
+        let (mut ahead, mut bytes) = (0u64, 0u64);
+        for &block in blocks {
+            let Ok(Some(chunk)) = self.chunk_of(block) else {
+                continue;
+            };
+            let len = u64::from(chunk.plain_len);
+            if lock(&self.store.chunks).contains(&chunk.hash) {
+                if wanted.is_empty() {
+                    ahead += len;
+                    if ahead >= budget {
+                        return None;
+                    }
+                }
+                continue;
+            }
+            if bytes + len > budget && !wanted.is_empty() {
+                break;
+            }
+            bytes += len;
+            wanted.push(chunk);
+        }
+        Some(wanted)
+    }
 }
 
 impl SnapshotBlocks for RemoteBlocks {
@@ -225,55 +278,43 @@ impl SnapshotBlocks for RemoteBlocks {
         Ok(())
     }
 
-    /// When the first block's chunk is not in the cache, fetches the chunks of the
-    /// blocks from it on that are not there either, up to a quarter of the cache
-    /// (plain bytes), grouped by [`coalesce`], several requests at once. Failures are
-    /// left for the reads that follow to meet and report.
+    /// Fetches the chunks of the next blocks to read, up to a quarter of the cache
+    /// (plain bytes), grouped by [`coalesce`], several requests at once: on this
+    /// thread when the first block's chunk is not in the cache (once a fetch in the
+    /// background has ended), else in the background, unless one runs or the cached
+    /// chunks ahead already fill that quarter. At most half the cache is ahead.
+    /// Failures are left for the reads that follow to meet and report.
     fn prefetch(&self, blocks: &[u64]) {
         let Some(&head) = blocks.first() else {
             return;
         };
-        let head_missing = match self.chunk_of(head) {
-            Ok(Some(chunk)) => !lock(&self.store.chunks).contains(&chunk.hash),
-            _ => false,
+        let Ok(Some(head)) = self.chunk_of(head) else {
+            return;
         };
-        if !head_missing {
+        let cached = |chunk: &RemoteChunk| lock(&self.store.chunks).contains(&chunk.hash);
+        let budget = lock(&self.store.chunks).limit() / 4;
+        if !cached(&head) {
+            if let Some(running) = lock(&self.ahead).take() {
+                let _ = running.join();
+            }
+            if !cached(&head) {
+                let wanted = self.wanted(blocks, budget).unwrap_or_default();
+                fetch(&self.store, &wanted);
+            }
             return;
         }
-        let budget = lock(&self.store.chunks).limit() / 4;
-        let mut wanted = Vec::new();
-        let mut bytes = 0u64;
-        for &block in blocks {
-            let Ok(chunk) = self.chunk_of(block) else {
-                break;
-            };
-            let Some(chunk) = chunk else {
-                continue;
-            };
-            if lock(&self.store.chunks).contains(&chunk.hash) {
-                continue;
-            }
-            if bytes + u64::from(chunk.plain_len) > budget && !wanted.is_empty() {
-                break;
-            }
-            bytes += u64::from(chunk.plain_len);
-            wanted.push(chunk);
+        let mut ahead = lock(&self.ahead);
+        if ahead.as_ref().is_some_and(|running| !running.is_finished()) {
+            return;
         }
-        let ranges = coalesce(wanted, PREFETCH_RANGE_BYTES, PREFETCH_GAP_BYTES);
-        let store = &self.store;
-        let jobs: Vec<Job<'_, RemoteResult<()>>> = ranges
-            .iter()
-            .map(|range| {
-                Box::new(move |_: &Bucket| {
-                    Ok(store.read_chunks(range, |i, plain| {
-                        lock(&store.chunks).insert(range[i].hash, Arc::new(plain.to_vec()));
-                    }))
-                }) as Job<'_, RemoteResult<()>>
-            })
-            .collect();
-        store
-            .bucket
-            .parallel(store.settings.download_concurrency, jobs);
+        let Some(wanted) = self.wanted(blocks, budget).filter(|w| !w.is_empty()) else {
+            return;
+        };
+        let store = self.store.clone();
+        *ahead = std::thread::Builder::new()
+            .name("prefetch".into())
+            .spawn(move || fetch(&store, &wanted))
+            .ok();
     }
 
     fn data_blocks(&self, limit: u64) -> io::Result<Vec<u64>> {
@@ -424,6 +465,14 @@ mod tests {
         (RemoteBlocks::with_root(s, "root", Arc::new(root)), plain)
     }
 
+    impl RemoteBlocks {
+        fn wait_ahead(&self) {
+            if let Some(running) = lock(&self.ahead).take() {
+                running.join().unwrap();
+            }
+        }
+    }
+
     #[test]
     fn prefetch_fills_the_cache_in_parallel_within_its_bound() {
         let memory = Arc::new(object_store::memory::InMemory::new());
@@ -441,9 +490,15 @@ mod tests {
             "the first quarter of the cache is fetched"
         );
         assert!(!(16..40).any(cached), "nothing past it");
-        // A head already cached fetches nothing more.
+        // With the head cached, the next quarter comes in the background.
         blocks.prefetch(&all[1..]);
-        assert!(!cached(16));
+        blocks.wait_ahead();
+        assert!((16..32).all(cached));
+        assert!(!cached(32));
+        // Half the cache ahead: nothing more.
+        blocks.prefetch(&all[1..]);
+        blocks.wait_ahead();
+        assert!(!cached(32));
         // Every block reads back right, through the cache or not.
         let mut buf = vec![0; 65536];
         for b in [0usize, 5, 15, 16, 39] {
@@ -451,7 +506,8 @@ mod tests {
             assert_eq!(buf, plain[b], "block {b}");
         }
         blocks.prefetch(&all[20..]);
-        assert!((20..36).all(cached));
+        blocks.wait_ahead();
+        assert!((20..40).all(cached));
     }
 
     #[test]
