@@ -1076,7 +1076,7 @@ def cmd_report(a):
     for c in (r for r in recs if r["type"] == "check" and r.get("group") == "bucket"):
         badd(c["what"], "ok" if c.get("ok") else f"**FAILED** {c.get('detail', '')}", "must hold", bool(c.get("ok")))
     if brows:
-        md.append("## Snapshots in a bucket (s3s-fs on loopback)")
+        md.append(f"## Snapshots in a bucket ({meta.get('s3_server', 's3s-fs')} on loopback)")
         md.append("")
         md.append("| figure | value | target | |")
         md.append("|---|---|---|---|")

@@ -3,7 +3,8 @@
 # plus snapshot figures and volumes made from snapshots, in one run. See bench/README.md.
 #
 #   sudo bench/run.sh [--quick | --smoke] [--dir DIR] [--config FILE] [--no-build]
-#                     [--only stacks|snapshots|clones|bucket] [--qcow2-loop-dio on|off] [--rounds N]
+#                     [--only stacks|snapshots|clones|bucket] [--s3-server s3s-fs|garage]
+#                     [--qcow2-loop-dio on|off] [--rounds N]
 #
 # Writes bench/results/<date>-<mode>.md and .json and prints the table. Exit status:
 # 0 = ran (targets may be missed), 1 = verification failure / ebsfs failure / plain
@@ -25,6 +26,7 @@ BUILD=1
 ONLY=all
 QCOW2_LOOP_DIO=off
 ROUNDS=""
+S3_SERVER=s3s-fs
 
 usage() {
   sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
@@ -41,6 +43,9 @@ Options:
                          S3-compatible bucket served by s3s-fs on loopback; never part of a
                          full run; S3S_FS_BIN names the server, else s3s-fs on PATH, else
                          it is installed with cargo under bench/.tools)
+  --s3-server s3s-fs|garage  the server of --only bucket (default s3s-fs); garage: a
+                         single Garage node (replication factor 1) on loopback, from
+                         GARAGE_BIN, else garage on PATH, else ../shared/tools/garage
   --qcow2-loop-dio on|off  loop mode on the qemu FUSE export (default off: dio on corrupts ext4)
   --rounds N             run every stack N times, interleaved, and report medians
                          and the clone read jobs N times (default 3 in full mode, 1 otherwise)
@@ -58,12 +63,14 @@ while [[ $# -gt 0 ]]; do
     --only) ONLY=${2:?--only needs stacks, snapshots, clones or bucket}; shift ;;
     --qcow2-loop-dio) QCOW2_LOOP_DIO=${2:?}; shift ;;
     --rounds) ROUNDS=${2:?--rounds needs a number}; shift ;;
+    --s3-server) S3_SERVER=${2:?--s3-server needs s3s-fs or garage}; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 case $ONLY in all|stacks|snapshots|clones|bucket) ;; *) echo "run.sh: --only takes stacks, snapshots, clones or bucket" >&2; exit 2 ;; esac
+case $S3_SERVER in s3s-fs|garage) ;; *) echo "run.sh: --s3-server takes s3s-fs or garage" >&2; exit 2 ;; esac
 case $QCOW2_LOOP_DIO in on|off) ;; *) echo "run.sh: --qcow2-loop-dio takes on or off" >&2; exit 2 ;; esac
 [[ -z $ROUNDS || $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: --rounds takes a positive number" >&2; exit 2; }
 
@@ -273,7 +280,13 @@ BIN="$TARGET_DIR/release/ebsfs"
 
 S3S=""
 S3S_SECRET=""
-if [[ $ONLY == bucket ]]; then
+GARAGE=""
+if [[ $ONLY == bucket && $S3_SERVER == garage ]]; then
+  GARAGE=${GARAGE_BIN:-$(command -v garage || true)}
+  [[ -n $GARAGE ]] || GARAGE="$REPO/../shared/tools/garage"
+  [[ -x $GARAGE ]] || { echo "run.sh: no garage binary: set GARAGE_BIN or put garage on PATH" >&2; exit 2; }
+  S3S_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+elif [[ $ONLY == bucket ]]; then
   S3S=${S3S_FS_BIN:-$(command -v s3s-fs || true)}
   if [[ -z $S3S ]]; then
     S3S="$BENCH_DIR/.tools/bin/s3s-fs"
@@ -823,13 +836,15 @@ run_clones() {
 }
 
 # ------------------------------------------------------------------------ bucket
-# Snapshots in an S3-compatible bucket: s3s-fs on loopback, two ebsfs hosts (A captures
-# and uploads, B copies A's snapshot and hydrates the copy from the bucket). Requests
-# are counted in the server's own log (one `req:` line per HTTP request it receives).
+# Snapshots in an S3-compatible bucket: s3s-fs or a single Garage node on loopback, two
+# ebsfs hosts (A captures and uploads, B copies A's snapshot and hydrates the copy from
+# the bucket). Requests are counted in the server's own log (one line per HTTP request
+# it receives).
 S3S_PID=""
 S3S_PORT=""
 S3S_LOG=""
 BUCKET=ebsfs-bench
+S3_REGION=us-east-1
 EBSFS_B_PID=""
 EBSFS_B_MNT=""
 
@@ -841,15 +856,72 @@ bucket_config() {  # bucket_config OUT HOST_ID HYDRATE: CONFIG with host_id, hyd
 [store]
 url = "s3://$BUCKET/bench"
 endpoint = "http://127.0.0.1:$S3S_PORT"
-region = "us-east-1"
+region = "$S3_REGION"
 path_style = true
 poll_seconds = 1
 EOF
 }
 
+free_port() {
+  "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+prepare_garage() {  # a single Garage node, replication factor 1; key and bucket made
+  local d="$WORK/garage" id="" i rpc admin key_id=GK0123456789abcdef01234567
+  S3S_PORT=$(free_port); rpc=$(free_port); admin=$(free_port)
+  S3S_LOG="$d/log"
+  S3_REGION=garage
+  mkdir -p "$d/meta" "$d/data"
+  cat >"$d/garage.toml" <<EOF
+metadata_dir = "$d/meta"
+data_dir = "$d/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$rpc"
+rpc_public_addr = "127.0.0.1:$rpc"
+rpc_secret = "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$S3S_PORT"
+root_domain = ".s3.garage.localhost"
+
+[admin]
+api_bind_addr = "127.0.0.1:$admin"
+EOF
+  chmod 600 "$d/garage.toml"
+  log "starting garage ($GARAGE) on 127.0.0.1:$S3S_PORT, data $d"
+  # Info level logs one line per request: `<client address> <METHOD> <path>`.
+  NO_COLOR=1 RUST_LOG=garage_api_common=info,warn setsid "$GARAGE" -c "$d/garage.toml" server \
+    </dev/null >"$S3S_LOG" 2>&1 &
+  S3S_PID=$!
+  BG_PIDS+=("$S3S_PID")
+  for ((i = 0; i < 100; i++)); do
+    id=$("$GARAGE" -c "$d/garage.toml" node id -q 2>/dev/null) && break
+    proc_alive "$S3S_PID" || { tail -n 5 "$S3S_LOG" >&2; die "garage exited"; }
+    sleep 0.2
+  done
+  [[ -n $id ]] || die "garage does not answer"
+  gcli() { "$GARAGE" -c "$d/garage.toml" "$@" >/dev/null; }
+  gcli layout assign -z dc1 -c 100G "${id:0:16}" && gcli layout apply --version 1 \
+    && gcli key import --yes -n ebsfs-bench "$key_id" "$S3S_SECRET" \
+    && gcli bucket create "$BUCKET" \
+    && gcli bucket allow --read --write --owner "$BUCKET" --key ebsfs-bench \
+    || die "cannot set garage up (see $S3S_LOG)"
+  export AWS_ACCESS_KEY_ID=$key_id AWS_SECRET_ACCESS_KEY=$S3S_SECRET
+}
+
 prepare_bucket() {
   grep -Eq '^[[:space:]]*\[store\]' "$CONFIG" && die "--only bucket writes its own [store] table: use a config without one"
-  S3S_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  if [[ $S3_SERVER == garage ]]; then
+    prepare_garage
+    bucket_config "$WORK/ebsfs.toml" bench-a true
+    record meta store_cache_size=$((256 * MiB)) s3_server=garage \
+      s3s_fs="$("$GARAGE" --version 2>/dev/null | head -n 1), a single node" \
+      bucket_sizes="a $((CAP / MiB)) MiB volume of random data captured by host A into the bucket, then copied by host B and hydrated from it"
+    return
+  fi
+  S3S_PORT=$(free_port)
   S3S_LOG="$WORK/s3s-fs.log"
   mkdir -p "$WORK/s3/$BUCKET"
   log "starting s3s-fs ($S3S) on 127.0.0.1:$S3S_PORT, root $WORK/s3"
@@ -865,12 +937,28 @@ prepare_bucket() {
   done
   export AWS_ACCESS_KEY_ID=ebsfs-bench AWS_SECRET_ACCESS_KEY=$S3S_SECRET
   bucket_config "$WORK/ebsfs.toml" bench-a true
-  record meta store_cache_size=$((256 * MiB)) s3s_fs="$("$S3S" --version 2>/dev/null | head -n 1)" \
+  record meta store_cache_size=$((256 * MiB)) s3_server=s3s-fs s3s_fs="$("$S3S" --version 2>/dev/null | head -n 1)" \
     bucket_sizes="a $((CAP / MiB)) MiB volume of random data captured by host A into the bucket, then copied by host B and hydrated from it"
 }
 
 s3s_requests() {  # s3s_requests METHOD: requests with that method the server has received
-  grep -c "req: Request { method: $1," "$S3S_LOG" || true
+  if [[ $S3_SERVER == garage ]]; then
+    # `<address> <METHOD> <path>`; an error line repeats its request after "in response to".
+    grep -E " $1 /" "$S3S_LOG" | grep -vc "in response to" || true
+  else
+    grep -c "req: Request { method: $1," "$S3S_LOG" || true
+  fi
+}
+
+bucket_usage() {  # bucket_usage: `bucket_bytes=… bucket_objects=…` of the bucket now
+  if [[ $S3_SERVER == garage ]]; then
+    echo "bucket_bytes=$(du -s -B1 "$WORK/garage/data" | cut -f1)" \
+      "bucket_objects=$("$GARAGE" -c "$WORK/garage/garage.toml" bucket info "$BUCKET" 2>/dev/null \
+        | awk '/^Objects:/ {print $2; exit}')"
+  else
+    echo "bucket_bytes=$(du -s -B1 "$WORK/s3/$BUCKET" | cut -f1)" \
+      "bucket_objects=$(find "$WORK/s3/$BUCKET" -type f | wc -l)"
+  fi
 }
 
 stop_ebsfs_b() {
@@ -918,9 +1006,9 @@ run_bucket() {
   log "bucket: capture of $((CAP / MiB)) MiB changed into the bucket, cold cache"
   snap_mkdir_wait up@s3 bucket-capture
   put1=$(s3s_requests PUT); post1=$(s3s_requests POST)
+  # shellcheck disable=SC2046 # bucket_usage prints two words
   record requests what=capture put=$((put1 - put0)) post=$((post1 - post0)) get=$(( $(s3s_requests GET) - get0 )) \
-    bucket_bytes="$(du -s -B1 "$WORK/s3/$BUCKET" | cut -f1)" \
-    bucket_objects="$(find "$WORK/s3/$BUCKET" -type f | wc -l)"
+    $(bucket_usage)
   "$PY" "$HELPER" daemon-stats --pid "$EBSFS_PID" --label "host A after the capture into the bucket" \
     | sed 's/"type": "daemon"/"type": "bucket_daemon"/' >>"$RECORDS"
 

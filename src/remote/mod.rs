@@ -361,8 +361,9 @@ impl RemoteStore {
         }
     }
 
-    /// Reads, opens, decompresses and verifies chunks that lie back to back in one
-    /// pack object, with a single ranged GET; hands each one's plain bytes to `sink`.
+    /// Reads, opens, decompresses and verifies chunks of one pack object, in
+    /// ascending order of offset (back to back, or with gaps read through), with a
+    /// single ranged GET; hands each one's plain bytes to `sink`.
     pub fn read_chunks(
         &self,
         chunks: &[RemoteChunk],

@@ -2,8 +2,12 @@
 //! the root's pages, fetches it with a ranged GET and verifies it. Sequential
 //! readers (a hydrating volume, `cp`, `dd`) get read-ahead: chunks of the following
 //! blocks that lie back to back in the same pack object come in the same request,
-//! into a chunk cache bounded by `store.cache_size`. A missing or damaged object
-//! gives an error (`EIO` to the reader), logged once per object.
+//! into a chunk cache bounded by `store.cache_size`. Hydration fetches further ahead
+//! ([`SnapshotBlocks::prefetch`]): the chunks of the next blocks to copy, up to a
+//! quarter of that cache, as multi-MiB ranges of their packs, several requests at
+//! once (`store.download_concurrency`), the next quarter in the background while the
+//! blocks before it are copied. A missing or damaged object gives an error
+//! (`EIO` to the reader), logged once per object.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
@@ -12,13 +16,68 @@ use std::sync::{Arc, Mutex};
 
 use log::error;
 
+use super::client::{Bucket, Job};
 use super::format::{PAGE_BLOCKS, Page, RemoteChunk, Root};
-use super::{RemoteError, RemoteStore, lock};
+use super::{RemoteError, RemoteResult, RemoteStore, lock};
 use crate::store::codec::ChunkHash;
 use crate::volume::source::SnapshotBlocks;
 
 /// Most bytes (stored) one read-ahead request fetches.
 const READ_AHEAD_BYTES: u64 = 4 << 20;
+
+/// Most bytes (stored) one request of a prefetch spans.
+const PREFETCH_RANGE_BYTES: u64 = 8 << 20;
+
+/// Largest gap between two chunks of a pack that one prefetch request reads through
+/// (bytes fetched and dropped) rather than making two requests.
+const PREFETCH_GAP_BYTES: u64 = 256 << 10;
+
+/// Groups chunks into ranges of their packs, one GET each: every range lies in one
+/// pack, its chunks in ascending order of offset, at most `gap` bytes between two of
+/// them, spanning at most `max` bytes (a larger chunk alone). A chunk listed twice
+/// (blocks with the same contents) is fetched once.
+pub fn coalesce(mut chunks: Vec<RemoteChunk>, max: u64, gap: u64) -> Vec<Vec<RemoteChunk>> {
+    chunks.sort_by(|a, b| (&a.pack, a.offset).cmp(&(&b.pack, b.offset)));
+    chunks.dedup_by(|b, a| a.pack == b.pack && a.offset == b.offset);
+    let mut ranges: Vec<Vec<RemoteChunk>> = Vec::new();
+    for chunk in chunks {
+        if let Some(range) = ranges.last_mut() {
+            let (first, last) = (&range[0], &range[range.len() - 1]);
+            let last_end = last.offset + u64::from(last.stored_len);
+            let end = chunk.offset + u64::from(chunk.stored_len);
+            if chunk.pack == first.pack
+                && chunk.offset >= last_end
+                && chunk.offset - last_end <= gap
+                && end - first.offset <= max
+            {
+                range.push(chunk);
+                continue;
+            }
+        }
+        ranges.push(vec![chunk]);
+    }
+    ranges
+}
+
+/// Fetches `chunks` into the store's chunk cache, in ranges grouped by [`coalesce`],
+/// `download_concurrency` requests at once, each chunk verified; failures are dropped
+/// (the reads of those blocks meet them again and report them).
+fn fetch(store: &RemoteStore, chunks: &[RemoteChunk]) {
+    let ranges = coalesce(chunks.to_vec(), PREFETCH_RANGE_BYTES, PREFETCH_GAP_BYTES);
+    let jobs: Vec<Job<'_, RemoteResult<()>>> = ranges
+        .iter()
+        .map(|range| {
+            Box::new(move |_: &Bucket| {
+                Ok(store.read_chunks(range, |i, plain| {
+                    lock(&store.chunks).insert(range[i].hash, Arc::new(plain.to_vec()));
+                }))
+            }) as Job<'_, RemoteResult<()>>
+        })
+        .collect();
+    store
+        .bucket
+        .parallel(store.settings.download_concurrency, jobs);
+}
 
 /// Decoded chunks, least recently used first out, bounded by bytes.
 pub struct ChunkCache {
@@ -38,6 +97,14 @@ impl ChunkCache {
             bytes: 0,
             limit,
         }
+    }
+
+    pub fn contains(&self, hash: &ChunkHash) -> bool {
+        self.entries.contains_key(hash)
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
     }
 
     pub fn get(&mut self, hash: &ChunkHash) -> Option<Arc<Vec<u8>>> {
@@ -76,6 +143,8 @@ pub struct RemoteBlocks {
     block_size: u64,
     /// Objects already reported unreadable (each is logged once).
     reported: Mutex<HashSet<String>>,
+    /// A prefetch running in the background.
+    ahead: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl RemoteBlocks {
@@ -95,6 +164,7 @@ impl RemoteBlocks {
             root_name: root_name.to_string(),
             root,
             reported: Mutex::new(HashSet::new()),
+            ahead: Mutex::new(None),
         }
     }
 
@@ -148,6 +218,35 @@ impl RemoteBlocks {
         }
         Ok(run)
     }
+
+    /// The chunks of `blocks` (from the first on) not in the cache, up to `budget`
+    /// plain bytes; `None` when the cached ones before the first missing already
+    /// reach `budget` (enough is fetched ahead).
+    fn wanted(&self, blocks: &[u64], budget: u64) -> Option<Vec<RemoteChunk>> {
+        let mut wanted = Vec::new();
+        let (mut ahead, mut bytes) = (0u64, 0u64);
+        for &block in blocks {
+            let Ok(Some(chunk)) = self.chunk_of(block) else {
+                continue;
+            };
+            let len = u64::from(chunk.plain_len);
+            if lock(&self.store.chunks).contains(&chunk.hash) {
+                if wanted.is_empty() {
+                    ahead += len;
+                    if ahead >= budget {
+                        return None;
+                    }
+                }
+                continue;
+            }
+            if bytes + len > budget && !wanted.is_empty() {
+                break;
+            }
+            bytes += len;
+            wanted.push(chunk);
+        }
+        Some(wanted)
+    }
 }
 
 impl SnapshotBlocks for RemoteBlocks {
@@ -178,6 +277,45 @@ impl SnapshotBlocks for RemoteBlocks {
             .map_err(|e| self.fail(&run[0].pack, e))?;
         copy(buf, first.as_deref().map_or(&[][..], |p| &p[..]));
         Ok(())
+    }
+
+    /// Fetches the chunks of the next blocks to read, up to a quarter of the cache
+    /// (plain bytes), grouped by [`coalesce`], several requests at once: on this
+    /// thread when the first block's chunk is not in the cache (once a fetch in the
+    /// background has ended), else in the background, unless one runs or the cached
+    /// chunks ahead already fill that quarter. At most half the cache is ahead.
+    /// Failures are left for the reads that follow to meet and report.
+    fn prefetch(&self, blocks: &[u64]) {
+        let Some(&head) = blocks.first() else {
+            return;
+        };
+        let Ok(Some(head)) = self.chunk_of(head) else {
+            return;
+        };
+        let cached = |chunk: &RemoteChunk| lock(&self.store.chunks).contains(&chunk.hash);
+        let budget = lock(&self.store.chunks).limit() / 4;
+        if !cached(&head) {
+            if let Some(running) = lock(&self.ahead).take() {
+                let _ = running.join();
+            }
+            if !cached(&head) {
+                let wanted = self.wanted(blocks, budget).unwrap_or_default();
+                fetch(&self.store, &wanted);
+            }
+            return;
+        }
+        let mut ahead = lock(&self.ahead);
+        if ahead.as_ref().is_some_and(|running| !running.is_finished()) {
+            return;
+        }
+        let Some(wanted) = self.wanted(blocks, budget).filter(|w| !w.is_empty()) else {
+            return;
+        };
+        let store = self.store.clone();
+        *ahead = std::thread::Builder::new()
+            .name("prefetch".into())
+            .spawn(move || fetch(&store, &wanted))
+            .ok();
     }
 
     fn data_blocks(&self, blocks: Range<u64>) -> io::Result<Vec<u64>> {
@@ -225,4 +363,170 @@ pub fn read_at(blocks: &RemoteBlocks, buf: &mut [u8], offset: u64) -> io::Result
         pos += take as u64;
     }
     Ok((end - offset) as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remote::format::Page;
+    use crate::remote::test_support::store;
+    use crate::store::codec::Codec;
+
+    fn chunk(pack: &str, offset: u64, len: u32) -> RemoteChunk {
+        RemoteChunk {
+            hash: ChunkHash::of(&[pack.as_bytes(), &offset.to_le_bytes()].concat()),
+            pack: pack.into(),
+            offset,
+            stored_len: len,
+            plain_len: len,
+            codec: Codec::Raw,
+        }
+    }
+
+    fn spans(ranges: &[Vec<RemoteChunk>]) -> Vec<(String, Vec<u64>)> {
+        ranges
+            .iter()
+            .map(|r| (r[0].pack.clone(), r.iter().map(|c| c.offset).collect()))
+            .collect()
+    }
+
+    #[test]
+    fn coalesce_groups_near_chunks_of_a_pack_up_to_a_size() {
+        let chunks = vec![
+            chunk("b", 0, 10),
+            chunk("a", 30, 10),
+            chunk("a", 0, 10),
+            chunk("a", 10, 10),
+            chunk("a", 10, 10), // the same chunk again: fetched once
+            chunk("a", 45, 10), // a gap of 5: read through
+            chunk("a", 70, 10), // a gap of 15: a new range
+            chunk("a", 80, 10),
+            chunk("a", 90, 30), // would span 50 > 40: a new range
+            chunk("c", 0, 100), // larger than the most: alone
+            chunk("b", 10, 10),
+        ];
+        let ranges = coalesce(chunks, 40, 10);
+        assert_eq!(
+            spans(&ranges),
+            vec![
+                ("a".into(), vec![0, 10, 30]),
+                ("a".into(), vec![45]),
+                ("a".into(), vec![70, 80]),
+                ("a".into(), vec![90]),
+                ("b".into(), vec![0, 10]),
+                ("c".into(), vec![0]),
+            ]
+        );
+        // "a" 0..40 spans 40 (the most), so 45 starts a new range.
+        assert!(coalesce(Vec::new(), 40, 10).is_empty());
+    }
+
+    /// A snapshot of `blocks` blocks of 64 KiB in the bucket, every block its own
+    /// contents, in packs of `per_pack` blocks; returns its blocks and contents.
+    fn snapshot(s: Arc<RemoteStore>, blocks: u64, per_pack: u64) -> (RemoteBlocks, Vec<Vec<u8>>) {
+        let plain: Vec<Vec<u8>> = (0..blocks)
+            .map(|b| {
+                (0..65536u32)
+                    .map(|i| (i as u64 * 31 + b * 7) as u8)
+                    .collect()
+            })
+            .collect();
+        let mut page = Page::default();
+        for (p, first) in (0..blocks).step_by(per_pack as usize).enumerate() {
+            let chunks: Vec<_> = (first..(first + per_pack).min(blocks))
+                .map(|b| {
+                    let data = &plain[b as usize];
+                    (
+                        ChunkHash::of(data),
+                        Codec::Raw,
+                        data.len() as u32,
+                        data.clone(),
+                    )
+                })
+                .collect();
+            let placed = s.put_pack(p as u64, &chunks).unwrap();
+            for (i, c) in placed.into_iter().enumerate() {
+                page.set((first + i as u64) as u16, Some(c));
+            }
+        }
+        let page = s.put_page(&page).unwrap();
+        let root = Root {
+            facts: crate::remote::format::RootFacts {
+                host: "a".into(),
+                snapshot: 1,
+                volume: "db".into(),
+                label: "s1".into(),
+                size_bytes: blocks * 65536,
+                block_size: 65536,
+                created: crate::namespace::Timestamp(1),
+                completed: crate::namespace::Timestamp(2),
+                parent: None,
+                changed_blocks: blocks,
+                stored_bytes: blocks * 65536,
+            },
+            pages: vec![(0, page)],
+        };
+        (RemoteBlocks::with_root(s, "root", Arc::new(root)), plain)
+    }
+
+    impl RemoteBlocks {
+        fn wait_ahead(&self) {
+            if let Some(running) = lock(&self.ahead).take() {
+                running.join().unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn prefetch_fills_the_cache_in_parallel_within_its_bound() {
+        let memory = Arc::new(object_store::memory::InMemory::new());
+        let mut settings = crate::remote::test_support::settings();
+        settings.cache_size_bytes = 4 << 20; // a quarter: 16 blocks per prefetch
+        settings.download_concurrency = 3;
+        let bucket = Bucket::with_store(memory.clone(), "p", "memory://test/p".into()).unwrap();
+        let s = Arc::new(RemoteStore::open(bucket, "a", None, settings).unwrap());
+        let (blocks, plain) = snapshot(s.clone(), 40, 6);
+        let all: Vec<u64> = (0..40).collect();
+        blocks.prefetch(&all);
+        let cached = |b: usize| lock(&s.chunks).contains(&ChunkHash::of(&plain[b]));
+        assert!(
+            (0..16).all(cached),
+            "the first quarter of the cache is fetched"
+        );
+        assert!(!(16..40).any(cached), "nothing past it");
+        // With the head cached, the next quarter comes in the background.
+        blocks.prefetch(&all[1..]);
+        blocks.wait_ahead();
+        assert!((16..32).all(cached));
+        assert!(!cached(32));
+        // Half the cache ahead: nothing more.
+        blocks.prefetch(&all[1..]);
+        blocks.wait_ahead();
+        assert!(!cached(32));
+        // Every block reads back right, through the cache or not.
+        let mut buf = vec![0; 65536];
+        for b in [0usize, 5, 15, 16, 39] {
+            blocks.read_block(b as u64, &mut buf).unwrap();
+            assert_eq!(buf, plain[b], "block {b}");
+        }
+        blocks.prefetch(&all[20..]);
+        blocks.wait_ahead();
+        assert!((20..40).all(cached));
+    }
+
+    #[test]
+    fn prefetch_of_a_missing_pack_leaves_the_error_to_the_read() {
+        let memory = Arc::new(object_store::memory::InMemory::new());
+        let s = Arc::new(store(&memory, "a", None).unwrap());
+        let (blocks, plain) = snapshot(s.clone(), 8, 4);
+        let pack = blocks.chunk_of(5).unwrap().unwrap().pack;
+        s.bucket.delete(&pack).unwrap();
+        let all: Vec<u64> = (0..8).collect();
+        blocks.prefetch(&all);
+        let mut buf = vec![0; 65536];
+        blocks.read_block(0, &mut buf).unwrap();
+        assert_eq!(buf, plain[0]);
+        let err = blocks.read_block(5, &mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
 }

@@ -76,6 +76,11 @@ pub trait SnapshotBlocks: Send + Sync {
     /// [`LIST_WINDOW`] blocks, each about once, so the cost of a call should follow
     /// the size of its window (or the entries in it), not the snapshot's.
     fn data_blocks(&self, blocks: Range<u64>) -> io::Result<Vec<u64>>;
+
+    /// The blocks about to be read, in order: a source that can fetch ahead (from a
+    /// bucket) brings in as many of them as its memory allows. Only a hint: errors
+    /// are left for the reads themselves.
+    fn prefetch(&self, _blocks: &[u64]) {}
 }
 
 pub struct Source<S: Storage> {
@@ -245,6 +250,8 @@ impl<S: Storage> Source<S> {
                 if done >= budget || yield_now() {
                     return Ok(false);
                 }
+                // Fetches ahead when the snapshot is read from a bucket (else nothing).
+                self.blocks.prefetch(cursor.listed.make_contiguous());
                 self.hydrate(data, block)?;
                 cursor.listed.pop_front();
                 done += 1;
