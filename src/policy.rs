@@ -22,6 +22,7 @@
 use std::fmt;
 
 use crate::names::MAX_NAME_LEN;
+use crate::namespace::records::days_from_civil;
 use crate::namespace::{Timestamp, Xattrs};
 
 const NANOS: i64 = 1_000_000_000;
@@ -449,17 +450,6 @@ pub fn lock_expiry(value: &[u8]) -> Timestamp {
         .ok()
         .and_then(Timestamp::parse_rfc3339)
         .unwrap_or(Timestamp(i64::MAX))
-}
-
-/// (year, month, day) → days since 1970-01-01 (H. Hinnant's method).
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let m = i64::from(month);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 #[cfg(test)]

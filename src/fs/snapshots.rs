@@ -257,6 +257,18 @@ impl<S: Storage> FsCore<S> {
             }
         }
         let name = SnapshotName::from_file_name(name)?;
+        let volume = self.volume_to_snapshot(&name, caller)?;
+        let record = self.engine.create(&name, &volume, snapshot_owner(caller))?;
+        self.snapshot_dir_attr(record.id)
+    }
+
+    /// The live volume snapshot `name` is of, if `caller` may read it (what `mkdir`
+    /// of a snapshot needs).
+    fn volume_to_snapshot(
+        &self,
+        name: &SnapshotName,
+        caller: &Caller,
+    ) -> FsResult<std::sync::Arc<crate::volume::Volume<S>>> {
         let view = self.ns.view();
         let volume_id = view
             .volume_id(name.volume().as_str())
@@ -269,14 +281,7 @@ impl<S: Storage> FsCore<S> {
                 name.volume()
             )));
         }
-        let volume = self.live_volume(volume_id)?;
-        let owner = Owner {
-            uid: caller.uid,
-            gid: caller.gid,
-            mode: SNAPSHOT_DIR_MODE,
-        };
-        let record = self.engine.create(&name, &volume, owner)?;
-        self.snapshot_dir_attr(record.id)
+        self.live_volume(volume_id)
     }
 
     /// `setfattr -n user.ebsfs.snapshot -v VOL[,VOL…]@LABEL snapshots`: snapshots of
@@ -294,26 +299,10 @@ impl<S: Storage> FsCore<S> {
         let mut members = Vec::new();
         for volume in volumes.split(',') {
             let name = SnapshotName::parse(&format!("{volume}@{label}"))?;
-            let view = self.ns.view();
-            let volume_id = view
-                .volume_id(name.volume().as_str())
-                .ok_or_else(|| FsError::NotFound(format!("volume {}", name.volume())))?;
-            if let Some(record) = view.volumes.get(&volume_id)
-                && !volume_permits(record, caller, Access::Read)?
-            {
-                return Err(FsError::AccessDenied(format!(
-                    "snapshot {name}: no read permission on volume {}",
-                    name.volume()
-                )));
-            }
-            members.push((name, self.live_volume(volume_id)?));
+            let volume = self.volume_to_snapshot(&name, caller)?;
+            members.push((name, volume));
         }
-        let owner = Owner {
-            uid: caller.uid,
-            gid: caller.gid,
-            mode: SNAPSHOT_DIR_MODE,
-        };
-        let records = self.engine.create_set(&members, owner)?;
+        let records = self.engine.create_set(&members, snapshot_owner(caller))?;
         Ok(records.iter().map(|r| r.id).collect())
     }
 
@@ -510,6 +499,15 @@ impl<S: Storage> FsCore<S> {
             }
             Ok(())
         })
+    }
+}
+
+/// Who owns a snapshot `caller` takes: the caller, with the private mode.
+fn snapshot_owner(caller: &Caller) -> Owner {
+    Owner {
+        uid: caller.uid,
+        gid: caller.gid,
+        mode: SNAPSHOT_DIR_MODE,
     }
 }
 
