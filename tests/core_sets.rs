@@ -91,6 +91,10 @@ fn a_set_never_holds_a_write_without_the_writes_that_preceded_it() {
         XattrFlags::default(),
         &root(),
     );
-    assert!(twice.is_err(), "a set naming one volume twice was taken");
+    assert_eq!(
+        twice.map_err(|e| e.errno()),
+        Err(libc::EINVAL),
+        "a set naming one volume twice"
+    );
     assert_eq!(core.status("a@twice"), None);
 }

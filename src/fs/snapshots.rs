@@ -297,7 +297,17 @@ impl<S: Storage> FsCore<S> {
             ))
         })?;
         let mut members = Vec::new();
-        for volume in volumes.split(',') {
+        let names: Vec<&str> = volumes.split(',').collect();
+        if let Some(twice) = names
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| names[..i].contains(v).then_some(v))
+        {
+            return Err(FsError::Invalid(format!(
+                "snapshot set {spec:?}: volume {twice} appears twice"
+            )));
+        }
+        for volume in names {
             let name = SnapshotName::parse(&format!("{volume}@{label}"))?;
             let volume = self.volume_to_snapshot(&name, caller)?;
             members.push((name, volume));
