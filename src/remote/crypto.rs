@@ -17,6 +17,8 @@ use std::path::Path;
 use chacha20poly1305::aead::{Aead, KeyInit};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 
+use crate::namespace::records::decode_hex;
+
 /// Bytes added to every sealed object or chunk: nonce and tag.
 pub const OVERHEAD: usize = NONCE_BYTES + TAG_BYTES;
 const NONCE_BYTES: usize = 24;
@@ -56,16 +58,6 @@ fn random_bytes(buf: &mut [u8]) {
             panic!("getrandom failed: {}", std::io::Error::last_os_error());
         }
     }
-}
-
-fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 impl Crypto {

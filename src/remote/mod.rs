@@ -24,6 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 use log::info;
 
 use crate::config::StoreSettings;
+use crate::namespace::records::{decode_hex, encode_hex};
 use crate::store::codec::{self, ChunkHash, Codec};
 pub use client::{Bucket, BucketError, Listed};
 use crypto::Crypto;
@@ -213,7 +214,7 @@ impl RemoteStore {
                 key_check: self
                     .crypto
                     .as_ref()
-                    .map(|c| hex(&c.seal(format::KEY_CHECK_TEXT)))
+                    .map(|c| encode_hex(&c.seal(format::KEY_CHECK_TEXT)))
                     .unwrap_or_default(),
             };
             let text = toml::to_string(&format).unwrap_or_default();
@@ -480,20 +481,6 @@ impl PackBuilder<'_> {
             .map_err(self.store.err())?;
         Ok(self.placed)
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 #[cfg(test)]
