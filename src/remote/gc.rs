@@ -558,6 +558,11 @@ impl Deleter<'_> {
                 return outcome;
             }
         }
+        self.delete_tombstone(tombstone, outcome)
+    }
+
+    /// Deletes `tombstone`, its root being gone, and adds that to `outcome`.
+    fn delete_tombstone(&self, tombstone: &str, mut outcome: RootOutcome) -> RootOutcome {
         match self.delete(tombstone) {
             Some(true) => outcome.tombstone = true,
             Some(false) => {}
@@ -586,12 +591,7 @@ impl Deleter<'_> {
                 return outcome;
             }
         }
-        match self.delete(tombstone) {
-            Some(true) => outcome.tombstone = true,
-            Some(false) => {}
-            None => outcome.failed = true,
-        }
-        outcome
+        self.delete_tombstone(tombstone, outcome)
     }
 }
 
