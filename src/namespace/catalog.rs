@@ -158,6 +158,16 @@ impl Records {
         Some(self.chain(record.lineage, id))
     }
 
+    /// Where the next capture of volume `volume` compares its blocks: the chain of its
+    /// base snapshot (empty without one).
+    pub fn capture_base(&self, volume: VolumeId) -> Chain {
+        self.volumes
+            .get(&volume)
+            .and_then(|vol| vol.base_snapshot)
+            .and_then(|base| self.chain_of(base))
+            .unwrap_or_default()
+    }
+
     /// Whether lineage `lineage` still has a volume or any snapshot (hidden ones too).
     pub fn lineage_alive(&self, lineage: VolumeId) -> bool {
         self.volumes.contains_key(&lineage) || self.lineage(lineage).next().is_some()

@@ -162,15 +162,10 @@ impl<S: Storage> SnapshotEngine<S> {
             Ok(records) => records,
             Err(e) => {
                 // Nothing was promised yet: undo the freezes, keep every change tracked.
-                for ((_, volume), vol) in members.iter().zip(&vols) {
-                    if let Some((id, _)) = frozen.iter().find(|(_, f)| {
-                        volume
-                            .active_freeze()
-                            .is_some_and(|active| Arc::ptr_eq(&active, f))
-                    }) {
-                        volume.thaw(true)?;
-                        self.remove_capture_files(vol.id, *id);
-                    }
+                // (`frozen` is empty if freezing failed: that undid its own.)
+                for (((_, volume), vol), (id, _)) in members.iter().zip(&vols).zip(&frozen) {
+                    volume.thaw(true)?;
+                    self.remove_capture_files(vol.id, *id);
                 }
                 return Err(e);
             }
@@ -180,10 +175,7 @@ impl<S: Storage> SnapshotEngine<S> {
             let job = CaptureJob {
                 snapshot: id,
                 lineage: vol.id,
-                base: vol
-                    .base_snapshot
-                    .and_then(|base| view.chain_of(base))
-                    .unwrap_or_default(),
+                base: view.capture_base(vol.id),
                 volume: volume.clone(),
                 freeze,
                 progress: Arc::new(CaptureProgress::default()),

@@ -43,6 +43,7 @@ pub struct OpenImage<S: Storage> {
 }
 
 /// The volume and freeze a pending image reads uncaptured blocks through.
+#[derive(Clone)]
 pub struct Frozen<S: Storage> {
     pub volume: Arc<Volume<S>>,
     pub freeze: Arc<Freeze<S>>,
@@ -141,10 +142,7 @@ impl<S: Storage> SnapshotEngine<S> {
             let (_, frozen) = running
                 .get(&id)
                 .ok_or_else(|| SnapshotError::NotReady(record.name()))?;
-            Some(Frozen {
-                volume: frozen.volume.clone(),
-                freeze: frozen.freeze.clone(),
-            })
+            Some(frozen.clone())
         } else {
             None
         };

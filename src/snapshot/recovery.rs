@@ -217,13 +217,7 @@ impl<S: Storage> SnapshotEngine<S> {
         let committed = manifest::committed_blocks(&self.ns.read()?, record.id)?;
         let committed_before = committed.len() as u64;
         let freeze = volume.resume_freeze(record.id, start..end, record.size_bytes, committed)?;
-        let view = self.ns.view();
-        let base = view
-            .volumes
-            .get(&record.lineage)
-            .and_then(|vol| vol.base_snapshot)
-            .and_then(|base| view.chain_of(base))
-            .unwrap_or_default();
+        let base = self.ns.view().capture_base(record.lineage);
         info!(
             "snapshot {} resumes its capture: {committed_before} entries were committed \
              before the restart",
