@@ -22,15 +22,13 @@ fn progress(fs: &Ebsfs, id: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Snapshot `c` of pattern 1; the whole volume rewritten with pattern 2 and a capture
-/// of it started and interrupted past its first batch by `interrupt`; the volume
-/// written back to pattern 1; the next snapshot must be pattern 1 exactly (it skips
-/// blocks equal to `c`, so anything left of the interrupted capture would show).
-fn interrupted_capture_leaves_nothing_behind(interrupt: impl Fn(&mut Ebsfs)) {
-    let mut fs = Ebsfs::start_with("block_size = \"4KiB\"\ncapture_threads = 1\n");
+/// A mount with 4 KiB blocks: volume `b` of pattern 1 and its snapshot `b@c`, then
+/// the whole volume rewritten with pattern 2 and the capture of `b@e` past its first
+/// batch (or ended). Returns the mount and the size of `chunks/` after `b@c`.
+fn capture_past_its_first_batch() -> (Ebsfs, u64) {
+    let fs = Ebsfs::start_with("block_size = \"4KiB\"\ncapture_threads = 1\n");
     let img = fs.volume("b");
-    let p1 = pattern(SIZE, 1);
-    fs::write(&img, &p1).unwrap();
+    fs::write(&img, pattern(SIZE, 1)).unwrap();
     fs::create_dir(fs.snapshot("b@c")).unwrap();
     assert_eq!(fs.wait_snapshot("b@c"), "completed");
     let chunks_after_c = du_bytes(&fs.data.join("chunks"));
@@ -42,6 +40,15 @@ fn interrupted_capture_leaves_nothing_behind(interrupt: impl Fn(&mut Ebsfs)) {
         Duration::from_secs(120),
         || progress(&fs, "b@e") >= 60 || fs.status("b@e") != "pending",
     );
+    (fs, chunks_after_c)
+}
+
+/// Snapshot `c` of pattern 1; the whole volume rewritten with pattern 2 and a capture
+/// of it started and interrupted past its first batch by `interrupt`; the volume
+/// written back to pattern 1; the next snapshot must be pattern 1 exactly (it skips
+/// blocks equal to `c`, so anything left of the interrupted capture would show).
+fn interrupted_capture_leaves_nothing_behind(interrupt: impl Fn(&mut Ebsfs)) {
+    let (mut fs, chunks_after_c) = capture_past_its_first_batch();
     assert_eq!(
         fs.status("b@e"),
         "pending",
@@ -49,6 +56,8 @@ fn interrupted_capture_leaves_nothing_behind(interrupt: impl Fn(&mut Ebsfs)) {
     );
     interrupt(&mut fs);
 
+    let img = fs.volume("b");
+    let p1 = pattern(SIZE, 1);
     fs::write(&img, &p1).unwrap();
     fs::create_dir(fs.snapshot("b@s")).unwrap();
     assert_eq!(fs.wait_snapshot("b@s"), "completed");
@@ -70,20 +79,8 @@ fn crash_after_committed_batches_resumes_and_completes() {
     if !require_fuse() {
         return;
     }
-    let mut fs = Ebsfs::start_with("block_size = \"4KiB\"\ncapture_threads = 1\n");
+    let (mut fs, chunks_after_c) = capture_past_its_first_batch();
     let img = fs.volume("b");
-    fs::write(&img, pattern(SIZE, 1)).unwrap();
-    fs::create_dir(fs.snapshot("b@c")).unwrap();
-    assert_eq!(fs.wait_snapshot("b@c"), "completed");
-    let chunks_after_c = du_bytes(&fs.data.join("chunks"));
-
-    fs::write(&img, pattern(SIZE, 2)).unwrap();
-    fs::create_dir(fs.snapshot("b@e")).unwrap();
-    wait_until(
-        "the capture to pass its first batch",
-        Duration::from_secs(120),
-        || progress(&fs, "b@e") >= 60 || fs.status("b@e") != "pending",
-    );
     // Written after the freeze (at both ends, captured or not yet): not in b@e.
     let file = fs::OpenOptions::new().write(true).open(&img).unwrap();
     let later = pattern(1 << 20, 3);
