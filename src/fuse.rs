@@ -256,7 +256,7 @@ impl<S: Storage> Filesystem for EbsFuse<S> {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -271,10 +271,14 @@ impl<S: Storage> Filesystem for EbsFuse<S> {
             return reply.error(errno("rename", name.to_string_lossy(), &e));
         }
         let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
-        match self
-            .core
-            .rename(parent.0, name, newparent.0, newname, no_replace)
-        {
+        match self.core.rename(
+            parent.0,
+            name,
+            newparent.0,
+            newname,
+            no_replace,
+            &caller(req),
+        ) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("rename", name.to_string_lossy(), &e)),
         }

@@ -1,5 +1,5 @@
 //! Command line: `ebsfs mount`, `ebsfs snapshot …`, `ebsfs volume …`, `ebsfs check`,
-//! `ebsfs scrub`, `ebsfs bucket gc`, `ebsfs policy list`, and the `mount -t fuse.ebsfs` helper form
+//! `ebsfs scrub`, `ebsfs bucket gc`, `ebsfs policy list`, `ebsfs recycle-bin …`, and the `mount -t fuse.ebsfs` helper form
 //! (`ebsfs DATA_DIR MOUNTPOINT -o OPTIONS`).
 //!
 //! `snapshot`, `volume` and `scrub` are thin layers over the mounted filesystem:
@@ -12,6 +12,7 @@ pub mod bucket;
 pub mod check;
 pub mod mount;
 pub mod policy;
+pub mod recycle_bin;
 pub mod scrub;
 pub mod snapshot;
 pub mod volume;
@@ -56,6 +57,10 @@ enum Command {
     /// Scheduled snapshots ([[policy]] in the config): next runs and what they prune.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Deleted snapshots kept for a while (recycle_bin in the config): list, restore,
+    /// purge.
+    #[command(subcommand, name = "recycle-bin")]
+    RecycleBin(recycle_bin::BinCommand),
 }
 
 /// Where to find the mount: `--mount DIR`, else the config's mountpoint.
@@ -112,6 +117,7 @@ pub fn run(args: Vec<OsString>) -> i32 {
         Command::Scrub(args) => scrub::run(args),
         Command::Bucket(cmd) => bucket::run(cmd),
         Command::Policy(cmd) => policy::run(cmd),
+        Command::RecycleBin(cmd) => recycle_bin::run(cmd),
     }
 }
 

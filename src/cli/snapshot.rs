@@ -293,10 +293,13 @@ pub(super) fn snapshot_dir(mnt: &Path, id: &str) -> PathBuf {
     mnt.join("snapshots").join(id)
 }
 
-fn explain(err: &std::io::Error, id: &str) -> String {
+pub(super) fn explain(err: &std::io::Error, id: &str) -> String {
     match err.raw_os_error() {
         Some(libc::ENOENT) => format!("{id}: no such volume or snapshot"),
-        Some(libc::EEXIST) => format!("{id}: a snapshot with this name already exists"),
+        Some(libc::EEXIST) => format!(
+            "{id}: a snapshot with this name already exists (in snapshots/, or in \
+             recycle-bin/ until restored or purged)"
+        ),
         Some(libc::EBUSY) => {
             format!("{id}: the volume already has a snapshot pending; wait for it first")
         }
@@ -610,7 +613,11 @@ fn wait_for(mnt: &Path, id: &str) -> Result<(), Failure> {
 
 fn delete(mnt: &Path, id: &str) -> Result<(), Failure> {
     fs::remove_dir(snapshot_dir(mnt, id)).map_err(|e| Failure(1, explain(&e, id)))?;
-    println!("{id}: deleted");
+    if mnt.join(super::recycle_bin::DIR).join(id).is_dir() {
+        println!("{id}: moved to the recycle bin (ebsfs recycle-bin restore {id} brings it back)");
+    } else {
+        println!("{id}: deleted");
+    }
     Ok(())
 }
 

@@ -43,6 +43,8 @@ pub struct Settings {
     pub store: Option<StoreSettings>,
     /// Scheduled snapshots and their retention (`[[policy]]` tables).
     pub policies: Vec<crate::policy::Policy>,
+    /// With a recycle bin: how long a deleted snapshot is kept there, in seconds.
+    pub recycle_bin_secs: Option<u64>,
 }
 
 /// One config file's keys, all optional so a file may override only some.
@@ -63,6 +65,7 @@ struct ConfigFile {
     host_id: Option<String>,
     store: Option<store::StoreTable>,
     policy: Option<Vec<policy::PolicyTable>>,
+    recycle_bin: Option<String>,
 }
 
 /// What went wrong with a config file, and where.
@@ -137,6 +140,7 @@ impl Settings {
             host_id: String::new(),
             store: None,
             policies: Vec::new(),
+            recycle_bin_secs: None,
         }
     }
 }
@@ -260,6 +264,15 @@ fn apply_text(
             invalid(line_of_key(text, key), format!("key `store.{key}`: {what}"))
         })?;
         settings.store = Some(store);
+    }
+    if let Some(period) = file.recycle_bin {
+        let secs = crate::policy::parse_duration(&period).map_err(|e| {
+            invalid(
+                line_of_key(text, "recycle_bin"),
+                format!("key `recycle_bin`: {e}"),
+            )
+        })?;
+        settings.recycle_bin_secs = Some(secs);
     }
     if let Some(tables) = file.policy {
         let mut policies: Vec<crate::policy::Policy> = Vec::new();
@@ -467,6 +480,24 @@ mod tests {
         assert_eq!(s.data_dir, Path::new("/base/d"));
         assert_eq!(s.block_size_bytes, 8192);
         assert_eq!(s.mountpoint, Path::new("./mnt"));
+    }
+
+    #[test]
+    fn the_recycle_bin_is_off_by_default_and_takes_a_period() {
+        assert_eq!(Settings::embedded().recycle_bin_secs, None);
+        assert_eq!(
+            load_text("recycle_bin = \"7d\"\n")
+                .unwrap()
+                .recycle_bin_secs,
+            Some(7 * 86_400)
+        );
+        let err = load_text("hydrate = true\nrecycle_bin = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.toml:2:") && err.contains("recycle_bin"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -108,7 +108,7 @@ impl FsError {
             FsError::Damaged { .. } => libc::EIO,
             FsError::Volume(e) => volume_errno(e),
             FsError::Snapshot(e) => match e {
-                SnapshotError::Exists(_) => libc::EEXIST,
+                SnapshotError::Exists(_) | SnapshotError::InBin(_) => libc::EEXIST,
                 SnapshotError::NotFound(_) | SnapshotError::NoVolume(_) => libc::ENOENT,
                 SnapshotError::Busy(_) => libc::EBUSY,
                 SnapshotError::Locked { .. } => libc::EPERM,

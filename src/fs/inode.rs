@@ -8,6 +8,10 @@ use crate::namespace::{SnapshotId, VolumeId};
 pub const ROOT: u64 = 1;
 pub const VOLUMES_DIR: u64 = 2;
 pub const SNAPSHOTS_DIR: u64 = 3;
+pub const RECYCLE_BIN_DIR: u64 = 4;
+
+/// The recycle bin's name at the top of the mount.
+pub const RECYCLE_BIN: &str = "recycle-bin";
 
 const KIND_SHIFT: u32 = 56;
 const ID_MASK: u64 = (1 << KIND_SHIFT) - 1;
@@ -62,6 +66,10 @@ pub enum Node {
     Root,
     VolumesDir,
     SnapshotsDir,
+    /// `recycle-bin/`: deleted snapshots kept for a while (a [`Node::SnapshotDir`]
+    /// each, under the same inode number as before: a snapshot is in one place at a
+    /// time).
+    RecycleBinDir,
     Volume(VolumeId),
     SnapshotDir(SnapshotId),
     SnapshotFile(SnapshotId, SnapshotFile),
@@ -74,6 +82,7 @@ impl Node {
             Node::Root => ROOT,
             Node::VolumesDir => VOLUMES_DIR,
             Node::SnapshotsDir => SNAPSHOTS_DIR,
+            Node::RecycleBinDir => RECYCLE_BIN_DIR,
             Node::Volume(id) => tagged(1, id.0),
             Node::SnapshotDir(id) => tagged(2, id.0),
             Node::SnapshotFile(id, file) => tagged(file.kind(), id.0),
@@ -86,6 +95,7 @@ impl Node {
             (0, ROOT) => Node::Root,
             (0, VOLUMES_DIR) => Node::VolumesDir,
             (0, SNAPSHOTS_DIR) => Node::SnapshotsDir,
+            (0, RECYCLE_BIN_DIR) => Node::RecycleBinDir,
             (1, _) => Node::Volume(VolumeId(id)),
             (2, _) => Node::SnapshotDir(SnapshotId(id)),
             _ => Node::SnapshotFile(
@@ -98,7 +108,11 @@ impl Node {
     pub fn is_dir(self) -> bool {
         matches!(
             self,
-            Node::Root | Node::VolumesDir | Node::SnapshotsDir | Node::SnapshotDir(_)
+            Node::Root
+                | Node::VolumesDir
+                | Node::SnapshotsDir
+                | Node::RecycleBinDir
+                | Node::SnapshotDir(_)
         )
     }
 }
@@ -113,6 +127,7 @@ mod tests {
             Node::Root,
             Node::VolumesDir,
             Node::SnapshotsDir,
+            Node::RecycleBinDir,
             Node::Volume(VolumeId(1)),
             Node::Volume(VolumeId(ID_MASK)),
             Node::SnapshotDir(SnapshotId(7)),

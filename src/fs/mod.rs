@@ -14,6 +14,7 @@ pub mod error;
 pub mod inode;
 mod policies;
 mod recovery;
+mod recycle_bin;
 pub mod remote;
 mod snapshots;
 mod startup;
@@ -296,6 +297,8 @@ impl<S: Storage> FsCore<S> {
     pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
         match Node::from_ino(ino) {
             Some(Node::Root | Node::VolumesDir | Node::SnapshotsDir) => Ok(self.dir_attr(ino)),
+            Some(Node::RecycleBinDir) if self.recycle_bin_shown() => Ok(self.dir_attr(ino)),
+            Some(Node::RecycleBinDir) => Err(FsError::NotFound(inode::RECYCLE_BIN.into())),
             Some(Node::Volume(id)) => self.volume_attr(id),
             Some(Node::SnapshotDir(id)) => self.snapshot_dir_attr(id),
             Some(Node::SnapshotFile(id, file)) => self.snapshot_file_attr(id, file),
@@ -326,10 +329,14 @@ impl<S: Storage> FsCore<S> {
             Some(Node::Root) => match name.to_str() {
                 Some("volumes") => Ok(self.dir_attr(inode::VOLUMES_DIR)),
                 Some("snapshots") => Ok(self.dir_attr(inode::SNAPSHOTS_DIR)),
+                Some(inode::RECYCLE_BIN) if self.recycle_bin_shown() => {
+                    Ok(self.dir_attr(inode::RECYCLE_BIN_DIR))
+                }
                 _ => Err(FsError::NotFound(shown.into_owned())),
             },
             Some(Node::VolumesDir) => self.lookup_volume(name),
             Some(Node::SnapshotsDir) => self.lookup_snapshot(name),
+            Some(Node::RecycleBinDir) => self.lookup_binned(name),
             Some(Node::SnapshotDir(id)) => {
                 let file = name
                     .to_str()
@@ -353,6 +360,9 @@ impl<S: Storage> FsCore<S> {
             Some(Node::Root) => {
                 entries.push(dir(inode::VOLUMES_DIR, "volumes"));
                 entries.push(dir(inode::SNAPSHOTS_DIR, "snapshots"));
+                if self.recycle_bin_shown() {
+                    entries.push(dir(inode::RECYCLE_BIN_DIR, inode::RECYCLE_BIN));
+                }
             }
             Some(Node::VolumesDir) => {
                 let view = self.ns.view();
@@ -374,9 +384,19 @@ impl<S: Storage> FsCore<S> {
                         .map(|f| dir(Node::SnapshotDir(f.id).ino(), &f.name)),
                 );
             }
+            Some(Node::RecycleBinDir) => {
+                let view = self.ns.view();
+                entries.extend(
+                    view.binned_snapshots()
+                        .map(|s| dir(Node::SnapshotDir(s.id).ino(), &s.name())),
+                );
+            }
             Some(Node::SnapshotDir(id)) => {
-                self.snapshot_record(id)?;
-                entries[1].ino = inode::SNAPSHOTS_DIR;
+                let record = self.snapshot_record(id)?;
+                entries[1].ino = match record.binned {
+                    Some(_) => inode::RECYCLE_BIN_DIR,
+                    None => inode::SNAPSHOTS_DIR,
+                };
                 entries.extend(SnapshotFile::ALL.into_iter().map(|f| DirEntry {
                     ino: Node::SnapshotFile(id, f).ino(),
                     kind: FileKind::RegularFile,

@@ -1,6 +1,8 @@
 //! Running the snapshot policies of `config.toml` (`[[policy]]`, see
 //! [`crate::policy`]): a thread wakes when a run is due, snapshots through `mkdir`
-//! and prunes through `rmdir`, as the daemon's own user.
+//! and prunes through `rmdir`, as the daemon's own user (with the recycle bin on,
+//! pruned snapshots go to the bin like any other `rmdir`). The same thread purges
+//! the recycle bin (see [`super::recycle_bin`]).
 
 use std::ffi::OsStr;
 use std::sync::Arc;
@@ -122,16 +124,17 @@ impl<S: Storage> FsCore<S> {
         pass
     }
 
-    /// Starts the policy thread (a mount with `[[policy]]` tables). It stops when the
-    /// core shuts down or is dropped.
+    /// Starts the lifecycle thread (a mount with `[[policy]]` tables or a recycle
+    /// bin): it runs the policies and purges the bin when due. It stops when the core
+    /// shuts down or is dropped.
     pub fn start_policies(self: &Arc<Self>) {
-        if self.settings.policies.is_empty() {
+        if self.settings.policies.is_empty() && self.settings.recycle_bin_secs.is_none() {
             return;
         }
         let core = Arc::downgrade(self);
         let signal = self.policy_signal.clone();
         let spawned = std::thread::Builder::new()
-            .name("policies".into())
+            .name("lifecycle".into())
             .spawn(move || {
                 loop {
                     let Some(strong) = core.upgrade() else {
@@ -142,9 +145,13 @@ impl<S: Storage> FsCore<S> {
                     }
                     let now = Timestamp::now();
                     let pass = strong.run_policies(now);
+                    let bin = strong.purge_recycle_bin(now);
                     drop(strong);
-                    let sleep = pass
-                        .next
+                    let next = match (pass.next, bin.next) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    let sleep = next
                         .map(|t| Duration::from_nanos(t.0.saturating_sub(now.0).max(0) as u64))
                         .unwrap_or(MAX_SLEEP)
                         .clamp(Duration::from_millis(50), MAX_SLEEP);
@@ -154,7 +161,10 @@ impl<S: Storage> FsCore<S> {
                 }
             });
         if let Err(e) = spawned {
-            warn!("cannot start the policy thread: {e}; [[policy]] snapshots are not taken");
+            warn!(
+                "cannot start the lifecycle thread: {e}; [[policy]] snapshots are not taken \
+                 and the recycle bin is not purged"
+            );
         }
     }
 }

@@ -74,6 +74,12 @@ struct Info<'a> {
     location: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     upload_error: Option<&'a str>,
+    /// In the recycle bin since.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deleted: Option<String>,
+    /// Purged from the recycle bin at (with the bin on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    purge_after: Option<String>,
 }
 
 /// Where a snapshot lives, for `info`.
@@ -81,6 +87,8 @@ pub(super) struct Location {
     pub host: String,
     pub location: &'static str,
     pub upload_error: Option<String>,
+    /// When its recycle bin period ends, if it is in the bin and the bin is on.
+    pub purge_after: Option<Timestamp>,
 }
 
 fn render_info(record: &SnapshotRecord, at: &Location) -> String {
@@ -102,6 +110,8 @@ fn render_info(record: &SnapshotRecord, at: &Location) -> String {
         host: &at.host,
         location: at.location,
         upload_error: at.upload_error.as_deref(),
+        deleted: record.binned.map(|t| t.to_rfc3339()),
+        purge_after: at.purge_after.map(|t| t.to_rfc3339()),
     };
     toml::to_string(&info).unwrap_or_else(|e| format!("error = \"cannot render info: {e}\"\n"))
 }
@@ -114,6 +124,7 @@ impl<S: Storage> FsCore<S> {
                 host: foreign.host().to_string(),
                 location: "bucket",
                 upload_error: None,
+                purge_after: None,
             };
         }
         let up = self.uploader();
@@ -128,6 +139,7 @@ impl<S: Storage> FsCore<S> {
             upload_error: up
                 .filter(|_| record.status == SnapshotStatus::Pending)
                 .and_then(|up| up.upload_error(record.id)),
+            purge_after: record.binned.and_then(|t| self.purge_time(t)),
         }
     }
 
@@ -250,6 +262,12 @@ impl<S: Storage> FsCore<S> {
             Some(Node::SnapshotDir(_)) => {
                 return Err(FsError::ReadOnly("a snapshot directory".into()));
             }
+            Some(Node::RecycleBinDir) => {
+                return Err(FsError::NotPermitted(
+                    "recycle-bin/ holds deleted snapshots only: make snapshots in snapshots/"
+                        .into(),
+                ));
+            }
             _ => {
                 return Err(FsError::NotPermitted(
                     "the mount's top level is fixed: volumes/ and snapshots/".into(),
@@ -320,6 +338,7 @@ impl<S: Storage> FsCore<S> {
     pub fn rmdir(&self, parent: u64, name: &OsStr, caller: &Caller) -> FsResult<()> {
         match Node::from_ino(parent) {
             Some(Node::SnapshotsDir) => {}
+            Some(Node::RecycleBinDir) => return self.purge_binned(name, caller),
             Some(Node::Root) => {
                 return Err(FsError::NotPermitted(
                     "volumes/ and snapshots/ cannot be removed".into(),
@@ -344,7 +363,9 @@ impl<S: Storage> FsCore<S> {
                 "snapshot {text}: only its owner may delete it"
             )));
         }
-        self.engine.delete(text)?;
+        if !self.move_to_bin(text)? {
+            self.engine.delete(text)?;
+        }
         Ok(())
     }
 
@@ -405,6 +426,7 @@ impl<S: Storage> FsCore<S> {
         change: impl FnOnce(&mut SnapshotRecord) -> FsResult<()>,
     ) -> FsResult<()> {
         self.refuse_foreign(id, "change")?;
+        self.refuse_binned(id, "change")?;
         let guard = self.ns.lock();
         let mut record = self.snapshot_record(id)?;
         change(&mut record)?;
@@ -844,6 +866,7 @@ mod tests {
             captured: false,
             remote_root: None,
             reexamine: None,
+            binned: None,
         };
         let text = render_info(
             &record,
@@ -851,6 +874,7 @@ mod tests {
                 host: "h1".into(),
                 location: "local",
                 upload_error: None,
+                purge_after: None,
             },
         );
         let parsed: toml::Table = toml::from_str(&text).unwrap();

@@ -351,7 +351,8 @@ impl<S: Storage> FsCore<S> {
     }
 
     /// `mv volumes/a.img volumes/b.img`. Replaces `b` (as rename(2) does) unless
-    /// `no_replace`; never moves a volume out of `volumes/`.
+    /// `no_replace`; never moves a volume out of `volumes/`. Also `mv
+    /// recycle-bin/X snapshots/`, which restores snapshot X.
     pub fn rename(
         &self,
         parent: u64,
@@ -359,12 +360,20 @@ impl<S: Storage> FsCore<S> {
         new_parent: u64,
         new_name: &OsStr,
         no_replace: bool,
+        caller: &Caller,
     ) -> FsResult<()> {
+        if (Node::from_ino(parent), Node::from_ino(new_parent))
+            == (Some(Node::RecycleBinDir), Some(Node::SnapshotsDir))
+        {
+            return self.restore_binned(name, new_name, caller);
+        }
         if Node::from_ino(parent) != Some(Node::VolumesDir)
             || Node::from_ino(new_parent) != Some(Node::VolumesDir)
         {
             return Err(FsError::NotPermitted(
-                "only volumes can be renamed, and only within volumes/".into(),
+                "only volumes can be renamed, and only within volumes/ (a snapshot in the \
+                 recycle bin is restored with mv recycle-bin/X snapshots/)"
+                    .into(),
             ));
         }
         let from = VolumeName::from_file_name(name)?;

@@ -4,7 +4,9 @@
 //! as a whole after each committed change (see [`super::Namespace`]), so readers never
 //! see a state that a crash could take back. Name indexes hold only what users can
 //! see: a hidden snapshot (deleted, kept as the base of its volume's next capture or
-//! for readers that still have it open) has no name.
+//! for readers that still have it open) has no name, and one in the recycle bin is
+//! named in an index of its own (its name stays taken: see
+//! [`Records::name_taken`]).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -41,6 +43,7 @@ pub struct Records {
     pub remote_parents: BTreeMap<VolumeId, RemoteParent>,
     volume_names: HashMap<String, VolumeId>,
     snapshot_names: HashMap<String, SnapshotId>,
+    binned_names: HashMap<String, SnapshotId>,
 }
 
 impl Records {
@@ -72,8 +75,20 @@ impl Records {
         self.volumes.get(&self.volume_id(name)?)
     }
 
+    /// The visible snapshot named `name`.
     pub fn snapshot_id(&self, name: &str) -> Option<SnapshotId> {
         self.snapshot_names.get(name).copied()
+    }
+
+    /// The snapshot named `name` in the recycle bin.
+    pub fn binned_id(&self, name: &str) -> Option<SnapshotId> {
+        self.binned_names.get(name).copied()
+    }
+
+    /// Whether a new snapshot may not be called `name`: a visible snapshot or one in
+    /// the recycle bin has it (a restore must find its name free).
+    pub fn name_taken(&self, name: &str) -> bool {
+        self.snapshot_names.contains_key(name) || self.binned_names.contains_key(name)
     }
 
     pub fn upsert_volume(&mut self, record: VolumeRecord) {
@@ -92,10 +107,10 @@ impl Records {
 
     pub fn upsert_snapshot(&mut self, record: SnapshotRecord) {
         let name = record.name();
-        if self.snapshot_names.get(&name) == Some(&record.id) {
-            self.snapshot_names.remove(&name);
-        }
-        if !record.hidden {
+        self.unname(&name, record.id);
+        if record.binned.is_some() && !record.hidden {
+            self.binned_names.insert(name, record.id);
+        } else if record.is_visible() {
             self.snapshot_names.insert(name, record.id);
         }
         self.snapshots.insert(record.id, record);
@@ -103,21 +118,35 @@ impl Records {
 
     pub fn remove_snapshot(&mut self, id: SnapshotId) -> Option<SnapshotRecord> {
         let old = self.snapshots.remove(&id)?;
-        let name = old.name();
-        if self.snapshot_names.get(&name) == Some(&id) {
-            self.snapshot_names.remove(&name);
-        }
+        self.unname(&old.name(), id);
         Some(old)
+    }
+
+    /// Drops `name` from the name indexes where it names snapshot `id`.
+    fn unname(&mut self, name: &str, id: SnapshotId) {
+        for names in [&mut self.snapshot_names, &mut self.binned_names] {
+            if names.get(name) == Some(&id) {
+                names.remove(name);
+            }
+        }
     }
 
     /// Visible snapshots, in creation order.
     pub fn visible_snapshots(&self) -> impl Iterator<Item = &SnapshotRecord> {
-        self.snapshots.values().filter(|s| !s.hidden)
+        self.snapshots.values().filter(|s| s.is_visible())
+    }
+
+    /// Snapshots in the recycle bin, in creation order.
+    pub fn binned_snapshots(&self) -> impl Iterator<Item = &SnapshotRecord> {
+        self.snapshots
+            .values()
+            .filter(|s| s.binned.is_some() && !s.hidden)
     }
 
     /// Name of the newest visible, completed snapshot of `lineage` older than `id`, or
     /// else the snapshot the lineage's volume was made from: what a user sees as the
-    /// parent of snapshot `id`.
+    /// parent of snapshot `id`. One in the recycle bin counts: it may come back, and
+    /// until it is purged the chain is as it was.
     pub fn visible_parent(&self, lineage: VolumeId, id: SnapshotId) -> Option<String> {
         let own = self
             .lineage(lineage)

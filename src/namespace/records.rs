@@ -298,6 +298,10 @@ pub struct SnapshotRecord {
     /// (`[start, end)`), so that a capture a restart interrupted resumes alike.
     #[serde(default)]
     pub reexamine: Option<[u64; 2]>,
+    /// Deleted into the recycle bin at this time: shown in `recycle-bin/`, not in
+    /// `snapshots/`, kept whole until restored or purged. Its name stays taken.
+    #[serde(default)]
+    pub binned: Option<Timestamp>,
 }
 
 impl SnapshotRecord {
@@ -309,6 +313,12 @@ impl SnapshotRecord {
     /// whose upload failed for good: later snapshots may be incremental against it).
     pub fn is_captured(&self) -> bool {
         self.status == SnapshotStatus::Completed || self.captured
+    }
+
+    /// Whether it is shown in `snapshots/`: neither hidden (deleted, kept as a base)
+    /// nor in the recycle bin.
+    pub fn is_visible(&self) -> bool {
+        !self.hidden && self.binned.is_none()
     }
 
     /// Whether a capture is still reading its volume.

@@ -64,6 +64,7 @@ impl Foreign {
             captured: false,
             remote_root: Some(self.root_name.clone()),
             reexamine: None,
+            binned: None,
         }
     }
 

@@ -35,7 +35,7 @@ impl<S: Storage> SnapshotEngine<S> {
         let parent = record
             .parent
             .as_deref()
-            .and_then(|name| view.snapshot_id(name))
+            .and_then(|name| view.snapshot_id(name).or_else(|| view.binned_id(name)))
             .and_then(|id| view.snapshots.get(&id));
         let Some(parent) = parent.filter(|p| u64::from(p.block_size) == bs) else {
             // Against zeros: every block holding data.

@@ -2,12 +2,13 @@
 //!
 //! ```text
 //!            mkdir                    capture committed
-//!   (none) ─────────► pending ────────────────────────► completed
-//!                        │  capture failed / interrupted      │ rmdir
-//!                        ├──────────────────────────► error   ▼
-//!                        │ rmdir (cancel)              │    hidden ── merged into its
-//!                        ▼                      rmdir  ▼             successor or
-//!                      (gone) ◄──────────────────── (gone) ◄──────── dropped (settle)
+//!   (none) ─────────► pending ────────────────────────► completed ◄─────┐ mv (restore)
+//!                        │  capture failed / interrupted      │ rmdir   │
+//!                        ├──────────────────────────► error   ├────► binned (recycle
+//!                        │ rmdir (cancel)              │      ▼         │  bin on)
+//!                        │                             │    hidden ◄────┘ rmdir, or
+//!                        ▼                      rmdir  ▼      │ merged   retention ran out
+//!                      (gone) ◄──────────────────── (gone) ◄──┘ or dropped (settle)
 //! ```
 //!
 //! Rules kept here:
@@ -21,7 +22,11 @@
 //!   the next snapshot still holds every change since the last completed one, and the
 //!   entries it committed are removed before it is marked `error`;
 //! - a deleted snapshot stays, hidden, while it is the base of its volume's next
-//!   capture or while an open image pins it (see [`super::read`]), then settles.
+//!   capture or while an open image pins it (see [`super::read`]), then settles;
+//! - with the recycle bin on, `rmdir` of a completed snapshot only marks its record
+//!   `binned` (one transaction: a crash leaves it either visible or in the bin, whole
+//!   either way); its name stays taken, so a restore always finds it free; a purge is
+//!   the deletion above. Locked snapshots cannot be deleted, so never reach the bin.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -32,7 +37,7 @@ use log::{error, info, warn};
 use crate::layout::CaptureFile;
 use crate::names::SnapshotName;
 use crate::namespace::{
-    NsGuard, Owner, SnapshotId, SnapshotRecord, SnapshotStatus, Timestamp, VolumeId,
+    NsGuard, Owner, Records, SnapshotId, SnapshotRecord, SnapshotStatus, Timestamp, VolumeId,
 };
 use crate::storage::Storage;
 use crate::store::pack::PackWriter;
@@ -72,7 +77,10 @@ impl<S: Storage> SnapshotEngine<S> {
         let view = self.ns.view();
         let mut vols = Vec::with_capacity(members.len());
         for (name, _) in members {
-            if view.snapshot_id(&name.to_string()).is_some() {
+            if view.binned_id(&name.to_string()).is_some() {
+                return Err(SnapshotError::InBin(name.to_string()));
+            }
+            if view.name_taken(&name.to_string()) {
                 return Err(SnapshotError::Exists(name.to_string()));
             }
             let Some(vol) = view.volume_by_name(name.volume().as_str()).cloned() else {
@@ -152,6 +160,7 @@ impl<S: Storage> SnapshotEngine<S> {
                         captured: false,
                         remote_root: None,
                         reexamine: Some([freeze.reexamine.start, freeze.reexamine.end]),
+                        binned: None,
                     };
                     c.put_snapshot(record.clone())?;
                     records.push(record);
@@ -413,17 +422,78 @@ impl<S: Storage> SnapshotEngine<S> {
         }
     }
 
+    /// `rmdir snapshots/<name>` with the recycle bin on: moves a completed snapshot
+    /// into the bin (one change of its record; nothing else moves, so its chain, its
+    /// copy in the bucket and every volume made from it stay as they are). Returns
+    /// `false`, changing nothing, for one that is not completed (pending, uploading,
+    /// failed): [`SnapshotEngine::delete`] is for those.
+    pub fn bin(&self, name: &str) -> SnapshotResult<bool> {
+        let guard = self.ns.lock();
+        let view = self.ns.view();
+        let Some(mut record) = view
+            .snapshot_id(name)
+            .and_then(|id| view.snapshots.get(&id).cloned())
+        else {
+            return Err(SnapshotError::NotFound(name.to_string()));
+        };
+        if let Some(until) = super::locked_until(&record) {
+            return Err(SnapshotError::Locked {
+                name: name.to_string(),
+                until: until.to_rfc3339(),
+            });
+        }
+        if record.status != SnapshotStatus::Completed {
+            return Ok(false);
+        }
+        record.binned = Some(Timestamp::now());
+        self.ns.change(&guard, |c| c.put_snapshot(record))?;
+        info!("snapshot {name} moved to the recycle bin");
+        Ok(true)
+    }
+
+    /// `mv recycle-bin/<name> snapshots/`: the snapshot is back as it was.
+    pub fn restore(&self, name: &str) -> SnapshotResult<()> {
+        let guard = self.ns.lock();
+        let view = self.ns.view();
+        let Some(mut record) = view
+            .binned_id(name)
+            .and_then(|id| view.snapshots.get(&id).cloned())
+        else {
+            return Err(SnapshotError::NotFound(format!("recycle-bin/{name}")));
+        };
+        if view.snapshot_id(name).is_some() {
+            return Err(SnapshotError::Exists(name.to_string()));
+        }
+        record.binned = None;
+        self.ns.change(&guard, |c| c.put_snapshot(record))?;
+        info!("snapshot {name} restored from the recycle bin");
+        Ok(())
+    }
+
+    /// `rmdir recycle-bin/<name>`, or its retention ran out: deleted for good, as
+    /// [`SnapshotEngine::delete`] deletes a snapshot.
+    pub fn purge(&self, name: &str) -> SnapshotResult<()> {
+        self.delete_found(name, |view| view.binned_id(name))
+    }
+
     /// `rmdir snapshots/<name>`. A pending snapshot is cancelled first.
     pub fn delete(&self, name: &str) -> SnapshotResult<()> {
+        self.delete_found(name, |view| view.snapshot_id(name))
+    }
+
+    /// Deletes the snapshot `find` names (`name`, for messages).
+    fn delete_found(
+        &self,
+        name: &str,
+        find: impl Fn(&Records) -> Option<SnapshotId>,
+    ) -> SnapshotResult<()> {
         // No upload may put a root between the look at the record and the deletion.
         let _commit = self.remote.as_ref().map(|up| lock(&up.commit));
         let mut cancelled = false;
         let (guard, id, record) = loop {
             let guard = self.ns.lock();
             let view = self.ns.view();
-            let found = view
-                .snapshot_id(name)
-                .and_then(|id| Some((id, view.snapshots.get(&id)?.clone())));
+            let found = find(&view).and_then(|id| Some((id, view.snapshots.get(&id)?.clone())));
             let Some((id, record)) = found else {
                 // A cancelled capture removes its own record.
                 return if cancelled {

@@ -36,6 +36,11 @@ use capture::{CaptureJob, CaptureProgress};
 pub enum SnapshotError {
     #[error("snapshot {0} already exists")]
     Exists(String),
+    #[error(
+        "snapshot {0} is in the recycle bin, and its name stays taken until it is \
+         restored (mv recycle-bin/{0} snapshots/) or purged (rmdir recycle-bin/{0})"
+    )]
+    InBin(String),
     #[error("no snapshot named {0}")]
     NotFound(String),
     #[error("no volume named {0}")]
