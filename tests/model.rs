@@ -31,8 +31,9 @@ use std::ffi::OsStr;
 
 use core_support::{CoreOps, root};
 use ebsfs::config::Settings;
-use ebsfs::fs::inode::{SNAPSHOTS_DIR, VOLUMES_DIR};
+use ebsfs::fs::inode::{RECYCLE_BIN_DIR, SNAPSHOTS_DIR, VOLUMES_DIR};
 use ebsfs::fs::{FsCore, SetAttr};
+use ebsfs::namespace::Timestamp;
 use ebsfs::storage::memory::{CrashMode, MemStorage};
 use proptest::prelude::*;
 
@@ -86,6 +87,10 @@ enum Op {
     },
     /// Hydration of volumes made from snapshots, to the end.
     Hydrate,
+    /// `mv recycle-bin/<s> snapshots/` (with the recycle bin on).
+    RestoreSnapshot(prop::sample::Index),
+    /// The recycle bin's period is over for all it holds: the daemon purges it.
+    PurgeDue,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -272,6 +277,10 @@ struct SnapModel {
     /// Its volume was deleted (or a crash cut the deletion short) while it was
     /// pending: its capture cannot resume after a crash.
     volume_deleted: bool,
+    /// In the recycle bin.
+    binned: bool,
+    /// A move into or out of the bin failed in a crash: it may be in either place.
+    moving: bool,
 }
 
 struct Harness {
@@ -296,9 +305,11 @@ impl CoreOps for Harness {
 }
 
 impl Harness {
-    fn new() -> Harness {
+    /// A new data directory; with `bin`, a recycle bin of an hour.
+    fn new(bin: bool) -> Harness {
         let mut settings = core_support::settings();
         settings.max_volume_size_bytes = MAX_VOLUME;
+        settings.recycle_bin_secs = bin.then_some(3600);
         let storage = MemStorage::new();
         let core = core_support::start(&storage, &settings).expect("a new data directory opens");
         Harness {
@@ -479,6 +490,8 @@ impl Harness {
                             state: SnapState::Pending,
                             deleting: false,
                             volume_deleted: false,
+                            binned: false,
+                            moving: false,
                         });
                         Ok(())
                     }
@@ -498,6 +511,8 @@ impl Harness {
                                 state: SnapState::Unsure,
                                 deleting: false,
                                 volume_deleted: false,
+                                binned: false,
+                                moving: false,
                             });
                         }
                         Err(format!("mkdir {snap}: {e}"))
@@ -538,7 +553,14 @@ impl Harness {
                 }
                 let i = pick.index(self.snapshots.len());
                 let snap = self.snapshots[i].name.clone();
+                if self.snapshots[i].binned {
+                    return self.purge(i);
+                }
                 match self.core().rmdir(SNAPSHOTS_DIR, OsStr::new(&snap), &root()) {
+                    Ok(()) if self.to_bin(i) => {
+                        self.snapshots[i].binned = true;
+                        Ok(())
+                    }
                     Ok(()) => {
                         self.snapshots.remove(i);
                         Ok(())
@@ -551,7 +573,12 @@ impl Harness {
                         Ok(())
                     }
                     Err(e) => {
-                        self.snapshots[i].deleting = self.storage.has_crashed();
+                        let crashed = self.storage.has_crashed();
+                        if self.to_bin(i) {
+                            self.snapshots[i].moving = crashed;
+                        } else {
+                            self.snapshots[i].deleting = crashed;
+                        }
                         Err(format!("rmdir {snap}: {e}"))
                     }
                 }
@@ -586,7 +613,7 @@ impl Harness {
                 let completed: Vec<SnapModel> = self
                     .snapshots
                     .iter()
-                    .filter(|s| s.state == SnapState::Completed)
+                    .filter(|s| s.state == SnapState::Completed && !s.binned)
                     .cloned()
                     .collect();
                 if completed.is_empty() {
@@ -626,6 +653,53 @@ impl Harness {
                 .core()
                 .hydrate_all()
                 .map_err(|e| format!("hydrate: {e}")),
+            Op::RestoreSnapshot(pick) => {
+                let binned: Vec<usize> = (0..self.snapshots.len())
+                    .filter(|&i| self.snapshots[i].binned)
+                    .collect();
+                if binned.is_empty() {
+                    return false;
+                }
+                let i = binned[pick.index(binned.len())];
+                let snap = OsStr::new(&self.snapshots[i].name).to_owned();
+                match self.core().rename(
+                    RECYCLE_BIN_DIR,
+                    &snap,
+                    SNAPSHOTS_DIR,
+                    &snap,
+                    false,
+                    &root(),
+                ) {
+                    Ok(()) => {
+                        self.snapshots[i].binned = false;
+                        Ok(())
+                    }
+                    Err(e) => {
+                        self.snapshots[i].moving = self.storage.has_crashed();
+                        Err(format!("restore {snap:?}: {e}"))
+                    }
+                }
+            }
+            Op::PurgeDue => {
+                let later = Timestamp(Timestamp::now().0 + 7200 * 1_000_000_000);
+                let pass = self.core().purge_recycle_bin(later);
+                if self.storage.has_crashed() {
+                    // Failures are logged, not returned: any of them may be gone.
+                    for s in self.snapshots.iter_mut().filter(|s| s.binned) {
+                        s.deleting = true;
+                    }
+                    return true;
+                }
+                let binned: Vec<String> = self
+                    .snapshots
+                    .iter()
+                    .filter(|s| s.binned)
+                    .map(|s| s.name.clone())
+                    .collect();
+                assert_eq!(pass.purged, binned, "everything in the bin is due");
+                self.snapshots.retain(|s| !s.binned);
+                Ok(())
+            }
             Op::ArmCrash { .. } | Op::CrashNow { .. } | Op::CleanRestart => unreachable!(),
         };
         match result {
@@ -640,7 +714,7 @@ impl Harness {
         let completed: Vec<SnapModel> = self
             .snapshots
             .iter()
-            .filter(|s| s.state == SnapState::Completed)
+            .filter(|s| s.state == SnapState::Completed && !s.binned)
             .cloned()
             .collect();
         if completed.is_empty() || self.volumes.contains_key(v) {
@@ -782,6 +856,47 @@ impl Harness {
         self.storage.has_crashed()
     }
 
+    /// Whether `rmdir` of snapshot `i` moves it to the recycle bin.
+    fn to_bin(&self, i: usize) -> bool {
+        self.settings.recycle_bin_secs.is_some() && self.snapshots[i].state == SnapState::Completed
+    }
+
+    /// `rmdir recycle-bin/<s>` of snapshot `i`, in the bin. Returns whether the
+    /// storage crashed.
+    fn purge(&mut self, i: usize) -> bool {
+        let snap = self.snapshots[i].name.clone();
+        match self
+            .core()
+            .rmdir(RECYCLE_BIN_DIR, OsStr::new(&snap), &root())
+        {
+            Ok(()) => {
+                self.snapshots.remove(i);
+                self.storage.has_crashed()
+            }
+            Err(e) => {
+                self.snapshots[i].deleting = self.storage.has_crashed();
+                self.failed(&format!("rmdir recycle-bin/{snap}: {e}"))
+            }
+        }
+    }
+
+    /// Whether snapshot `name` is in `recycle-bin/`.
+    fn in_bin(&self, name: &str) -> bool {
+        self.core()
+            .lookup(RECYCLE_BIN_DIR, OsStr::new(name))
+            .is_ok()
+    }
+
+    /// A snapshot's image, from `snapshots/` or `recycle-bin/`.
+    fn image_of(&self, s: &SnapModel) -> Result<Vec<u8>, ebsfs::fs::FsError> {
+        if !s.binned {
+            return self.read_image(&s.name);
+        }
+        let dir = self.core().lookup(RECYCLE_BIN_DIR, OsStr::new(&s.name))?;
+        let image = self.core().lookup(dir.ino, OsStr::new("volume.img"))?;
+        self.read_file(image.ino)
+    }
+
     /// Volume `v` is (or may be) deleted: its pending snapshots cannot resume.
     fn volume_deleted(&mut self, v: &str) {
         for s in self.snapshots.iter_mut().filter(|s| s.volume == v) {
@@ -859,9 +974,30 @@ impl Harness {
         }
         let mut kept = Vec::new();
         for mut s in std::mem::take(&mut self.snapshots) {
+            let moving = std::mem::replace(&mut s.moving, false);
+            if self.in_bin(&s.name) {
+                assert!(
+                    s.binned || moving,
+                    "snapshot {} is in the bin after {mode:?}",
+                    s.name
+                );
+                assert_eq!(s.state, SnapState::Completed, "{} in the bin", s.name);
+                s.binned = true;
+                s.deleting = false;
+                kept.push(s);
+                continue;
+            }
             let status = self.status(&s.name);
             if status.is_none() && s.deleting {
                 continue;
+            }
+            if s.binned {
+                assert!(
+                    moving && status.is_some(),
+                    "snapshot {} left the bin after {mode:?}: {status:?}",
+                    s.name
+                );
+                s.binned = false;
             }
             let deleting = std::mem::replace(&mut s.deleting, false);
             s.state = match (s.state, status.as_deref()) {
@@ -899,7 +1035,7 @@ impl Harness {
             .filter(|s| s.state == SnapState::Completed)
         {
             let got = self
-                .read_image(&s.name)
+                .image_of(s)
                 .unwrap_or_else(|e| panic!("read snapshot {}: {e}", s.name));
             if got != s.image {
                 let first = got.iter().zip(&s.image).position(|(a, b)| a != b);
@@ -914,11 +1050,16 @@ impl Harness {
     }
 
     fn run(ops: &[Op]) {
+        Harness::run_with(ops, false);
+    }
+
+    /// [`Harness::run`], with a recycle bin when `bin`.
+    fn run_with(ops: &[Op], bin: bool) {
         let trace = std::env::var_os("EBSFS_MODEL_TRACE").is_some();
         if trace {
             eprintln!("--- case");
         }
-        let mut h = Harness::new();
+        let mut h = Harness::new(bin);
         for op in ops {
             if trace {
                 eprintln!("{op:?}");
@@ -989,6 +1130,25 @@ proptest! {
         all.extend(ops);
         Harness::run(&all);
     }
+
+    /// The same with a recycle bin: snapshots go into it, come back, are purged,
+    /// with crashes anywhere among them.
+    #[test]
+    fn the_recycle_bin_keeps_every_guarantee_through_crashes(
+        ops in prop::collection::vec(prop_oneof![3 => op(), 2 => bin_op()], 1..48),
+    ) {
+        Harness::run_with(&ops, true);
+    }
+}
+
+/// With the recycle bin on: deletions (into the bin, or purges of what is in it),
+/// restores and purges when the period is over.
+fn bin_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => any::<prop::sample::Index>().prop_map(Op::DeleteSnapshot),
+        3 => any::<prop::sample::Index>().prop_map(Op::RestoreSnapshot),
+        1 => Just(Op::PurgeDue),
+    ]
 }
 
 fn copy_op() -> impl Strategy<Value = Op> {
