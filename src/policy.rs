@@ -59,6 +59,14 @@ impl Volumes {
             Volumes::Named(names) => names.iter().any(|n| n == volume),
         }
     }
+
+    /// Whether some volume is covered by both.
+    pub fn overlaps(&self, other: &Volumes) -> bool {
+        match (self, other) {
+            (Volumes::All, _) | (_, Volumes::All) => true,
+            (Volumes::Named(names), other) => names.iter().any(|n| other.covers(n)),
+        }
+    }
 }
 
 impl fmt::Display for Volumes {
@@ -76,6 +84,8 @@ pub struct Snap {
     pub volume: String,
     pub label: String,
     pub completed: bool,
+    /// Its capture failed (status `error`).
+    pub failed: bool,
     /// Locked against deletion until then (see [`locked_until`]).
     pub locked_until: Option<Timestamp>,
 }
@@ -137,19 +147,30 @@ impl Policy {
     /// The snapshots this policy deletes at `now`, oldest first. Per volume, of its
     /// own completed snapshots, newest first, one is kept when it is among the `keep`
     /// newest, or younger than `keep_for`, or locked; the rest go. Pending snapshots
-    /// (and failed ones) are neither counted nor deleted.
+    /// are neither counted nor deleted. A failed one is not counted, and goes once a
+    /// later one of the volume has completed (it is kept until then, with its
+    /// reason in `info`), unless locked.
     pub fn prune<'a>(&self, snaps: &'a [Snap], now: Timestamp) -> Vec<&'a Snap> {
         let mut own: Vec<(&Snap, Timestamp)> = snaps
             .iter()
             .filter(|s| s.completed)
             .filter_map(|s| Some((s, self.run_time(s)?)))
             .collect();
+        let superseded: Vec<(Timestamp, &Snap)> = snaps
+            .iter()
+            .filter(|s| s.failed && s.locked_until.is_none_or(|t| t <= now))
+            .filter_map(|s| Some((self.run_time(s)?, s)))
+            .filter(|&(time, failed)| {
+                own.iter()
+                    .any(|&(s, t)| s.volume == failed.volume && t > time)
+            })
+            .collect();
         // Newest first per volume; ties by label, so the order never depends on input.
         own.sort_by(|(a, at), (b, bt)| (&a.volume, bt, &b.label).cmp(&(&b.volume, at, &a.label)));
         let young_after = self
             .keep_for_secs
             .map(|d| Timestamp(now.0.saturating_sub(secs_to_nanos(d))));
-        let mut pruned = Vec::new();
+        let mut pruned = superseded;
         let mut rank = 0;
         for (i, &(snap, time)) in own.iter().enumerate() {
             rank = if i > 0 && own[i - 1].0.volume == snap.volume {
@@ -479,6 +500,7 @@ mod tests {
             volume: volume.into(),
             label: p.label_at(at(secs)),
             completed: true,
+            failed: false,
             locked_until: None,
         }
     }
@@ -624,6 +646,30 @@ mod tests {
         foreign.volume = "other".into();
         snaps.extend([other, foreign]);
         assert_eq!(p.prune(&snaps, now).len(), 2);
+    }
+
+    #[test]
+    fn a_failed_snapshot_goes_once_a_later_one_completed() {
+        let p = policy("1h", Some(5), None);
+        let mut snaps: Vec<Snap> = (0..3).map(|i| snap(&p, "db", T0 + i * 3600)).collect();
+        snaps.push(snap(&p, "log", T0));
+        for s in &mut snaps[1..] {
+            s.completed = false;
+            s.failed = true;
+        }
+        let now = at(T0 + 3 * 3600);
+        // db@1h failed and nothing completed after it yet: kept, with its reason.
+        assert!(p.prune(&snaps, now).is_empty());
+        snaps.push(snap(&p, "db", T0 + 3 * 3600));
+        let pruned: Vec<String> = p.prune(&snaps, now).iter().map(|s| s.name()).collect();
+        assert_eq!(
+            pruned,
+            [snaps[1].name(), snaps[2].name()],
+            "not log's, nor the kept"
+        );
+        // A locked one stays.
+        snaps[1].locked_until = Some(at(T0 + 100 * 3600));
+        assert_eq!(p.prune(&snaps, now).len(), 1);
     }
 
     #[test]

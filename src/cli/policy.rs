@@ -82,6 +82,7 @@ fn read_mount(mnt: &Path) -> Result<(Vec<String>, Vec<Snap>), String> {
             volume: info_value(&info, "volume"),
             label: label.to_string(),
             completed: info_value(&info, "status") == "completed",
+            failed: info_value(&info, "status") == "error",
             locked_until,
         });
     }
@@ -155,6 +156,7 @@ mod tests {
             volume: "db".into(),
             label: p.label_at(Timestamp(t0.0 + secs * 1_000_000_000)),
             completed: true,
+            failed: false,
             locked_until: None,
         };
         let snaps = vec![snap(0), snap(3600)];

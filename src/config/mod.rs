@@ -290,6 +290,20 @@ fn apply_text(
                     ),
                 ));
             }
+            if let Some(other) = policies
+                .iter()
+                .find(|p| p.label == policy.label && p.volumes.overlaps(&policy.volumes))
+            {
+                return Err(invalid(
+                    at("label"),
+                    format!(
+                        "key `policy.label`: policies `{}` and `{}` make the same labels for \
+                         the same volumes, so each would count and prune the other's \
+                         snapshots: give one another label",
+                        other.name, policy.name
+                    ),
+                ));
+            }
             policies.push(policy);
         }
         settings.policies = policies;
@@ -622,6 +636,15 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("two policies"), "{err}");
+        let same_label = "[[policy]]\nname = \"a\"\nvolumes = [\"db\", \"log\"]\nevery = \"1h\"\nkeep = 1\nlabel = \"x-%Y%m%d-%H\"\n\
+                          [[policy]]\nname = \"b\"\nvolumes = [\"log\"]\nevery = \"1h\"\nkeep = 2\nlabel = \"x-%Y%m%d-%H\"\n";
+        let err = load_text(same_label).unwrap_err().to_string();
+        assert!(
+            err.starts_with("test.toml:12:") && err.contains("same labels"),
+            "{err}"
+        );
+        let apart = same_label.replace("[\"log\"]\nevery", "[\"web\"]\nevery");
+        assert_eq!(load_text(&apart).unwrap().policies.len(), 2);
         let err = load_text(
             "[[policy]]\nname = \"p\"\nvolumes = [\"db\"]\nevery = \"1h\"\nkeep = 1\nwhen = 3\n",
         )

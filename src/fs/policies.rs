@@ -46,6 +46,7 @@ impl<S: Storage> FsCore<S> {
                 volume: s.volume.clone(),
                 label: s.label.clone(),
                 completed: s.status == SnapshotStatus::Completed,
+                failed: s.status == SnapshotStatus::Error,
                 locked_until: locked_until(&s.xattrs),
             })
             .collect()
