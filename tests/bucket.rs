@@ -364,6 +364,24 @@ fn a_copy_outlives_its_snapshot_deleted_on_its_host_and_a_collection() {
         s3.objects("packs").is_empty() && s3.objects("snapshots").is_empty()
     });
     assert_eq!(s3.bytes("pages"), 0, "pages left in the bucket");
+
+    // `ebsfs bucket gc` collects as a host of its own, and leaves no lease behind.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ebsfs"))
+        .args(["bucket", "gc", "--config", a.config.to_str().unwrap()])
+        .envs(s3.credentials())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("as host {HOST_A}.gc")),
+        "{}",
+        describe_output(&out)
+    );
+    let leases = s3.objects("hosts");
+    assert!(
+        !leases.is_empty() && !leases.iter().any(|(name, _)| name.ends_with(".gc")),
+        "{leases:?}"
+    );
 }
 
 /// `kill -9` of A while it uploads a snapshot: restarted, A resumes the upload and

@@ -7,7 +7,8 @@
 //! write as its clock. Under the daemon's host id it would rewrite the daemon's lease
 //! as read a moment before, and could drop what the daemon added since (a root it
 //! began reading, an upload it began): this command collects as host `<host_id>.gc`,
-//! a lease of its own that protects nothing and that nothing else writes.
+//! a lease of its own that protects nothing and that nothing else writes, removed
+//! when the collection is over.
 
 use std::path::PathBuf;
 
@@ -26,8 +27,8 @@ can need any more: pages and packs no kept snapshot reaches, once older than
 gc_grace_seconds, and deleted snapshots once their tombstone is older than that
 and no host's lease names them. It is safe while other hosts upload, read and
 collect (docs/FORMAT.md, section 6.1). It runs as host <host_id>.gc, with a lease
-of its own (written even with --dry-run; it protects nothing), so that it never
-rewrites the lease of this host's daemon.
+of its own (written even with --dry-run; it protects nothing, and is removed at the
+end), so that it never rewrites the lease of this host's daemon.
 
 Exit status:
   0  the collection ran to its end (with --dry-run: nothing deleted)
@@ -103,7 +104,12 @@ fn collect(config: Option<PathBuf>, dry_run: bool) -> Result<i32, String> {
         store.bucket.shown,
         if dry_run { "dry-run " } else { "" }
     );
-    let report = gc::collect(&store, dry_run).map_err(|e| {
+    let report = gc::collect(&store, dry_run);
+    // Its lease protected nothing; it is not left behind.
+    if let Err(e) = store.remove_lease() {
+        eprintln!("ebsfs bucket gc: cannot remove the lease of host {host}: {e}");
+    }
+    let report = report.map_err(|e| {
         format!("{e}; nothing was deleted (`ebsfs check --bucket-only` lists what is damaged)")
     })?;
     println!("{report}");

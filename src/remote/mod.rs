@@ -423,6 +423,16 @@ impl RemoteStore {
         Ok(written)
     }
 
+    /// Removes this host's lease: for a collection from the command line, whose lease
+    /// protects nothing and is not needed once it is over.
+    pub fn remove_lease(&self) -> RemoteResult<()> {
+        self.bucket
+            .delete(&self.names().lease(&self.host))
+            .map_err(self.err())?;
+        *lock(&self.lease) = None;
+        Ok(())
+    }
+
     /// Whether this host's lease was renewed recently enough that no collection can
     /// have counted it as gone (half the lease's life, by this host's clock).
     pub fn lease_is_fresh(&self) -> bool {
