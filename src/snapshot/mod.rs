@@ -8,6 +8,7 @@
 //! - [`manifest`]: which chunk each block of each snapshot holds;
 //! - [`read`]: reading images, and pins that keep an open image readable after `rmdir`;
 //! - [`settle`]: merging and dropping deleted snapshots in bounded transactions;
+//! - [`stream`]: send streams, one snapshot as a self-verifying byte stream;
 //! - [`recovery`]: what start-up does with captures a crash interrupted.
 //!
 //! Every record change goes through the [`Namespace`] service (stage → commit →
@@ -20,6 +21,7 @@ pub mod manifest;
 pub mod read;
 pub mod recovery;
 pub mod settle;
+pub mod stream;
 pub mod upload;
 
 use std::collections::HashMap;
