@@ -108,6 +108,13 @@ type Running<S> = (Arc<CaptureProgress>, read::Frozen<S>);
 /// cannot be deleted, by anyone: `setfattr -n user.ebsfs.lock -v 2027-01-01T00:00:00Z`.
 pub const LOCK_XATTR: &str = "user.ebsfs.lock";
 
+/// Extended attribute of a received snapshot: the identity it had where it was taken
+/// ([`stream::Identity`], 64 hex digits), which `ebsfs snapshot send` sends it with
+/// and an incremental receive checks its base by. Set once, by its owner; never
+/// changed or removed; volumes refuse it like every `user.ebsfs.*` name, so a volume
+/// made from a received snapshot does not pass it on.
+pub const ORIGIN_XATTR: &str = "user.ebsfs.origin";
+
 /// Until when `record` is locked against deletion, if it is now.
 pub fn locked_until(record: &crate::namespace::SnapshotRecord) -> Option<Timestamp> {
     let text = record.xattrs.get(LOCK_XATTR)?;
