@@ -7,8 +7,8 @@
 //! are `VOLUME@LABEL`): made empty for a full stream, as an instant copy of the base
 //! for an incremental one (so the new snapshot is incremental against the base here
 //! too); it writes each record once verified, and only after the trailer verified
-//! takes the snapshot, marks it with the sender's identity (`user.ebsfs.origin`) and
-//! deletes the volume. Whatever fails, the volume and any snapshot it made go again:
+//! takes the snapshot, marks it with the sender's identity (`user.ebsfs.origin`),
+//! waits for it to complete and deletes the volume. Whatever fails, the volume and any snapshot it made go again:
 //! a damaged stream never leaves a snapshot.
 
 use std::ffi::CString;
@@ -140,13 +140,13 @@ fn data_runs(image: &File, size: u64) -> Vec<Range<u64>> {
         if data < 0 {
             return match std::io::Error::last_os_error().raw_os_error() {
                 Some(libc::ENXIO) => runs,
-                _ => vec![0..size],
+                _ => std::iter::once(0..size).collect(),
             };
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
         if hole < 0 {
-            return vec![0..size];
+            return std::iter::once(0..size).collect();
         }
         let run = (data as u64)..(hole as u64).min(size);
         if run.is_empty() {
@@ -275,9 +275,11 @@ pub(super) fn receive(mnt: &Path, input: impl Read) -> Result<(), Failure> {
     let dir = snapshot_dir(mnt, &id);
     fs::create_dir(&dir).map_err(|e| Failure(1, explain(&e, &id)))?;
     working.snapshot = Some(dir.clone());
-    wait_for(mnt, &id)?;
+    // At once, while pending: a receive killed from here on leaves a snapshot that
+    // may not be complete, never one that passes for another.
     set_xattr(&dir, ORIGIN_XATTR, header.identity.to_string().as_bytes())
         .map_err(|e| io_failed(&format!("setting {ORIGIN_XATTR}"), e))?;
+    wait_for(mnt, &id)?;
     if let Err(e) = working.finish() {
         eprintln!("ebsfs: {id} received, but removing volume {volume} failed: {e}");
     }
