@@ -217,25 +217,9 @@ impl Drop for Working {
 pub(super) fn receive(mnt: &Path, input: impl Read) -> Result<(), Failure> {
     let (mut reader, header) =
         StreamReader::open(BufReader::with_capacity(1 << 20, input)).map_err(refused)?;
+    check_receivable(mnt, &header)?;
     let id = header.snapshot.to_string();
     let volume = header.snapshot.volume();
-    if fs::symlink_metadata(snapshot_dir(mnt, &id)).is_ok() {
-        return Err(Failure(1, format!("{id} already exists here")));
-    }
-    let volume_path = mnt.join("volumes").join(volume.file_name());
-    if fs::symlink_metadata(&volume_path).is_ok() {
-        return Err(Failure(
-            1,
-            format!(
-                "a volume named {volume} exists here, and receiving {id} works in a volume of \
-                 that name: rename it (mv volumes/{0} volumes/OTHER.img) and receive again",
-                volume.file_name()
-            ),
-        ));
-    }
-    if let Some(base) = &header.base {
-        check_base(mnt, base)?;
-    }
     let from = header.base.as_ref().map(|base| SnapshotRef {
         name: base.snapshot.clone(),
         foreign: None,
@@ -243,7 +227,7 @@ pub(super) fn receive(mnt: &Path, input: impl Read) -> Result<(), Failure> {
     let sized = from.is_none().then_some(header.size_bytes);
     make_volume(mnt, volume, from.as_ref(), sized)?;
     let mut working = Working {
-        volume: volume_path,
+        volume: mnt.join("volumes").join(volume.file_name()),
         snapshot: None,
         done: false,
     };
@@ -266,20 +250,7 @@ pub(super) fn receive(mnt: &Path, input: impl Read) -> Result<(), Failure> {
     file.sync_all()
         .map_err(|e| io_failed("flushing the volume", e))?;
     drop(file);
-    for (name, value) in &header.xattrs {
-        if !name.starts_with("user.ebsfs.") {
-            set_xattr(&working.volume, name, value)
-                .map_err(|e| io_failed(&format!("setting {name}"), e))?;
-        }
-    }
-    let dir = snapshot_dir(mnt, &id);
-    fs::create_dir(&dir).map_err(|e| Failure(1, explain(&e, &id)))?;
-    working.snapshot = Some(dir.clone());
-    // At once, while pending: a receive killed from here on leaves a snapshot that
-    // may not be complete, never one that passes for another.
-    set_xattr(&dir, ORIGIN_XATTR, header.identity.to_string().as_bytes())
-        .map_err(|e| io_failed(&format!("setting {ORIGIN_XATTR}"), e))?;
-    wait_for(mnt, &id)?;
+    snapshot_working_volume(mnt, &header, &mut working)?;
     if let Err(e) = working.finish() {
         eprintln!("ebsfs: {id} received, but removing volume {volume} failed: {e}");
     }
@@ -295,6 +266,55 @@ pub(super) fn receive(mnt: &Path, input: impl Read) -> Result<(), Failure> {
         ByteSize(totals.zero_bytes)
     );
     Ok(())
+}
+
+/// Refuses a stream whose snapshot exists here, or whose volume name is taken (the
+/// receive works in a volume of that name), or whose base is not here.
+fn check_receivable(mnt: &Path, header: &StreamHeader) -> Result<(), Failure> {
+    let id = header.snapshot.to_string();
+    if fs::symlink_metadata(snapshot_dir(mnt, &id)).is_ok() {
+        return Err(Failure(1, format!("{id} already exists here")));
+    }
+    let volume = header.snapshot.volume();
+    if fs::symlink_metadata(mnt.join("volumes").join(volume.file_name())).is_ok() {
+        return Err(Failure(
+            1,
+            format!(
+                "a volume named {volume} exists here, and receiving {id} works in a volume of \
+                 that name: rename it (mv volumes/{0} volumes/OTHER.img) and receive again",
+                volume.file_name()
+            ),
+        ));
+    }
+    match &header.base {
+        Some(base) => check_base(mnt, base),
+        None => Ok(()),
+    }
+}
+
+/// The end of a receive, once the stream verified: the snapshot's attributes on the
+/// volume (so the snapshot takes them), the snapshot, its identity, completion.
+fn snapshot_working_volume(
+    mnt: &Path,
+    header: &StreamHeader,
+    working: &mut Working,
+) -> Result<(), Failure> {
+    let id = header.snapshot.to_string();
+    let io_failed = |what: &str, e: std::io::Error| Failure(1, format!("{id}: {what}: {e}"));
+    for (name, value) in &header.xattrs {
+        if !name.starts_with("user.ebsfs.") {
+            set_xattr(&working.volume, name, value)
+                .map_err(|e| io_failed(&format!("setting {name}"), e))?;
+        }
+    }
+    let dir = snapshot_dir(mnt, &id);
+    fs::create_dir(&dir).map_err(|e| Failure(1, explain(&e, &id)))?;
+    working.snapshot = Some(dir.clone());
+    // At once, while pending: a receive killed from here on leaves the snapshot
+    // (whole: its capture completes on its own) with the sender's identity.
+    set_xattr(&dir, ORIGIN_XATTR, header.identity.to_string().as_bytes())
+        .map_err(|e| io_failed(&format!("setting {ORIGIN_XATTR}"), e))?;
+    wait_for(mnt, &id)
 }
 
 fn refused(e: crate::snapshot::stream::StreamError) -> Failure {
