@@ -8,8 +8,8 @@
 //! for an incremental one (so the new snapshot is incremental against the base here
 //! too); it writes each record once verified, and only after the trailer verified
 //! takes the snapshot, marks it with the sender's identity (`user.ebsfs.origin`),
-//! waits for it to complete and deletes the volume. Whatever fails, the volume and any snapshot it made go again:
-//! a damaged stream never leaves a snapshot.
+//! waits for it to complete and deletes the volume. Whatever fails, the volume and
+//! any snapshot it made go again: a damaged stream never leaves a snapshot.
 
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
