@@ -2,7 +2,7 @@
 //! `ebsfs scrub`, `ebsfs bucket gc`, `ebsfs policy list`, `ebsfs recycle-bin …`, and the `mount -t fuse.ebsfs` helper form
 //! (`ebsfs DATA_DIR MOUNTPOINT -o OPTIONS`).
 //!
-//! `snapshot`, `volume` and `scrub` are thin layers over the mounted filesystem:
+//! `snapshot` (with `send` and `receive`), `volume` and `scrub` are thin layers over the mounted filesystem:
 //! anything they do can be done with `mkdir`, `cat`, `rmdir`, `cp` and `dd`. `check`
 //! works on a stopped data directory through [`crate::check`], and reads the snapshot
 //! store's bucket (if configured) through [`crate::check::bucket`]; `bucket gc` runs
@@ -14,6 +14,7 @@ pub mod mount;
 pub mod policy;
 pub mod recycle_bin;
 pub mod scrub;
+pub mod send;
 pub mod snapshot;
 pub mod volume;
 

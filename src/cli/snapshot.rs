@@ -77,6 +77,23 @@ pub enum SnapshotCommand {
         #[command(flatten)]
         location: MountLocation,
     },
+    /// Write snapshot ID to standard output as a self-verifying stream, for `ebsfs
+    /// snapshot receive` on another data directory: whole, or with --since only what
+    /// changed since BASE, an earlier snapshot ID descends from.
+    Send {
+        id: String,
+        /// Send only the changes since this snapshot, which the receiver must have.
+        #[arg(long, value_name = "BASE")]
+        since: Option<String>,
+        #[command(flatten)]
+        location: MountLocation,
+    },
+    /// Recreate the snapshot of a stream from `ebsfs snapshot send` on standard input;
+    /// refuses a damaged stream, or an incremental one whose base is not here.
+    Receive {
+        #[command(flatten)]
+        location: MountLocation,
+    },
 }
 
 /// A failure to report, with the exit code to use.
@@ -171,17 +188,78 @@ fn dispatch(cmd: SnapshotCommand) -> Result<(), Failure> {
             let (from, to) = (parse_ref(&from)?.to_string(), parse_ref(&to)?.to_string());
             with_mount(&location, |mnt| diff(mnt, &from, &to, json))
         }
+        SnapshotCommand::Send {
+            id,
+            since,
+            location,
+        } => {
+            let id = local_name(&id)?;
+            let since = since.as_deref().map(local_name).transpose()?;
+            if std::io::stdout().is_terminal() {
+                return Err(Failure(
+                    2,
+                    "send writes a binary stream: redirect it to a file or pipe it \
+                     (ebsfs snapshot send VOL@LABEL | ebsfs snapshot receive)"
+                        .into(),
+                ));
+            }
+            with_mount(&location, |mnt| {
+                super::send::send(mnt, &id, since.as_ref(), std::io::stdout().lock())
+            })
+        }
+        SnapshotCommand::Receive { location } => {
+            if std::io::stdin().is_terminal() {
+                return Err(Failure(
+                    2,
+                    "receive reads a stream from `ebsfs snapshot send` on standard input: \
+                     pipe or redirect one in"
+                        .into(),
+                ));
+            }
+            with_mount(&location, |mnt| {
+                super::send::receive(mnt, std::io::stdin().lock())
+            })
+        }
     }
 }
 
-/// `ebsfs snapshot diff FROM TO`: the union of the `changed` files from TO back to
-/// FROM (see [`crate::snapshot::diff::diff_along_parents`]).
+/// One of this host's snapshots (`VOLUME@LABEL`) from the command line.
+fn local_name(id: &str) -> Result<SnapshotName, Failure> {
+    let parsed = parse_ref(id)?;
+    match parsed.host() {
+        Some(host) => Err(Failure(
+            2,
+            format!("{id}: another host's snapshot: send it from {host}"),
+        )),
+        None => Ok(parsed.name),
+    }
+}
+
+/// `ebsfs snapshot diff FROM TO`: the ranges of [`changed_between`].
 fn diff(mnt: &Path, from: &str, to: &str, json: bool) -> Result<(), Failure> {
+    let ranges = changed_between(mnt, from, to)?;
+    let text = if json {
+        crate::snapshot::diff::ranges_json(&ranges)
+    } else {
+        crate::snapshot::diff::render_ranges(&ranges)
+    };
+    print!("{text}");
+    Ok(())
+}
+
+/// The byte ranges in which snapshot `to` differs from `from`, an earlier snapshot
+/// on its line of parents: the union of the `changed` files from `to` back to `from`
+/// (see [`crate::snapshot::diff::diff_along_parents`]).
+pub(super) fn changed_between(
+    mnt: &Path,
+    from: &str,
+    to: &str,
+) -> Result<Vec<std::ops::Range<u64>>, Failure> {
     let read = |id: &str, file: &str| {
         std::fs::read_to_string(snapshot_dir(mnt, id).join(file))
             .map_err(|e| explain(&e, &format!("{id}/{file}")))
     };
-    let ranges = crate::snapshot::diff::diff_along_parents(
+    crate::snapshot::diff::diff_along_parents(
         from,
         to,
         |id| crate::snapshot::diff::parse_ranges(&read(id, "changed")?),
@@ -196,14 +274,7 @@ fn diff(mnt: &Path, from: &str, to: &str, json: bool) -> Result<(), Failure> {
             Ok((parent, size as u64))
         },
     )
-    .map_err(|e| Failure(1, e))?;
-    let text = if json {
-        crate::snapshot::diff::ranges_json(&ranges)
-    } else {
-        crate::snapshot::diff::render_ranges(&ranges)
-    };
-    print!("{text}");
-    Ok(())
+    .map_err(|e| Failure(1, e))
 }
 
 /// Refuses a name from the command line (exit status 2, like other usage errors).
@@ -420,7 +491,7 @@ pub(super) fn get_xattr(path: &Path, name: &str) -> std::io::Result<Option<Vec<u
     }
 }
 
-fn set_xattr(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
+pub(super) fn set_xattr(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
     let c_path = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     let c_name = CString::new(name).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
@@ -546,7 +617,7 @@ fn list_table(rows: &[ListRow]) -> String {
 }
 
 /// Polls `status` and `progress`: a bar on a terminal, a line per 10% otherwise.
-fn wait_for(mnt: &Path, id: &str) -> Result<(), Failure> {
+pub(super) fn wait_for(mnt: &Path, id: &str) -> Result<(), Failure> {
     let dir = snapshot_dir(mnt, id);
     let tty = std::io::stderr().is_terminal();
     let mut last_reported: Option<u64> = None;

@@ -97,6 +97,28 @@ fn create(
     size: Option<u64>,
 ) -> Result<(), Failure> {
     let started = Instant::now();
+    let size_now = make_volume(mnt, name, from, size)?;
+    let how = match from {
+        Some(id) => format!(" from {id}"),
+        None => String::new(),
+    };
+    println!(
+        "{name}: created{how}, {} in {:.1} ms",
+        ByteSize(size_now),
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    Ok(())
+}
+
+/// Creates volume `name`: `size` bytes of zeros, or an instant copy of snapshot
+/// `from` (grown to `size` if given). Returns its size. A volume this fails to fill
+/// is removed again.
+pub(super) fn make_volume(
+    mnt: &Path,
+    name: &VolumeName,
+    from: Option<&SnapshotRef>,
+    size: Option<u64>,
+) -> Result<u64, Failure> {
     let path = mnt.join("volumes").join(name.file_name());
     let source = from
         .map(|id| {
@@ -127,24 +149,14 @@ fn create(
             .map(|_| 0)
             .map_err(|e| io_failure(&format!("sizing volume {name}"), &e)),
     };
-    let size_now = match filled {
-        Ok(_) => volume.metadata().map(|m| m.len()).unwrap_or(0),
+    match filled {
+        Ok(_) => Ok(volume.metadata().map(|m| m.len()).unwrap_or(0)),
         Err(failure) => {
             // The file is this command's own: nothing else can have used it yet.
             let _ = fs::remove_file(&path);
-            return Err(failure);
+            Err(failure)
         }
-    };
-    let how = match from {
-        Some(id) => format!(" from {id}"),
-        None => String::new(),
-    };
-    println!(
-        "{name}: created{how}, {} in {:.1} ms",
-        ByteSize(size_now),
-        started.elapsed().as_secs_f64() * 1000.0
-    );
-    Ok(())
+    }
 }
 
 /// Copies all of `source` into `dest` with `copy_file_range`, then grows `dest` to

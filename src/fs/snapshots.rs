@@ -517,6 +517,9 @@ impl<S: Storage> FsCore<S> {
             if key == crate::snapshot::LOCK_XATTR {
                 return set_lock(record, value, flags, &what);
             }
+            if key == crate::snapshot::ORIGIN_XATTR {
+                return set_origin(record, value, flags, &what);
+            }
             match value {
                 Some(v) => xattr::set(&mut record.xattrs, key, v, flags, &what)?,
                 None if !record.xattrs.remove(key) => {
@@ -590,6 +593,42 @@ fn set_lock(
         flags,
         what,
     )
+}
+
+/// Sets a snapshot's identity from where it was received (see
+/// [`crate::snapshot::ORIGIN_XATTR`]): once, never changed or removed, since an
+/// incremental receive trusts it to name the snapshot.
+fn set_origin(
+    record: &mut SnapshotRecord,
+    value: Option<&[u8]>,
+    flags: XattrFlags,
+    what: &str,
+) -> FsResult<()> {
+    let key = crate::snapshot::ORIGIN_XATTR;
+    let current = record.xattrs.get(key);
+    let Some(value) = value else {
+        return Err(match current {
+            Some(_) => FsError::NotPermitted(format!("{what}: {key} cannot be removed")),
+            None => FsError::NoAttribute(key.to_string()),
+        });
+    };
+    let identity = std::str::from_utf8(value)
+        .ok()
+        .and_then(crate::snapshot::stream::Identity::parse)
+        .ok_or_else(|| {
+            FsError::Invalid(format!(
+                "{key} takes a snapshot identity (64 hex digits), not {:?}",
+                String::from_utf8_lossy(value)
+            ))
+        })?;
+    let text = identity.to_string();
+    match current {
+        Some(old) if old != text.as_bytes() => Err(FsError::NotPermitted(format!(
+            "{what} already has {key} {}: it cannot change",
+            String::from_utf8_lossy(&old)
+        ))),
+        _ => xattr::set(&mut record.xattrs, key, text.as_bytes(), flags, what),
+    }
 }
 
 /// The attributes of file `file` of snapshot `record`, `size` bytes long.
@@ -894,5 +933,52 @@ mod tests {
         assert!(!parsed.contains_key("completed"));
         assert_eq!(parsed["description"].as_str(), Some("weekly \"full\""));
         assert_eq!(parsed["size"].as_integer(), Some(1 << 30));
+    }
+
+    #[test]
+    fn a_snapshots_origin_is_set_once_and_volumes_refuse_it() {
+        let storage = MemStorage::new();
+        let core = start(&storage, false);
+        let ino = alices_snapshot(&core);
+        let origin = OsStr::new(crate::snapshot::ORIGIN_XATTR);
+        let flags = XattrFlags::default();
+        let one = "ab".repeat(32);
+        let err = core
+            .setxattr(ino, origin, Some(b"not hex"), flags, &alice())
+            .unwrap_err();
+        assert_eq!(err.errno(), libc::EINVAL, "{err}");
+        let err = core
+            .setxattr(ino, origin, Some(one.as_bytes()), flags, &bob())
+            .unwrap_err();
+        assert_eq!(err.errno(), libc::EPERM, "{err}");
+        core.setxattr(
+            ino,
+            origin,
+            Some(one.to_uppercase().as_bytes()),
+            flags,
+            &alice(),
+        )
+        .unwrap();
+        assert_eq!(core.getxattr(ino, origin).unwrap(), one.as_bytes());
+        // The same again is no change; another, or removing it, is refused.
+        core.setxattr(ino, origin, Some(one.as_bytes()), flags, &alice())
+            .unwrap();
+        let other = "cd".repeat(32);
+        let err = core
+            .setxattr(ino, origin, Some(other.as_bytes()), flags, &alice())
+            .unwrap_err();
+        assert_eq!(err.errno(), libc::EPERM, "{err}");
+        let err = core
+            .setxattr(ino, origin, None, flags, &alice())
+            .unwrap_err();
+        assert_eq!(err.errno(), libc::EPERM, "{err}");
+        assert_eq!(core.getxattr(ino, origin).unwrap(), one.as_bytes());
+
+        let volume = core.lookup(VOLUMES_DIR, OsStr::new("a.img")).unwrap().ino;
+        let err = core
+            .setxattr(volume, origin, Some(one.as_bytes()), flags, &alice())
+            .unwrap_err();
+        assert_eq!(err.errno(), libc::EPERM, "{err}");
+        assert!(err.to_string().contains("read-only"), "{err}");
     }
 }

@@ -8,6 +8,7 @@
 //! - [`manifest`]: which chunk each block of each snapshot holds;
 //! - [`read`]: reading images, and pins that keep an open image readable after `rmdir`;
 //! - [`settle`]: merging and dropping deleted snapshots in bounded transactions;
+//! - [`stream`]: send streams, one snapshot as a self-verifying byte stream;
 //! - [`recovery`]: what start-up does with captures a crash interrupted.
 //!
 //! Every record change goes through the [`Namespace`] service (stage → commit →
@@ -20,6 +21,7 @@ pub mod manifest;
 pub mod read;
 pub mod recovery;
 pub mod settle;
+pub mod stream;
 pub mod upload;
 
 use std::collections::HashMap;
@@ -110,6 +112,13 @@ type Running<S> = (Arc<CaptureProgress>, read::Frozen<S>);
 /// Extended attribute of a snapshot holding the time (RFC 3339, UTC) until which it
 /// cannot be deleted, by anyone: `setfattr -n user.ebsfs.lock -v 2027-01-01T00:00:00Z`.
 pub const LOCK_XATTR: &str = "user.ebsfs.lock";
+
+/// Extended attribute of a received snapshot: the identity it had where it was taken
+/// ([`stream::Identity`], 64 hex digits), which `ebsfs snapshot send` sends it with
+/// and an incremental receive checks its base by. Set once, by its owner; never
+/// changed or removed; volumes refuse it like every `user.ebsfs.*` name, so a volume
+/// made from a received snapshot does not pass it on.
+pub const ORIGIN_XATTR: &str = "user.ebsfs.origin";
 
 /// Until when `record` is locked against deletion, if it is now.
 pub fn locked_until(record: &crate::namespace::SnapshotRecord) -> Option<Timestamp> {
