@@ -247,3 +247,44 @@ fn an_incremental_stream_needs_the_very_snapshot_it_was_made_against() {
     let out = try_send(&a, &["db@none"], Stdio::null());
     assert_refused(&out, "db@none");
 }
+
+/// Ctrl-C (SIGINT) of a receive waiting for the rest of its stream: it stops, says
+/// so, and removes its working volume; the same stream then goes through.
+#[test]
+fn an_interrupted_receive_leaves_nothing_behind() {
+    if !require_fuse() {
+        return;
+    }
+    let a = Ebsfs::start();
+    let b = Ebsfs::start();
+    random_volume(&a, "db", 16, 0, 8);
+    take_snapshot(&a, "db@a");
+    let full = a.scratch("full.stream");
+    send(&a, &["db@a"], &full);
+    let bytes = fs::read(&full).unwrap();
+
+    let mut child = Command::new(BIN)
+        .args(["snapshot", "receive", "--mount", &path_str(&b.mnt)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, &bytes[..bytes.len() / 2]).unwrap();
+    wait_until(
+        "the working volume",
+        std::time::Duration::from_secs(30),
+        || b.volume("db").exists(),
+    );
+    // SAFETY: a signal to our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    assert_refused(&out, "interrupted by a signal");
+    assert_nothing_left(&b, "db@a", "db");
+
+    let out = receive(&b, &full);
+    assert!(out.status.success(), "{}", describe_output(&out));
+    assert_eq!(sha256(&image(&b, "db@a")), sha256(&image(&a, "db@a")));
+}

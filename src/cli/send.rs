@@ -19,6 +19,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::snapshot::{
     Failure, SnapshotRef, changed_between, explain, get_xattr, info_value, read_field, set_xattr,
@@ -213,8 +214,55 @@ impl Drop for Working {
     }
 }
 
-/// `ebsfs snapshot receive`: recreates the snapshot of the stream on `input`.
+/// Set by SIGINT, SIGTERM or SIGHUP during a receive: it stops and removes what it
+/// made, instead of dying with its working volume left behind.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Catches SIGINT, SIGTERM and SIGHUP into [`INTERRUPTED`], without `SA_RESTART`, so
+/// that a read of the stream blocked in the kernel returns.
+fn catch_interrupts() {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: a zeroed sigaction is valid; the handler only stores an atomic.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+fn interrupted() -> std::io::Error {
+    std::io::Error::other("interrupted by a signal")
+}
+
+/// A stream's input that fails once a signal asked the receive to stop.
+struct Interruptible<R>(R);
+
+impl<R: Read> Read for Interruptible<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                return Err(interrupted());
+            }
+            match self.0.read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                result => return result,
+            }
+        }
+    }
+}
+
+/// `ebsfs snapshot receive`: recreates the snapshot of the stream on `input`. A
+/// signal (Ctrl-C) before the snapshot is taken stops it and removes what it made;
+/// from then on it goes to the end (the snapshot completes on its own anyway).
 pub(super) fn receive(mnt: &Path, input: impl Read) -> Result<(), Failure> {
+    catch_interrupts();
+    let input = Interruptible(input);
     let (mut reader, header) =
         StreamReader::open(BufReader::with_capacity(1 << 20, input)).map_err(refused)?;
     check_receivable(mnt, &header)?;
@@ -241,6 +289,11 @@ pub(super) fn receive(mnt: &Path, input: impl Read) -> Result<(), Failure> {
             .map_err(|e| io_failed("sizing the volume", e))?;
     }
     while let Some(record) = reader.next_record().map_err(refused)? {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            return Err(refused(crate::snapshot::stream::StreamError::Io(
+                interrupted(),
+            )));
+        }
         let written = match &record.content {
             Content::Data(bytes) => file.write_all_at(bytes, record.offset),
             Content::Zeros(len) => write_zeros(&file, record.offset, *len),
@@ -274,6 +327,15 @@ fn check_receivable(mnt: &Path, header: &StreamHeader) -> Result<(), Failure> {
     let id = header.snapshot.to_string();
     if fs::symlink_metadata(snapshot_dir(mnt, &id)).is_ok() {
         return Err(Failure(1, format!("{id} already exists here")));
+    }
+    if fs::symlink_metadata(mnt.join(super::recycle_bin::DIR).join(&id)).is_ok() {
+        return Err(Failure(
+            1,
+            format!(
+                "{id} is in the recycle bin here: restore it (ebsfs recycle-bin restore {id}) \
+                 or purge it first"
+            ),
+        ));
     }
     let volume = header.snapshot.volume();
     if fs::symlink_metadata(mnt.join("volumes").join(volume.file_name())).is_ok() {
