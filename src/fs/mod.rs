@@ -168,6 +168,9 @@ pub struct FsCore<S: Storage> {
     /// When volume I/O last happened, in ms since `epoch_start` (the hydrator yields).
     last_io: AtomicU64,
     epoch_start: Instant,
+    /// The `changed` listing last rendered, by snapshot and parent: `cat` asks for its
+    /// size (getattr) and then opens it, and the listing costs a walk of the change.
+    last_changed: std::sync::Mutex<Option<snapshots::ChangedText>>,
 }
 
 impl<S: Storage> Drop for FsCore<S> {
@@ -225,6 +228,7 @@ impl<S: Storage> FsCore<S> {
             last_io: AtomicU64::new(0),
             epoch_start: Instant::now(),
             posix_acls: AtomicBool::new(false),
+            last_changed: std::sync::Mutex::default(),
         })
     }
 

@@ -82,6 +82,9 @@ struct Info<'a> {
     purge_after: Option<String>,
 }
 
+/// A rendered `changed` listing: the snapshot, the parent it is against, the text.
+pub(super) type ChangedText = (SnapshotId, Option<String>, std::sync::Arc<[u8]>);
+
 /// Where a snapshot lives, for `info`.
 pub(super) struct Location {
     pub host: String,
@@ -235,13 +238,35 @@ impl<S: Storage> FsCore<S> {
                         "the changed blocks of another host's snapshot are not listed".into(),
                     ));
                 }
-                diff::render_ranges(&self.engine.changed_ranges(&record)?)
+                return Ok(self.changed_text(&record)?.to_vec());
             }
             SnapshotFile::Image => {
                 return Err(FsError::Invalid("volume.img is not a text file".into()));
             }
         };
         Ok(text.into_bytes())
+    }
+
+    /// The `changed` listing of captured snapshot `record`, rendered once for a `cat`
+    /// (its getattr and its open). It stays right for as long as the parent `info`
+    /// names does: neither image ever changes, and ids are never reused.
+    fn changed_text(&self, record: &SnapshotRecord) -> FsResult<std::sync::Arc<[u8]>> {
+        let fits = |c: &&ChangedText| c.0 == record.id && c.1 == record.parent;
+        let cached = self
+            .last_changed
+            .lock()
+            .ok()
+            .and_then(|c| c.as_ref().filter(fits).map(|c| c.2.clone()));
+        if let Some(text) = cached {
+            return Ok(text);
+        }
+        let text: std::sync::Arc<[u8]> = diff::render_ranges(&self.engine.changed_ranges(record)?)
+            .into_bytes()
+            .into();
+        if let Ok(mut last) = self.last_changed.lock() {
+            *last = Some((record.id, record.parent.clone(), text.clone()));
+        }
+        Ok(text)
     }
 
     /// Opens `volume.img`: the point-in-time image, also while the snapshot is
