@@ -76,18 +76,24 @@ impl<S: Storage> FsCore<S> {
         Ok(binned)
     }
 
-    /// `rmdir recycle-bin/X`: purges X now; only its owner may.
-    pub(super) fn purge_binned(&self, name: &OsStr, caller: &Caller) -> FsResult<()> {
-        let id = self.binned_by_name(name)?;
-        let record = self.snapshot_record(id)?;
+    /// The snapshot `recycle-bin/<name>`, if `caller` owns it (only its owner may
+    /// `verb` it).
+    fn owned_binned(&self, name: &OsStr, caller: &Caller, verb: &str) -> FsResult<String> {
+        let record = self.snapshot_record(self.binned_by_name(name)?)?;
         if !caller.owns(&record.owner) {
             return Err(FsError::NotPermitted(format!(
-                "{}/{}: only its owner may purge it",
+                "{}/{}: only its owner may {verb} it",
                 inode::RECYCLE_BIN,
                 record.name()
             )));
         }
-        self.engine.purge(&record.name())?;
+        Ok(record.name())
+    }
+
+    /// `rmdir recycle-bin/X`: purges X now; only its owner may.
+    pub(super) fn purge_binned(&self, name: &OsStr, caller: &Caller) -> FsResult<()> {
+        let name = self.owned_binned(name, caller, "purge")?;
+        self.engine.purge(&name)?;
         Ok(())
     }
 
@@ -99,23 +105,15 @@ impl<S: Storage> FsCore<S> {
         new_name: &OsStr,
         caller: &Caller,
     ) -> FsResult<()> {
-        let id = self.binned_by_name(name)?;
-        let record = self.snapshot_record(id)?;
-        if name != new_name {
+        let name = self.owned_binned(name, caller, "restore")?;
+        if OsStr::new(&name) != new_name {
             return Err(FsError::Invalid(format!(
-                "{}/{}: a snapshot is restored under its own name (mv {0}/{1} snapshots/)",
+                "{}/{name}: a snapshot is restored under its own name (mv {0}/{name} \
+                 snapshots/)",
                 inode::RECYCLE_BIN,
-                record.name()
             )));
         }
-        if !caller.owns(&record.owner) {
-            return Err(FsError::NotPermitted(format!(
-                "{}/{}: only its owner may restore it",
-                inode::RECYCLE_BIN,
-                record.name()
-            )));
-        }
-        self.engine.restore(&record.name())?;
+        self.engine.restore(&name)?;
         Ok(())
     }
 

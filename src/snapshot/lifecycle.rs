@@ -428,46 +428,52 @@ impl<S: Storage> SnapshotEngine<S> {
     /// `false`, changing nothing, for one that is not completed (pending, uploading,
     /// failed): [`SnapshotEngine::delete`] is for those.
     pub fn bin(&self, name: &str) -> SnapshotResult<bool> {
-        let guard = self.ns.lock();
-        let view = self.ns.view();
-        let Some(mut record) = view
-            .snapshot_id(name)
-            .and_then(|id| view.snapshots.get(&id).cloned())
-        else {
-            return Err(SnapshotError::NotFound(name.to_string()));
-        };
-        if let Some(until) = super::locked_until(&record) {
-            return Err(SnapshotError::Locked {
-                name: name.to_string(),
-                until: until.to_rfc3339(),
-            });
-        }
-        if record.status != SnapshotStatus::Completed {
-            return Ok(false);
-        }
-        record.binned = Some(Timestamp::now());
-        self.ns.change(&guard, |c| c.put_snapshot(record))?;
-        info!("snapshot {name} moved to the recycle bin");
-        Ok(true)
+        self.move_binned(name, false, |record| {
+            if let Some(until) = super::locked_until(record) {
+                return Err(SnapshotError::Locked {
+                    name: name.to_string(),
+                    until: until.to_rfc3339(),
+                });
+            }
+            Ok(record.status == SnapshotStatus::Completed)
+        })
     }
 
     /// `mv recycle-bin/<name> snapshots/`: the snapshot is back as it was.
     pub fn restore(&self, name: &str) -> SnapshotResult<()> {
+        self.move_binned(name, true, |_| Ok(true)).map(|_| ())
+    }
+
+    /// Moves snapshot `name` into the recycle bin, or out of it (`from_bin`), in one
+    /// commit of its record, if `check` says so (`false`: nothing is changed).
+    fn move_binned(
+        &self,
+        name: &str,
+        from_bin: bool,
+        check: impl FnOnce(&SnapshotRecord) -> SnapshotResult<bool>,
+    ) -> SnapshotResult<bool> {
         let guard = self.ns.lock();
         let view = self.ns.view();
-        let Some(mut record) = view
-            .binned_id(name)
-            .and_then(|id| view.snapshots.get(&id).cloned())
-        else {
-            return Err(SnapshotError::NotFound(format!("recycle-bin/{name}")));
+        let id = match from_bin {
+            true => view.binned_id(name),
+            false => view.snapshot_id(name),
         };
-        if view.snapshot_id(name).is_some() {
-            return Err(SnapshotError::Exists(name.to_string()));
+        let Some(mut record) = id.and_then(|id| view.snapshots.get(&id).cloned()) else {
+            return Err(SnapshotError::NotFound(match from_bin {
+                true => format!("recycle-bin/{name}"),
+                false => name.to_string(),
+            }));
+        };
+        if !check(&record)? {
+            return Ok(false);
         }
-        record.binned = None;
+        record.binned = (!from_bin).then(Timestamp::now);
         self.ns.change(&guard, |c| c.put_snapshot(record))?;
-        info!("snapshot {name} restored from the recycle bin");
-        Ok(())
+        match from_bin {
+            true => info!("snapshot {name} restored from the recycle bin"),
+            false => info!("snapshot {name} moved to the recycle bin"),
+        }
+        Ok(true)
     }
 
     /// `rmdir recycle-bin/<name>`, or its retention ran out: deleted for good, as
