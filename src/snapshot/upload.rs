@@ -937,7 +937,8 @@ impl<S: Storage> SnapshotEngine<S> {
                             match manifest::resolve_chain(&manifest_table, &chain, block)? {
                                 BlockContent::Zero => page.set(within, None),
                                 BlockContent::Chunk(hash) => {
-                                    if let Some(c) = placed.get(&hash).or_else(|| by_hash.get(&hash))
+                                    if let Some(c) =
+                                        placed.get(&hash).or_else(|| by_hash.get(&hash))
                                     {
                                         page.set(within, Some(c.clone()));
                                         continue;
@@ -970,7 +971,8 @@ impl<S: Storage> SnapshotEngine<S> {
                         packs.send(pack)?;
                     }
                     self.collect_packs(up, id, &mut packs, &mut placed, usize::MAX)?;
-                    done_pages += self.finish_pages(up, &mut waiting, &placed, &mut pages, false)?;
+                    done_pages +=
+                        self.finish_pages(up, &mut waiting, &placed, &mut pages, false)?;
                     lock(&up.progress).insert(id, (done_pages, total));
                     if up.renewal_due() {
                         up.write_lease(&self.ns.view())?;
@@ -1070,9 +1072,7 @@ impl<S: Storage> SnapshotEngine<S> {
         pack: &[(ChunkHash, ChunkLocation)],
     ) -> UploadResult<Vec<RemoteChunk>> {
         let size = pack.iter().map(|(_, loc)| loc.stored_len as usize).sum();
-        let mut builder = up
-            .store
-            .pack_builder(crate::namespace::random_u64(), size);
+        let mut builder = up.store.pack_builder(crate::namespace::random_u64(), size);
         self.store
             .read_payloads(pack, |i, payload| {
                 let (hash, loc) = pack[i];

@@ -260,7 +260,8 @@ impl<S: Storage> Source<S> {
                 let len = (end - start) as usize;
                 let stretch = &mut buf[..(j - i) * bs];
                 for (k, block) in (start_block..=end_block).enumerate() {
-                    self.blocks.read_block(block, &mut stretch[k * bs..(k + 1) * bs])?;
+                    self.blocks
+                        .read_block(block, &mut stretch[k * bs..(k + 1) * bs])?;
                 }
                 // Write the non-zero blocks, consecutive ones together.
                 let mut from: Option<usize> = None;
