@@ -393,9 +393,9 @@ fn an_upload_cut_by_kill_9_resumes_and_sends_nothing_twice() {
     let Some(s3) = s3_server() else {
         return;
     };
-    // One pack at a time, and 32 KiB blocks so that a page of the block map holds
-    // one pack's worth: every batch of the upload is then one pack, recorded in the
-    // data directory as soon as it is in the bucket.
+    // One pack at a time: each is recorded in the data directory as soon as its PUT
+    // returns, so at most one pack is in the bucket and not recorded when the kill
+    // comes. 32 KiB blocks, so that a page of the block map holds one pack's worth.
     let mut a = host(
         &s3,
         s3.config(HOST_A)

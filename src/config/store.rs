@@ -121,7 +121,7 @@ impl StoreTable {
             credentials_file: self.credentials_file.map(&resolve),
             profile: self.profile,
             upload_concurrency: positive("upload_concurrency", self.upload_concurrency, 4)?,
-            download_concurrency: positive("download_concurrency", self.download_concurrency, 8)?,
+            download_concurrency: positive("download_concurrency", self.download_concurrency, 16)?,
             cache_size_bytes,
             poll_seconds: self.poll_seconds.unwrap_or(30).max(1),
             key_file: self.key_file.map(&resolve),

@@ -261,9 +261,16 @@ impl Bucket {
             .map_err(|e| BucketError::of(name, e))
     }
 
-    /// Uploads a large object in parts of `part` bytes (several in flight).
-    pub fn put_multipart(&self, name: &str, bytes: Vec<u8>, part: usize) -> BucketResult<()> {
-        if bytes.len() <= part {
+    /// Uploads an object in one PUT if it has at most `single` bytes, else in parts
+    /// of `part` bytes (several in flight).
+    pub fn put_multipart(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+        single: usize,
+        part: usize,
+    ) -> BucketResult<()> {
+        if bytes.len() <= single.max(part) {
             return self.put(name, bytes);
         }
         // Create, the parts, complete.

@@ -69,6 +69,11 @@ pub const PACK_OBJECT_BYTES: usize = 32 << 20;
 /// Multipart uploads go in parts of this size.
 const PART_BYTES: usize = 8 << 20;
 
+/// Objects up to this size go up in one PUT, larger ones in parts: a pack object is
+/// one request (a multipart upload costs two more requests, and a server such as
+/// s3s-fs writes every byte twice, once per part and once joined).
+const SINGLE_PUT_BYTES: usize = 2 * PACK_OBJECT_BYTES;
+
 pub struct RemoteStore {
     pub bucket: Bucket,
     pub host: String,
@@ -274,7 +279,7 @@ impl RemoteStore {
             None => plain.to_vec(),
         };
         self.bucket
-            .put_multipart(name, bytes, PART_BYTES)
+            .put_multipart(name, bytes, SINGLE_PUT_BYTES, PART_BYTES)
             .map_err(self.err())
     }
 
@@ -487,7 +492,7 @@ impl PackBuilder<'_> {
     pub fn finish(self) -> RemoteResult<Vec<RemoteChunk>> {
         self.store
             .bucket
-            .put_multipart(&self.name, self.bytes, PART_BYTES)
+            .put_multipart(&self.name, self.bytes, SINGLE_PUT_BYTES, PART_BYTES)
             .map_err(self.store.err())?;
         Ok(self.placed)
     }

@@ -25,8 +25,10 @@ use crate::volume::source::SnapshotBlocks;
 /// Most bytes (stored) one read-ahead request fetches.
 const READ_AHEAD_BYTES: u64 = 4 << 20;
 
-/// Most bytes (stored) one request of a prefetch spans.
-const PREFETCH_RANGE_BYTES: u64 = 8 << 20;
+/// Most bytes (stored) one request of a prefetch spans: a quarter of the cache makes
+/// several requests per `download_concurrency` workers, so that one slow request
+/// holds back little of the next fetch.
+const PREFETCH_RANGE_BYTES: u64 = 4 << 20;
 
 /// Largest gap between two chunks of a pack that one prefetch request reads through
 /// (bytes fetched and dropped) rather than making two requests.
@@ -145,6 +147,9 @@ pub struct RemoteBlocks {
     reported: Mutex<HashSet<String>>,
     /// A prefetch running in the background.
     ahead: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// One past the last block a prefetch asked for or found cached: the blocks
+    /// before it need no second look while they are ahead of the reader.
+    frontier: Mutex<u64>,
 }
 
 impl RemoteBlocks {
@@ -165,6 +170,7 @@ impl RemoteBlocks {
             root,
             reported: Mutex::new(HashSet::new()),
             ahead: Mutex::new(None),
+            frontier: Mutex::new(0),
         }
     }
 
@@ -220,21 +226,25 @@ impl RemoteBlocks {
     }
 
     /// The chunks of `blocks` (from the first on) not in the cache, up to `budget`
-    /// plain bytes; `None` when the cached ones before the first missing already
-    /// reach `budget` (enough is fetched ahead).
-    fn wanted(&self, blocks: &[u64], budget: u64) -> Option<Vec<RemoteChunk>> {
+    /// plain bytes, and one past the last block looked at; `None` for the chunks
+    /// when the cached ones before the first missing already reach `budget`
+    /// (enough is fetched ahead).
+    fn wanted(&self, blocks: &[u64], budget: u64) -> (Option<Vec<RemoteChunk>>, u64) {
         let mut wanted = Vec::new();
         let (mut ahead, mut bytes) = (0u64, 0u64);
+        let mut end = blocks.first().copied().unwrap_or(0);
         for &block in blocks {
             let Ok(Some(chunk)) = self.chunk_of(block) else {
+                end = block + 1;
                 continue;
             };
             let len = u64::from(chunk.plain_len);
             if lock(&self.store.chunks).contains(&chunk.hash) {
+                end = block + 1;
                 if wanted.is_empty() {
                     ahead += len;
                     if ahead >= budget {
-                        return None;
+                        return (None, end);
                     }
                 }
                 continue;
@@ -244,8 +254,9 @@ impl RemoteBlocks {
             }
             bytes += len;
             wanted.push(chunk);
+            end = block + 1;
         }
-        Some(wanted)
+        (Some(wanted), end)
     }
 }
 
@@ -282,14 +293,17 @@ impl SnapshotBlocks for RemoteBlocks {
     /// Fetches the chunks of the next blocks to read, up to a quarter of the cache
     /// (plain bytes), grouped by [`coalesce`], several requests at once: on this
     /// thread when the first block's chunk is not in the cache (once a fetch in the
-    /// background has ended), else in the background, unless one runs or the cached
-    /// chunks ahead already fill that quarter. At most half the cache is ahead.
+    /// background has ended), else in the background, unless one runs or the blocks
+    /// ahead already asked for fill that quarter. At most half the cache is ahead.
     /// Failures are left for the reads that follow to meet and report.
+    ///
+    /// Called before every block a hydration copies: the common case (a fetch runs,
+    /// or enough is asked for) looks at the first block only.
     fn prefetch(&self, blocks: &[u64]) {
-        let Some(&head) = blocks.first() else {
+        let Some(&first) = blocks.first() else {
             return;
         };
-        let Ok(Some(head)) = self.chunk_of(head) else {
+        let Ok(Some(head)) = self.chunk_of(first) else {
             return;
         };
         let cached = |chunk: &RemoteChunk| lock(&self.store.chunks).contains(&chunk.hash);
@@ -299,8 +313,9 @@ impl SnapshotBlocks for RemoteBlocks {
                 let _ = running.join();
             }
             if !cached(&head) {
-                let wanted = self.wanted(blocks, budget).unwrap_or_default();
-                fetch(&self.store, &wanted);
+                let (wanted, end) = self.wanted(blocks, budget);
+                *lock(&self.frontier) = end;
+                fetch(&self.store, &wanted.unwrap_or_default());
             }
             return;
         }
@@ -308,7 +323,15 @@ impl SnapshotBlocks for RemoteBlocks {
         if ahead.as_ref().is_some_and(|running| !running.is_finished()) {
             return;
         }
-        let Some(wanted) = self.wanted(blocks, budget).filter(|w| !w.is_empty()) else {
+        // The blocks before the frontier were asked for (or found cached) already.
+        let frontier = *lock(&self.frontier);
+        let asked = blocks.partition_point(|&b| b < frontier);
+        if asked as u64 * self.block_size >= budget {
+            return;
+        }
+        let (wanted, end) = self.wanted(&blocks[asked..], budget);
+        *lock(&self.frontier) = end.max(frontier);
+        let Some(wanted) = wanted.filter(|w| !w.is_empty()) else {
             return;
         };
         let store = self.store.clone();

@@ -9,9 +9,12 @@
 //! 1. the lease is written, listing the roots this upload reads (its base) and the
 //!    server time the upload began (`capturing_since`): no collection removes an
 //!    object younger than that, or reachable from a root in the lease;
-//! 2. the chunks the snapshot references and the bucket lacks go up in pack objects
-//!    (several at once); after each batch the data directory records where they
-//!    went (`uploaded` table), so a resumed upload sends nothing twice;
+//! 2. the chunks the snapshot references and the bucket lacks go up in pack objects:
+//!    while this thread walks the pages and lists the chunks of the next packs,
+//!    `upload_concurrency` workers read, build and PUT the packs listed before (at
+//!    most that many packs in memory); as each PUT returns, the data directory
+//!    records where its chunks went (`uploaded` table), so a resumed upload sends
+//!    nothing twice, and a page is written only once all its chunks are recorded;
 //! 3. the snapshot's block map goes up page by page: an incremental upload rewrites
 //!    only the pages holding blocks changed since its base (the newest earlier
 //!    snapshot of the volume already in the bucket) and reuses the base's other pages;
@@ -402,15 +405,41 @@ impl Uploader {
     }
 }
 
-/// An upload in progress: the pages being rebuilt and the chunks on their way.
-struct Batch {
-    /// Chunks to send, with where they are locally, in the order found.
-    chunks: Vec<(ChunkHash, ChunkLocation)>,
-    queued: BTreeSet<ChunkHash>,
+/// The packs of an upload on their way: a producer (the upload thread, walking the
+/// pages) hands lists of chunks, one pack each, to `upload_concurrency` workers that
+/// read the payloads from the local packs, build the pack object and PUT it. At most
+/// [`PACKS_QUEUED`] lists wait for a worker; only a worker holds a pack's bytes, so
+/// memory stays within `upload_concurrency` packs. Results come back in the order the
+/// PUTs end; the producer records each in `uploaded` before any page names its chunks.
+struct Packs<'a> {
+    jobs: std::sync::mpsc::Sender<Vec<(ChunkHash, ChunkLocation)>>,
+    results: std::sync::mpsc::Receiver<UploadResult<Vec<RemoteChunk>>>,
+    /// Set on the first failure or a stop: workers skip the lists still queued.
+    abort: &'a AtomicBool,
+    /// Lists sent to the workers whose result has not come back.
+    in_flight: usize,
+    /// The pack being filled, and its stored bytes.
+    current: Vec<(ChunkHash, ChunkLocation)>,
     bytes: u64,
+    /// Chunks in `current` or on their way (not placed yet).
+    queued: HashSet<ChunkHash>,
 }
 
-/// A page waiting for chunks of the batch.
+/// Pack lists waiting for a worker besides those being built and sent.
+const PACKS_QUEUED: usize = 2;
+
+impl Packs<'_> {
+    /// Hands a pack's list to the workers (the caller made room: see `collect_packs`).
+    fn send(&mut self, pack: Vec<(ChunkHash, ChunkLocation)>) -> UploadResult<()> {
+        self.jobs
+            .send(pack)
+            .map_err(|_| UploadFailure::Retry("the upload workers are gone".into()))?;
+        self.in_flight += 1;
+        Ok(())
+    }
+}
+
+/// A page waiting for chunks still on their way.
 struct WaitingPage {
     page: Page,
     /// (block in page, chunk hash) still without a place in the bucket.
@@ -834,76 +863,135 @@ impl<S: Storage> SnapshotEngine<S> {
         }
         let total = touched.len() as u64;
         lock(&up.progress).insert(id, (0, total));
-        let mut batch = Batch {
-            chunks: Vec::new(),
-            queued: BTreeSet::new(),
-            bytes: 0,
-        };
         let mut waiting: BTreeMap<u64, WaitingPage> = BTreeMap::new();
         let mut done_pages = 0;
-        for (index, page_blocks) in touched {
-            if up.stopped() {
-                return Err(UploadFailure::Stopped);
+        let concurrency = up.store.settings.upload_concurrency.max(1);
+        let abort = AtomicBool::new(false);
+        let (jobs, job_queue) = std::sync::mpsc::channel::<Vec<(ChunkHash, ChunkLocation)>>();
+        let job_queue = Mutex::new(job_queue);
+        std::thread::scope(|scope| -> UploadResult<()> {
+            let (results_in, results) = std::sync::mpsc::channel();
+            for _ in 0..concurrency {
+                let (job_queue, results_in, abort) = (&job_queue, results_in.clone(), &abort);
+                scope.spawn(move || {
+                    // Ends when the producer drops its end of the queue.
+                    while let Ok(pack) = lock(job_queue).recv() {
+                        let result = if abort.load(Ordering::Acquire) {
+                            Err(UploadFailure::Stopped)
+                        } else {
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                self.send_pack(up, &pack)
+                            }))
+                            .unwrap_or_else(|_| {
+                                Err(UploadFailure::Retry("upload thread panicked".into()))
+                            })
+                        };
+                        if results_in.send(result).is_err() {
+                            return;
+                        }
+                    }
+                });
             }
-            let mut page = match pages.get(&index) {
-                Some(name) => (*up.store.page(name)?).clone(),
-                None => Page::default(),
+            drop(results_in);
+            let mut packs = Packs {
+                jobs,
+                results,
+                abort: &abort,
+                in_flight: 0,
+                current: Vec::new(),
+                bytes: 0,
+                queued: HashSet::new(),
             };
-            page.entries
-                .retain(|(b, _)| index * PAGE_BLOCKS + u64::from(*b) < blocks);
-            let source_page = match source.as_ref().and_then(|r| r.page(index)) {
-                Some(name) => up.store.page(name).ok(),
-                None => None,
-            };
-            let mut missing = Vec::new();
-            {
-                let txn = self.ns.read()?;
-                let manifest_table = txn.open_table(MANIFEST)?;
-                let chunks_table = txn.open_table(CHUNKS)?;
-                let mut by_hash: HashMap<ChunkHash, RemoteChunk> = HashMap::new();
-                for (_, c) in page
-                    .entries
-                    .iter()
-                    .chain(source_page.iter().flat_map(|p| p.entries.iter()))
-                {
-                    by_hash.insert(c.hash, c.clone());
-                }
-                for block in page_blocks {
-                    let within = (block % PAGE_BLOCKS) as u16;
-                    match manifest::resolve_chain(&manifest_table, &chain, block)? {
-                        BlockContent::Zero => page.set(within, None),
-                        BlockContent::Chunk(hash) => {
-                            if let Some(c) = placed.get(&hash).or_else(|| by_hash.get(&hash)) {
-                                page.set(within, Some(c.clone()));
-                                continue;
-                            }
-                            missing.push((within, hash));
-                            if batch.queued.insert(hash) {
-                                let loc = index::lookup(&chunks_table, &hash)?
-                                    .ok_or_else(|| {
-                                        UploadFailure::Fatal(format!(
-                                            "block {block} names chunk {hash}, which is not stored"
-                                        ))
-                                    })?
-                                    .0;
-                                batch.bytes += u64::from(loc.stored_len);
-                                batch.chunks.push((hash, loc));
+            let limit = concurrency + PACKS_QUEUED;
+            let walked = (|| -> UploadResult<()> {
+                for (index, page_blocks) in touched {
+                    if up.stopped() {
+                        return Err(UploadFailure::Stopped);
+                    }
+                    let mut page = match pages.get(&index) {
+                        Some(name) => (*up.store.page(name)?).clone(),
+                        None => Page::default(),
+                    };
+                    page.entries
+                        .retain(|(b, _)| index * PAGE_BLOCKS + u64::from(*b) < blocks);
+                    let source_page = match source.as_ref().and_then(|r| r.page(index)) {
+                        Some(name) => up.store.page(name).ok(),
+                        None => None,
+                    };
+                    let mut missing = Vec::new();
+                    let mut full = Vec::new();
+                    {
+                        let txn = self.ns.read()?;
+                        let manifest_table = txn.open_table(MANIFEST)?;
+                        let chunks_table = txn.open_table(CHUNKS)?;
+                        let mut by_hash: HashMap<ChunkHash, RemoteChunk> = HashMap::new();
+                        for (_, c) in page
+                            .entries
+                            .iter()
+                            .chain(source_page.iter().flat_map(|p| p.entries.iter()))
+                        {
+                            by_hash.insert(c.hash, c.clone());
+                        }
+                        for block in page_blocks {
+                            let within = (block % PAGE_BLOCKS) as u16;
+                            match manifest::resolve_chain(&manifest_table, &chain, block)? {
+                                BlockContent::Zero => page.set(within, None),
+                                BlockContent::Chunk(hash) => {
+                                    if let Some(c) =
+                                        placed.get(&hash).or_else(|| by_hash.get(&hash))
+                                    {
+                                        page.set(within, Some(c.clone()));
+                                        continue;
+                                    }
+                                    missing.push((within, hash));
+                                    if packs.queued.insert(hash) {
+                                        let loc = index::lookup(&chunks_table, &hash)?
+                                            .ok_or_else(|| {
+                                                UploadFailure::Fatal(format!(
+                                                    "block {block} names chunk {hash}, which is not stored"
+                                                ))
+                                            })?
+                                            .0;
+                                        packs.bytes += u64::from(loc.stored_len);
+                                        packs.current.push((hash, loc));
+                                        if packs.bytes >= up.pack_bytes() {
+                                            full.push(std::mem::take(&mut packs.current));
+                                            packs.bytes = 0;
+                                        }
+                                    }
+                                }
                             }
                         }
                     }
+                    waiting.insert(index, WaitingPage { page, missing });
+                    for pack in full {
+                        // Room for one more: wait for a result if as many as allowed
+                        // are on their way.
+                        self.collect_packs(up, id, &mut packs, &mut placed, limit - 1)?;
+                        packs.send(pack)?;
+                    }
+                    self.collect_packs(up, id, &mut packs, &mut placed, usize::MAX)?;
+                    done_pages +=
+                        self.finish_pages(up, &mut waiting, &placed, &mut pages, false)?;
+                    lock(&up.progress).insert(id, (done_pages, total));
+                    if up.renewal_due() {
+                        up.write_lease(&self.ns.view())?;
+                    }
                 }
+                let last = std::mem::take(&mut packs.current);
+                if !last.is_empty() {
+                    self.collect_packs(up, id, &mut packs, &mut placed, limit - 1)?;
+                    packs.send(last)?;
+                }
+                self.collect_packs(up, id, &mut packs, &mut placed, 0)
+            })();
+            if walked.is_err() {
+                // Record what is already on its way, skip the rest.
+                abort.store(true, Ordering::Release);
+                let _ = self.collect_packs(up, id, &mut packs, &mut placed, 0);
             }
-            waiting.insert(index, WaitingPage { page, missing });
-            if batch.bytes >= up.pack_bytes() * up.store.settings.upload_concurrency as u64 {
-                self.send_batch(up, id, &mut batch, &mut placed)?;
-            }
-            done_pages += self.finish_pages(up, &mut waiting, &placed, &mut pages, false)?;
-            lock(&up.progress).insert(id, (done_pages, total));
-            if up.renewal_due() {
-                up.write_lease(&self.ns.view())?;
-            }
-        }
-        self.send_batch(up, id, &mut batch, &mut placed)?;
+            walked
+        })?;
         self.finish_pages(up, &mut waiting, &placed, &mut pages, true)?;
         lock(&up.progress).insert(id, (total, total));
         let root = Root {
@@ -975,69 +1063,62 @@ impl<S: Storage> SnapshotEngine<S> {
         Ok(())
     }
 
-    /// Sends the batch's chunks in pack objects (several at once) and records where
-    /// they went, durably, before any page names them.
-    fn send_batch(
+    /// Reads one pack's chunk payloads from the local packs (verifying each), builds
+    /// the pack object and uploads it; returns where each chunk went (a worker of
+    /// [`Packs`]).
+    fn send_pack(
+        &self,
+        up: &Uploader,
+        pack: &[(ChunkHash, ChunkLocation)],
+    ) -> UploadResult<Vec<RemoteChunk>> {
+        let size = pack.iter().map(|(_, loc)| loc.stored_len as usize).sum();
+        let mut builder = up.store.pack_builder(crate::namespace::random_u64(), size);
+        self.store
+            .read_payloads(pack, |i, payload| {
+                let (hash, loc) = pack[i];
+                builder.push(hash, loc.codec, loc.plain_len, payload);
+            })
+            .map_err(|e| UploadFailure::Fatal(e.to_string()))?;
+        Ok(builder.finish()?)
+    }
+
+    /// Takes the results of the packs that came back, waiting until at most `keep`
+    /// are still on their way, and records where their chunks went, durably, before
+    /// any page names them. The first failure is returned once what did go up is
+    /// recorded; the workers then skip the packs still queued.
+    fn collect_packs(
         &self,
         up: &Uploader,
         id: SnapshotId,
-        batch: &mut Batch,
+        packs: &mut Packs<'_>,
         placed: &mut HashMap<ChunkHash, RemoteChunk>,
+        keep: usize,
     ) -> UploadResult<()> {
-        if batch.chunks.is_empty() {
-            return Ok(());
-        }
-        // Split into packs of about PACK_OBJECT_BYTES.
-        let mut packs: Vec<Vec<(ChunkHash, ChunkLocation)>> = vec![Vec::new()];
-        let mut size = 0u64;
-        for &(hash, loc) in &batch.chunks {
-            if size >= up.pack_bytes() {
-                packs.push(Vec::new());
-                size = 0;
-            }
-            size += u64::from(loc.stored_len);
-            packs
-                .last_mut()
-                .expect("one pack at least")
-                .push((hash, loc));
-        }
-        let results: Vec<UploadResult<Vec<RemoteChunk>>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = packs
-                .iter()
-                .map(|pack| {
-                    scope.spawn(move || -> UploadResult<Vec<RemoteChunk>> {
-                        let size = pack.iter().map(|(_, loc)| loc.stored_len as usize).sum();
-                        let mut builder =
-                            up.store.pack_builder(crate::namespace::random_u64(), size);
-                        self.store
-                            .read_payloads(pack, |i, payload| {
-                                let (hash, loc) = pack[i];
-                                builder.push(hash, loc.codec, loc.plain_len, payload);
-                            })
-                            .map_err(|e| UploadFailure::Fatal(e.to_string()))?;
-                        Ok(builder.finish()?)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(UploadFailure::Retry("upload thread panicked".into()))
-                    })
-                })
-                .collect()
-        });
         let mut sent = Vec::new();
-        let mut first_error = None;
-        for result in results {
+        let mut failed: Option<UploadFailure> = None;
+        while packs.in_flight > 0 {
+            let result = if packs.in_flight > keep {
+                packs.results.recv().ok()
+            } else {
+                packs.results.try_recv().ok()
+            };
+            let Some(result) = result else {
+                break;
+            };
+            packs.in_flight -= 1;
             match result {
                 Ok(chunks) => sent.extend(chunks),
-                Err(e) if first_error.is_none() => first_error = Some(e),
-                Err(_) => {}
+                Err(e) => {
+                    packs.abort.store(true, Ordering::Release);
+                    if failed
+                        .as_ref()
+                        .is_none_or(|f| matches!(f, UploadFailure::Stopped))
+                    {
+                        failed = Some(e);
+                    }
+                }
             }
         }
-        // Record what did go up, even if some pack failed.
         if !sent.is_empty() {
             self.ns.change_data(|d| -> Result<(), NamespaceError> {
                 let mut table = d.txn().open_table(UPLOADED)?;
@@ -1049,16 +1130,14 @@ impl<S: Storage> SnapshotEngine<S> {
             let bytes: u64 = sent.iter().map(|c| u64::from(c.stored_len)).sum();
             up.uploaded_bytes.fetch_add(bytes, Ordering::Relaxed);
             for chunk in sent {
+                packs.queued.remove(&chunk.hash);
                 placed.insert(chunk.hash, chunk);
             }
         }
-        if let Some(e) = first_error {
-            return Err(e);
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        batch.chunks.clear();
-        batch.queued.clear();
-        batch.bytes = 0;
-        Ok(())
     }
 
     /// Uploads the waiting pages whose chunks all have a place (all of them with

@@ -1446,6 +1446,93 @@ mod tests {
 
     const LIST_WINDOW_LAST: u64 = source::LIST_WINDOW - 1;
 
+    /// Every block listed as data; blocks 3, 10, 17, ... read as zeros.
+    struct RunSnapshot;
+
+    impl RunSnapshot {
+        fn byte(block: u64) -> u8 {
+            if block % 7 == 3 {
+                0
+            } else {
+                (block % 250) as u8 + 1
+            }
+        }
+    }
+
+    impl source::SnapshotBlocks for RunSnapshot {
+        fn read_block(&self, block: u64, buf: &mut [u8]) -> io::Result<()> {
+            buf.fill(RunSnapshot::byte(block));
+            Ok(())
+        }
+
+        fn data_blocks(&self, blocks: std::ops::Range<u64>) -> io::Result<Vec<u64>> {
+            Ok(blocks.collect())
+        }
+    }
+
+    #[test]
+    fn hydration_in_runs_copies_data_skips_zeros_and_present_blocks_and_stops_at_the_size() {
+        let (storage, layout) = setup();
+        let v = Volume::create(&storage, &layout, VolumeId(1), BS, 1 << 40).unwrap();
+        // 40 blocks and a half: the last block is cut by the volume's size.
+        let blocks = 41;
+        let size = 40 * BS + BS / 2;
+        v.set_size(size).unwrap();
+        let present = DirtyMap::create(
+            &storage,
+            &layout.volume_file(VolumeId(1), VolumeFile::Present),
+            size,
+        )
+        .unwrap();
+        // Blocks 5 and 20 are the volume's own already (written, or hydrated before).
+        for block in [5u64, 20] {
+            v.data_file()
+                .write_all_at(&vec![0xEE; BS as usize], block * BS)
+                .unwrap();
+            present.mark(block, block).unwrap();
+        }
+        v.reattach_source(Source::new(Arc::new(RunSnapshot), present, BS))
+            .unwrap();
+        let source = v.active_source().unwrap();
+        let mut steps = 0;
+        while !source.hydrate_some(v.data_file(), 16, || false).unwrap() {
+            steps += 1;
+            assert!(steps < blocks, "hydration does not end");
+        }
+        assert_eq!(source.progress(), (blocks, blocks));
+        let mut buf = vec![0u8; BS as usize];
+        for block in 0..blocks {
+            let n = v.data_file().read_at(&mut buf, block * BS).unwrap();
+            let want = if block == 5 || block == 20 {
+                0xEE
+            } else {
+                RunSnapshot::byte(block)
+            };
+            let len = if block == blocks - 1 {
+                BS as usize / 2
+            } else {
+                BS as usize
+            };
+            assert!(n >= len, "block {block}: {n} bytes");
+            assert!(
+                buf[..len].iter().all(|&b| b == want),
+                "block {block} in the data file"
+            );
+        }
+        assert_eq!(
+            v.data_file().len().unwrap(),
+            size,
+            "nothing written past the size"
+        );
+        // Zero blocks stay holes: only the others take space.
+        let zero_blocks = (0..blocks).filter(|&b| RunSnapshot::byte(b) == 0).count() as u64;
+        assert!(
+            v.allocated_bytes().unwrap() <= (blocks - zero_blocks) * BS,
+            "{} bytes allocated",
+            v.allocated_bytes().unwrap()
+        );
+    }
+
     #[test]
     fn a_freeze_moves_the_map_aside_and_puts_a_fresh_one_in_place() {
         let (storage, layout) = setup();

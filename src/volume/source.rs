@@ -34,7 +34,8 @@
 //! Background hydration walks the snapshot once, in windows of [`LIST_WINDOW`]
 //! blocks: it asks [`SnapshotBlocks::data_blocks`] for each window once, marks the
 //! window's other blocks present at once (they are zeros: nothing to copy), and
-//! copies its data blocks a few at a time, keeping its place between batches (a
+//! copies its data blocks a few at a time (consecutive ones with one write, up to
+//! [`HYDRATE_RUN`]), keeping its place between batches (a
 //! cursor in [`Source`]). The work is linear in the snapshot's size.
 
 use std::collections::VecDeque;
@@ -53,6 +54,9 @@ use super::dirty::DirtyMap;
 /// Blocks of the snapshot background hydration lists at a time (a multiple of 64:
 /// windows start on a word of the present map).
 pub const LIST_WINDOW: u64 = 16 * 1024;
+
+/// Most blocks background hydration copies with one write.
+const HYDRATE_RUN: usize = 16;
 
 /// Locks over hydration; a block always uses the same one.
 const SHARDS: usize = 64;
@@ -229,6 +233,62 @@ impl<S: Storage> Source<S> {
         self.hydrate_locked(data, block, data.len()?)
     }
 
+    /// Hydrates the blocks of `first..=last` that are not present (background
+    /// hydration): each stretch of consecutive missing blocks is read from the
+    /// snapshot and written with one request (blocks of zeros left out: their region
+    /// stays a hole), then marked present, all under the blocks' locks.
+    pub fn hydrate_run(&self, data: &S::File, first: u64, last: u64) -> io::Result<()> {
+        let _limit = self.limit_shared();
+        let (_guards, missing) = self.lock_missing(first, last);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        // The size under the blocks' locks: the bytes past it are not copied.
+        let size_bytes = data.len()?;
+        let bs = self.block_size as usize;
+        let mut buf = vec![0u8; missing.len() * bs];
+        let mut i = 0;
+        while i < missing.len() {
+            let mut j = i + 1;
+            while j < missing.len() && missing[j] == missing[j - 1] + 1 {
+                j += 1;
+            }
+            let (start_block, end_block) = (missing[i], missing[j - 1]);
+            let start = start_block * self.block_size;
+            let end = ((end_block + 1) * self.block_size).min(size_bytes);
+            if end > start {
+                let len = (end - start) as usize;
+                let stretch = &mut buf[..(j - i) * bs];
+                for (k, block) in (start_block..=end_block).enumerate() {
+                    self.blocks
+                        .read_block(block, &mut stretch[k * bs..(k + 1) * bs])?;
+                }
+                // Write the non-zero blocks, consecutive ones together.
+                let mut from: Option<usize> = None;
+                let mut at = 0;
+                while at < len {
+                    let to = (at + bs).min(len);
+                    let zero = stretch[at..to].iter().all(|&b| b == 0);
+                    match (zero, from) {
+                        (false, None) => from = Some(at),
+                        (true, Some(f)) => {
+                            data.write_all_at(&stretch[f..at], start + f as u64)?;
+                            from = None;
+                        }
+                        _ => {}
+                    }
+                    at = to;
+                }
+                if let Some(f) = from {
+                    data.write_all_at(&stretch[f..len], start + f as u64)?;
+                }
+            }
+            self.present.mark(start_block, end_block)?;
+            i = j;
+        }
+        Ok(())
+    }
+
     /// Background hydration: copies up to `budget` blocks still missing, stopping
     /// early when `yield_now` says volume I/O wants the disk, and goes on from there
     /// at the next call. Returns whether every block below the limit is present.
@@ -252,9 +312,17 @@ impl<S: Storage> Source<S> {
                 }
                 // Fetches ahead when the snapshot is read from a bucket (else nothing).
                 self.blocks.prefetch(cursor.listed.make_contiguous());
-                self.hydrate(data, block)?;
-                cursor.listed.pop_front();
-                done += 1;
+                // The blocks listed right after it, as one write.
+                let mut run = 1;
+                while run < HYDRATE_RUN
+                    && done + run < budget
+                    && cursor.listed.get(run) == Some(&(block + run as u64))
+                {
+                    run += 1;
+                }
+                self.hydrate_run(data, block, block + run as u64 - 1)?;
+                cursor.listed.drain(..run);
+                done += run;
             }
             let limit = self.limit_blocks();
             if cursor.next >= limit {
