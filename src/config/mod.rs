@@ -12,7 +12,7 @@ use serde::Deserialize;
 pub mod policy;
 pub mod store;
 
-pub use store::StoreSettings;
+pub use store::{PayloadChecksum, StoreSettings};
 
 /// The defaults, exactly as shipped in the repository's `config.toml`.
 pub const EMBEDDED_CONFIG: &str = include_str!("../../config.toml");
@@ -469,7 +469,20 @@ mod tests {
             ("ebsfs", "prod")
         );
         assert_eq!(store.key_file.unwrap(), Path::new("/base/k"));
+        assert_eq!(store.payload_checksum, PayloadChecksum::Crc64Nvme);
         assert_eq!(s.host_id, "a");
+        let signed = load_text("[store]\nurl = \"s3://ebsfs\"\npayload_checksum = \"sha256\"\n");
+        assert_eq!(
+            signed.unwrap().store.unwrap().payload_checksum,
+            PayloadChecksum::Sha256
+        );
+        let err = load_text("[store]\nurl = \"s3://ebsfs\"\npayload_checksum = \"md5\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("test.toml:3:") && err.contains("store.payload_checksum"),
+            "{err}"
+        );
         let err = load_text("[store]\nurl = \"s3://ebsfs\"\nendpoint = \"ftp://x\"\n")
             .unwrap_err()
             .to_string();

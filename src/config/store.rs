@@ -40,6 +40,20 @@ pub struct StoreSettings {
     /// A host's lease counts as gone this long after its last renewal (renewed every
     /// eighth of it). Every host sharing a bucket must use the same value.
     pub lease_seconds: u64,
+    /// How the server checks that the body of each write arrived intact.
+    pub payload_checksum: PayloadChecksum,
+}
+
+/// How a write's body is protected on its way to the server, which checks it and
+/// refuses the write on a mismatch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadChecksum {
+    /// A CRC-64/NVME of the body in a signed header (`x-amz-checksum-crc64nvme`);
+    /// the body itself is not signed (`UNSIGNED-PAYLOAD`). Cheap on both sides.
+    Crc64Nvme,
+    /// The SHA-256 of the body in the request's signature, for servers that do
+    /// not know CRC-64/NVME checksums.
+    Sha256,
 }
 
 /// `[store]` as written in a file: every key optional.
@@ -60,6 +74,7 @@ pub(super) struct StoreTable {
     gc_grace_seconds: Option<u64>,
     request_timeout_seconds: Option<u64>,
     lease_seconds: Option<u64>,
+    payload_checksum: Option<String>,
 }
 
 /// Parses `s3://bucket[/prefix]`.
@@ -112,6 +127,16 @@ impl StoreTable {
                 format!("{cache_size_bytes} is below the 1MiB minimum"),
             ));
         }
+        let payload_checksum = match self.payload_checksum.as_deref() {
+            None | Some("crc64nvme") => PayloadChecksum::Crc64Nvme,
+            Some("sha256") => PayloadChecksum::Sha256,
+            Some(other) => {
+                return Err((
+                    "payload_checksum",
+                    format!("`{other}` is neither \"crc64nvme\" nor \"sha256\""),
+                ));
+            }
+        };
         Ok(StoreSettings {
             bucket,
             prefix,
@@ -137,6 +162,7 @@ impl StoreTable {
                 Some(s) => s,
                 None => 900,
             },
+            payload_checksum,
         })
     }
 }

@@ -12,13 +12,13 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, Checksum};
 use object_store::path::Path as ObjectPath;
 use object_store::{
     BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
 };
 
-use crate::config::StoreSettings;
+use crate::config::{PayloadChecksum, StoreSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BucketError {
@@ -183,6 +183,12 @@ impl Bucket {
                 max_retries: 5,
                 retry_timeout: timeout * 3,
             });
+        builder = match settings.payload_checksum {
+            PayloadChecksum::Crc64Nvme => builder
+                .with_checksum_algorithm(Checksum::CRC64NVME)
+                .with_unsigned_payload(true),
+            PayloadChecksum::Sha256 => builder.with_unsigned_payload(false),
+        };
         if let Some(endpoint) = &settings.endpoint {
             builder = builder.with_endpoint(endpoint);
         }
@@ -252,11 +258,11 @@ impl Bucket {
             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
-    pub fn put(&self, name: &str, bytes: Vec<u8>) -> BucketResult<()> {
+    pub fn put(&self, name: &str, bytes: impl Into<Bytes>) -> BucketResult<()> {
         self.count_writes(1);
         let path = self.path(name);
         self.runtime
-            .block_on(self.store.put(&path, PutPayload::from(bytes)))
+            .block_on(self.store.put(&path, PutPayload::from(bytes.into())))
             .map(|_| ())
             .map_err(|e| BucketError::of(name, e))
     }
@@ -266,17 +272,17 @@ impl Bucket {
     pub fn put_multipart(
         &self,
         name: &str,
-        bytes: Vec<u8>,
+        bytes: impl Into<Bytes>,
         single: usize,
         part: usize,
     ) -> BucketResult<()> {
+        let bytes: Bytes = bytes.into();
         if bytes.len() <= single.max(part) {
             return self.put(name, bytes);
         }
         // Create, the parts, complete.
         self.count_writes(2 + bytes.len().div_ceil(part));
         let path = self.path(name);
-        let bytes = Bytes::from(bytes);
         self.runtime
             .block_on(async {
                 let mut upload = object_store::WriteMultipart::new_with_chunk_size(

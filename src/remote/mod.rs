@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use log::info;
 
 use crate::config::StoreSettings;
@@ -89,6 +90,35 @@ pub struct RemoteStore {
     owner_key: std::sync::OnceLock<String>,
     /// The last lease this host wrote, and when (this host's clock).
     lease: Mutex<Option<(Lease, Instant)>>,
+    /// Buffers of packs whose PUT ended, for the next packs of an upload.
+    pack_buffers: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+/// A pack's bytes on their way to the bucket; the buffer goes back to the store's
+/// pool once the PUT (and every retry of it) is done with them. Reusing buffers
+/// spares the kernel faulting in and zeroing fresh memory for every pack.
+struct PooledPack {
+    bytes: Vec<u8>,
+    pool: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// Most buffers the pool keeps.
+    keep: usize,
+}
+
+impl AsRef<[u8]> for PooledPack {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for PooledPack {
+    fn drop(&mut self) {
+        let mut pool = lock(&self.pool);
+        if pool.len() < self.keep {
+            let mut bytes = std::mem::take(&mut self.bytes);
+            bytes.clear();
+            pool.push(bytes);
+        }
+    }
 }
 
 /// Decoded pages, bounded by count (each is at most ~100 KiB).
@@ -160,6 +190,7 @@ impl RemoteStore {
             owner_key: std::sync::OnceLock::new(),
             pack_bytes: std::sync::atomic::AtomicUsize::new(PACK_OBJECT_BYTES),
             lease: Mutex::new(None),
+            pack_buffers: Arc::default(),
         };
         store.check_format()?;
         Ok(store)
@@ -359,12 +390,20 @@ impl RemoteStore {
     /// A pack object being built in memory (one buffer: payloads are appended as
     /// they are read), uploaded by [`PackBuilder::finish`].
     pub fn pack_builder(&self, pack: u64, capacity: usize) -> PackBuilder<'_> {
+        let capacity = capacity + capacity / 64;
+        let mut bytes = lock(&self.pack_buffers).pop().unwrap_or_default();
+        bytes.reserve(capacity);
         PackBuilder {
             store: self,
             name: self.names().pack(self.owner_key(), pack),
-            bytes: Vec::with_capacity(capacity + capacity / 64),
+            bytes,
             placed: Vec::new(),
         }
+    }
+
+    /// Frees the buffers kept for packs (an upload is over).
+    pub fn release_pack_buffers(&self) {
+        lock(&self.pack_buffers).clear();
     }
 
     /// Reads, opens, decompresses and verifies chunks of one pack object, in
@@ -490,9 +529,14 @@ impl PackBuilder<'_> {
 
     /// Uploads the pack; returns where each chunk went.
     pub fn finish(self) -> RemoteResult<Vec<RemoteChunk>> {
+        let bytes = Bytes::from_owner(PooledPack {
+            bytes: self.bytes,
+            pool: self.store.pack_buffers.clone(),
+            keep: self.store.settings.upload_concurrency + 1,
+        });
         self.store
             .bucket
-            .put_multipart(&self.name, self.bytes, SINGLE_PUT_BYTES, PART_BYTES)
+            .put_multipart(&self.name, bytes, SINGLE_PUT_BYTES, PART_BYTES)
             .map_err(self.store.err())?;
         Ok(self.placed)
     }
@@ -519,6 +563,7 @@ pub(crate) mod test_support {
             gc_grace_seconds: 0,
             request_timeout_seconds: 5,
             lease_seconds: 8,
+            payload_checksum: crate::config::PayloadChecksum::Crc64Nvme,
         }
     }
 
