@@ -237,6 +237,22 @@ fn init_schema(db: &Database) -> NsResult<()> {
     upgrade_schema(db)
 }
 
+/// Forgets where an unfinished upload of snapshot `id` put its chunks (the rows of
+/// `uploaded`): once the snapshot completed, failed or went, nothing reuses them,
+/// and while any row is left the bucket thread keeps protecting what uploads wrote
+/// by its age (`capturing_since` in the lease).
+pub fn clear_uploaded(txn: &WriteTransaction, id: SnapshotId) -> NsResult<()> {
+    let mut table = txn.open_table(UPLOADED)?;
+    let keys: Vec<[u8; 32]> = table
+        .range((id.0, &[0u8; 32])..=(id.0, &[0xffu8; 32]))?
+        .map(|row| row.map(|(k, _)| *k.value().1))
+        .collect::<Result<_, _>>()?;
+    for hash in keys {
+        table.remove((id.0, &hash))?;
+    }
+    Ok(())
+}
+
 /// Brings a database of an older schema to [`SCHEMA_VERSION`] in one transaction
 /// (a crash leaves it as it was): version 2 added the snapshot store's tables and the
 /// instance number.
@@ -411,8 +427,11 @@ impl Change<'_> {
         Ok(())
     }
 
+    /// Removes snapshot `id`'s record, and with it what an unfinished upload of it
+    /// recorded (see [`clear_uploaded`]).
     pub fn remove_snapshot(&mut self, id: SnapshotId) -> NsResult<()> {
         self.txn.open_table(SNAPSHOTS)?.remove(id.0)?;
+        clear_uploaded(&self.txn, id)?;
         self.staged().remove_snapshot(id);
         Ok(())
     }

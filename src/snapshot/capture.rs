@@ -123,20 +123,23 @@ pub struct Captured {
 }
 
 /// Reads, hashes and stores every block of the freeze on `threads` workers,
-/// committing full batches as it goes. Whatever the outcome, the returned
-/// [`Captured`] holds the batch that was not committed.
+/// committing full batches as it goes; `committed` is told the new chunks of each
+/// batch once it is durable. Whatever the outcome, the returned [`Captured`] holds
+/// the batch that was not committed.
 pub fn run<S: Storage>(
     job: &CaptureJob<S>,
     ns: &Namespace,
     store: &ChunkStore<S>,
     writer: &PackWriter<S>,
     threads: usize,
+    committed: &(dyn Fn(Vec<ChunkHash>) + Sync),
 ) -> (Result<(), SnapshotError>, Captured) {
     let shared = Workers {
         job,
         ns,
         store,
         writer,
+        committed,
         cursor: AtomicUsize::new(0),
         batch: Mutex::new(Batch::default()),
         committing: Mutex::new(()),
@@ -223,6 +226,7 @@ struct Workers<'a, S: Storage> {
     ns: &'a Namespace,
     store: &'a ChunkStore<S>,
     writer: &'a PackWriter<S>,
+    committed: &'a (dyn Fn(Vec<ChunkHash>) + Sync),
     /// Next marked unit (word of the capture set) to take; re-examined blocks follow.
     cursor: AtomicUsize,
     /// Published, not yet committed.
@@ -420,8 +424,30 @@ impl<S: Storage> Workers<'_, S> {
             .freeze
             .mark_done(batch.entries.iter().map(|(block, _)| *block));
         self.store.release(self.ns, garbage);
+        (self.committed)(new_chunks_in_block_order(&batch));
         Ok(())
     }
+}
+
+/// The chunks a batch stored, each once, in the order of the first block naming it:
+/// packs built in this order keep neighbouring blocks together, as reads expect.
+fn new_chunks_in_block_order(batch: &Batch) -> Vec<ChunkHash> {
+    let mut named: Vec<(u64, ChunkHash)> = batch
+        .entries
+        .iter()
+        .filter_map(|(block, content)| match content {
+            BlockContent::Chunk(hash) if batch.new_chunks.contains_key(hash) => {
+                Some((*block, *hash))
+            }
+            _ => None,
+        })
+        .collect();
+    named.sort_unstable_by_key(|(block, _)| *block);
+    let mut seen = std::collections::HashSet::new();
+    named
+        .into_iter()
+        .filter_map(|(_, hash)| seen.insert(hash).then_some(hash))
+        .collect()
 }
 
 /// Chunks a worker encoded but has not written yet: one unit's worth, appended as a

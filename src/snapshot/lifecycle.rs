@@ -233,8 +233,15 @@ impl<S: Storage> SnapshotEngine<S> {
             Err(e) => self.fail(&job, e.into(), &capture::Batch::default()),
             Ok(writer) => {
                 let started = Instant::now();
-                let (result, captured) =
-                    capture::run(&job, &self.ns, &self.store, &writer, self.capture_threads);
+                let committed = |hashes| self.committed_chunks(job.snapshot, hashes);
+                let (result, captured) = capture::run(
+                    &job,
+                    &self.ns,
+                    &self.store,
+                    &writer,
+                    self.capture_threads,
+                    &committed,
+                );
                 let result = result
                     .and_then(|()| self.complete(&job, &writer, &captured, started.elapsed()));
                 if let Err(e) = result {
@@ -392,6 +399,7 @@ impl<S: Storage> SnapshotEngine<S> {
             } else {
                 record.status = SnapshotStatus::Error;
                 record.error = Some(reason.to_string());
+                crate::namespace::clear_uploaded(c.txn(), record.id)?;
                 c.put_snapshot(record)?;
             }
             settle.collect_hidden(c, lineage, &pins)?;

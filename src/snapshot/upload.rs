@@ -22,6 +22,13 @@
 //!    written last, under `commit` so that no `rmdir` runs between the last check
 //!    and the record — and only then is the snapshot `completed` locally.
 //!
+//! While a capture runs, the chunks of each batch it commits may already go up
+//! (`send_ahead`): the bucket thread sends them in full packs on the same workers and
+//! records them in `uploaded` under the snapshot, so its upload finds them placed as
+//! a resumed upload does. Until a root names them, these packs (like those of an
+//! upload that failed and waits for its retry) are protected by their age:
+//! `capturing_since` is cleared only when `uploaded` records nothing.
+//!
 //! Crash or kill -9 at any point: before the root, the snapshot is still `pending`
 //! and captured; the next start resumes the upload, reusing the packs recorded in
 //! `uploaded` (a pack written but not recorded is sent again; the stray copy is
@@ -47,7 +54,6 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use log::{error, info, warn};
-use redb::ReadableTable;
 
 use crate::namespace::tables::{CHUNKS, MANIFEST, SNAPSHOT_BLOCKS, TOMBSTONES_DUE, UPLOADED};
 use crate::namespace::{
@@ -121,6 +127,14 @@ type UploadResult<T> = Result<T, UploadFailure>;
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(300);
 
+/// Most chunks waiting to be sent ahead of their upload (8 MiB of hashes, 16 GiB of
+/// 64 KiB blocks); further ones wait for the upload.
+const AHEAD_MAX: usize = 1 << 18;
+
+/// How long the bucket thread waits for more chunks of a capture it follows before
+/// checking for other work.
+const AHEAD_POLL: Duration = Duration::from_millis(200);
+
 /// How often a host collects garbage in the bucket, besides after deletions.
 const GC_EVERY: Duration = Duration::from_secs(3600);
 
@@ -167,6 +181,14 @@ struct WorkerState {
     tombstones: bool,
     /// Uploaded snapshots whose sharing changed: their `meta` objects to rewrite.
     meta: BTreeSet<SnapshotId>,
+    /// Chunks that batches of running captures committed, by snapshot, not sent
+    /// yet: they go up ahead of the snapshot's upload (see `send_ahead`).
+    ahead: BTreeMap<SnapshotId, Vec<ChunkHash>>,
+    /// Chunks in `ahead`, at most [`AHEAD_MAX`].
+    ahead_len: usize,
+    /// Captures whose chunks are no longer sent ahead (sending failed): their
+    /// upload sends everything.
+    ahead_off: BTreeSet<SnapshotId>,
     stopped: bool,
 }
 
@@ -388,8 +410,53 @@ impl Uploader {
         Ok(())
     }
 
+    /// Before an upload writes anything: `capturing_since` in the lease, unless an
+    /// unfinished upload already set it earlier. The lease is written twice: first to
+    /// learn the server's time now (nothing the upload writes is older), then with
+    /// that time.
+    fn begin_uploading(&self, view: &Records) -> Result<(), RemoteError> {
+        self.write_lease(view)?;
+        let now = self
+            .store
+            .bucket
+            .head(&self.store.names().lease(&self.store.host))
+            .map_err(|source| RemoteError::Bucket {
+                store: self.store.bucket.shown.clone(),
+                source,
+            })?
+            .map(|l| secs(l.modified))
+            .unwrap_or_else(|| secs(SystemTime::now()));
+        {
+            let mut since = lock(&self.capturing_since);
+            if since.is_none() {
+                // One second early: the server's times may be whole seconds.
+                *since = Some(now.saturating_sub(1));
+            }
+        }
+        self.write_lease(view)
+    }
+
     fn pack_bytes(&self) -> u64 {
         self.store.pack_bytes.load(Ordering::Relaxed) as u64
+    }
+
+    /// An upload waits for the bucket thread (not one retried later).
+    fn upload_due(&self) -> bool {
+        let now = Instant::now();
+        lock(&self.state).queue.values().any(|at| *at <= now)
+    }
+
+    /// Forgets the chunks waiting to be sent ahead for snapshot `id`.
+    fn drop_ahead(&self, id: SnapshotId, off: bool) {
+        let mut state = lock(&self.state);
+        if let Some(hashes) = state.ahead.remove(&id) {
+            state.ahead_len -= hashes.len();
+        }
+        if off {
+            state.ahead_off.insert(id);
+        } else {
+            state.ahead_off.remove(&id);
+        }
     }
 
     fn renewal_due(&self) -> bool {
@@ -418,6 +485,8 @@ struct Packs<'a> {
     abort: &'a AtomicBool,
     /// Lists sent to the workers whose result has not come back.
     in_flight: usize,
+    /// Most lists on their way or queued at once.
+    limit: usize,
     /// The pack being filled, and its stored bytes.
     current: Vec<(ChunkHash, ChunkLocation)>,
     bytes: u64,
@@ -429,6 +498,23 @@ struct Packs<'a> {
 const PACKS_QUEUED: usize = 2;
 
 impl Packs<'_> {
+    /// Adds a chunk to the pack being filled; returns the pack once it holds
+    /// `pack_bytes`.
+    fn add(
+        &mut self,
+        hash: ChunkHash,
+        loc: ChunkLocation,
+        pack_bytes: u64,
+    ) -> Option<Vec<(ChunkHash, ChunkLocation)>> {
+        self.bytes += u64::from(loc.stored_len);
+        self.current.push((hash, loc));
+        if self.bytes < pack_bytes {
+            return None;
+        }
+        self.bytes = 0;
+        Some(std::mem::take(&mut self.current))
+    }
+
     /// Hands a pack's list to the workers (the caller made room: see `collect_packs`).
     fn send(&mut self, pack: Vec<(ChunkHash, ChunkLocation)>) -> UploadResult<()> {
         self.jobs
@@ -466,6 +552,7 @@ impl<S: Storage> SnapshotEngine<S> {
         let Some(up) = &self.remote else {
             return Ok(());
         };
+        self.sweep_uploaded().map_err(remote_ns)?;
         let view = self.ns.view();
         up.first_lease(&view)?;
         for s in view
@@ -709,8 +796,6 @@ impl<S: Storage> SnapshotEngine<S> {
         let Some(record) = self.ns.view().snapshots.get(&id).cloned() else {
             return Ok(());
         };
-        self.clear_uploaded(id)
-            .map_err(super::SnapshotError::from)?;
         self.finish_failed(
             record.lineage,
             id,
@@ -720,28 +805,22 @@ impl<S: Storage> SnapshotEngine<S> {
     }
 
     fn clear_uploaded(&self, id: SnapshotId) -> Result<(), NamespaceError> {
-        self.ns.change_data(|d| -> Result<(), NamespaceError> {
-            let mut table = d.txn().open_table(UPLOADED)?;
-            let keys: Vec<[u8; 32]> = table
-                .range((id.0, &[0u8; 32])..=(id.0, &[0xffu8; 32]))?
-                .map(|row| row.map(|(k, _)| *k.value().1))
-                .collect::<Result<_, _>>()?;
-            for hash in keys {
-                table.remove((id.0, &hash))?;
-            }
-            Ok(())
-        })
+        self.ns
+            .change_data(|d| crate::namespace::clear_uploaded(d.txn(), id))
     }
 
     /// Uploads snapshot `id` (see the module documentation).
     fn upload(&self, up: &Uploader, id: SnapshotId) -> UploadResult<()> {
         let view = self.ns.view();
-        let Some(record) = view.snapshots.get(&id).cloned() else {
+        let Some(record) = view
+            .snapshots
+            .get(&id)
+            .filter(|s| s.captured && s.status == SnapshotStatus::Pending)
+            .cloned()
+        else {
+            self.clear_uploaded(id)?;
             return Ok(());
         };
-        if !(record.captured && record.status == SnapshotStatus::Pending) {
-            return Ok(());
-        }
         let started = Instant::now();
         let root_name = up.store.root_name(id.0);
         let writes_before = up.store.bucket.writes.load(Ordering::Relaxed);
@@ -761,26 +840,7 @@ impl<S: Storage> SnapshotEngine<S> {
             .get(&record.lineage)
             .map(|p| p.root.clone());
         let _guard = up.protect(base.iter().map(|b| b.1.clone()).chain(source_root.clone()));
-        // Server time now: nothing this upload writes is older.
-        up.write_lease(&view)?;
-        let now = up
-            .store
-            .bucket
-            .head(&up.store.names().lease(&up.store.host))
-            .map_err(|source| RemoteError::Bucket {
-                store: up.store.bucket.shown.clone(),
-                source,
-            })?
-            .map(|l| secs(l.modified))
-            .unwrap_or_else(|| secs(SystemTime::now()));
-        {
-            let mut since = lock(&up.capturing_since);
-            if since.is_none() {
-                // One second early: the server's times may be whole seconds.
-                *since = Some(now.saturating_sub(1));
-            }
-        }
-        up.write_lease(&view)?;
+        up.begin_uploading(&view)?;
         let continuous_from_start = up.lease_continuous.load(Ordering::Acquire);
         let base_root = match &base {
             Some((_, name)) => match up.store.root(name) {
@@ -825,22 +885,9 @@ impl<S: Storage> SnapshotEngine<S> {
             }
         };
         let chain = view.chain(record.lineage, id);
-        // Where chunks already went: this upload's earlier attempts.
-        let mut placed: HashMap<ChunkHash, RemoteChunk> = HashMap::new();
-        {
-            let txn = self.ns.read()?;
-            let table = txn.open_table(UPLOADED)?;
-            for row in table.range((id.0, &[0u8; 32])..=(id.0, &[0xffu8; 32]))? {
-                let (key, value) = row?;
-                let hash = ChunkHash(*key.value().1);
-                match RemoteChunk::decode(value.value(), "uploaded chunk") {
-                    Ok(chunk) => {
-                        placed.insert(hash, chunk);
-                    }
-                    Err(e) => warn!("snapshot {id}: ignoring a damaged upload record: {e}"),
-                }
-            }
-        }
+        // Where chunks already went: this upload's earlier attempts, and packs sent
+        // while the snapshot was being captured.
+        let mut placed = self.placed_chunks(id)?;
         let resumed = placed.len();
         // Pages: the base's, then the rebuilt ones.
         let mut pages: BTreeMap<u64, String> = base_root
@@ -865,132 +912,82 @@ impl<S: Storage> SnapshotEngine<S> {
         lock(&up.progress).insert(id, (0, total));
         let mut waiting: BTreeMap<u64, WaitingPage> = BTreeMap::new();
         let mut done_pages = 0;
-        let concurrency = up.store.settings.upload_concurrency.max(1);
-        let abort = AtomicBool::new(false);
-        let (jobs, job_queue) = std::sync::mpsc::channel::<Vec<(ChunkHash, ChunkLocation)>>();
-        let job_queue = Mutex::new(job_queue);
-        std::thread::scope(|scope| -> UploadResult<()> {
-            let (results_in, results) = std::sync::mpsc::channel();
-            for _ in 0..concurrency {
-                let (job_queue, results_in, abort) = (&job_queue, results_in.clone(), &abort);
-                scope.spawn(move || {
-                    // Ends when the producer drops its end of the queue.
-                    while let Ok(pack) = lock(job_queue).recv() {
-                        let result = if abort.load(Ordering::Acquire) {
-                            Err(UploadFailure::Stopped)
-                        } else {
-                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                self.send_pack(up, &pack)
-                            }))
-                            .unwrap_or_else(|_| {
-                                Err(UploadFailure::Retry("upload thread panicked".into()))
-                            })
-                        };
-                        if results_in.send(result).is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-            drop(results_in);
-            let mut packs = Packs {
-                jobs,
-                results,
-                abort: &abort,
-                in_flight: 0,
-                current: Vec::new(),
-                bytes: 0,
-                queued: HashSet::new(),
-            };
-            let limit = concurrency + PACKS_QUEUED;
-            let walked = (|| -> UploadResult<()> {
-                for (index, page_blocks) in touched {
-                    if up.stopped() {
-                        return Err(UploadFailure::Stopped);
-                    }
-                    let mut page = match pages.get(&index) {
-                        Some(name) => (*up.store.page(name)?).clone(),
-                        None => Page::default(),
-                    };
-                    page.entries
-                        .retain(|(b, _)| index * PAGE_BLOCKS + u64::from(*b) < blocks);
-                    let source_page = match source.as_ref().and_then(|r| r.page(index)) {
-                        Some(name) => up.store.page(name).ok(),
-                        None => None,
-                    };
-                    let mut missing = Vec::new();
-                    let mut full = Vec::new();
+        self.with_pack_workers(up, id, &mut placed, |packs, placed| {
+            for (index, page_blocks) in touched {
+                if up.stopped() {
+                    return Err(UploadFailure::Stopped);
+                }
+                let mut page = match pages.get(&index) {
+                    Some(name) => (*up.store.page(name)?).clone(),
+                    None => Page::default(),
+                };
+                page.entries
+                    .retain(|(b, _)| index * PAGE_BLOCKS + u64::from(*b) < blocks);
+                let source_page = match source.as_ref().and_then(|r| r.page(index)) {
+                    Some(name) => up.store.page(name).ok(),
+                    None => None,
+                };
+                let mut missing = Vec::new();
+                let mut full = Vec::new();
+                {
+                    let txn = self.ns.read()?;
+                    let manifest_table = txn.open_table(MANIFEST)?;
+                    let chunks_table = txn.open_table(CHUNKS)?;
+                    let mut by_hash: HashMap<ChunkHash, RemoteChunk> = HashMap::new();
+                    for (_, c) in page
+                        .entries
+                        .iter()
+                        .chain(source_page.iter().flat_map(|p| p.entries.iter()))
                     {
-                        let txn = self.ns.read()?;
-                        let manifest_table = txn.open_table(MANIFEST)?;
-                        let chunks_table = txn.open_table(CHUNKS)?;
-                        let mut by_hash: HashMap<ChunkHash, RemoteChunk> = HashMap::new();
-                        for (_, c) in page
-                            .entries
-                            .iter()
-                            .chain(source_page.iter().flat_map(|p| p.entries.iter()))
-                        {
-                            by_hash.insert(c.hash, c.clone());
-                        }
-                        for block in page_blocks {
-                            let within = (block % PAGE_BLOCKS) as u16;
-                            match manifest::resolve_chain(&manifest_table, &chain, block)? {
-                                BlockContent::Zero => page.set(within, None),
-                                BlockContent::Chunk(hash) => {
-                                    if let Some(c) =
-                                        placed.get(&hash).or_else(|| by_hash.get(&hash))
-                                    {
-                                        page.set(within, Some(c.clone()));
-                                        continue;
-                                    }
-                                    missing.push((within, hash));
-                                    if packs.queued.insert(hash) {
-                                        let loc = index::lookup(&chunks_table, &hash)?
-                                            .ok_or_else(|| {
-                                                UploadFailure::Fatal(format!(
-                                                    "block {block} names chunk {hash}, which is not stored"
-                                                ))
-                                            })?
-                                            .0;
-                                        packs.bytes += u64::from(loc.stored_len);
-                                        packs.current.push((hash, loc));
-                                        if packs.bytes >= up.pack_bytes() {
-                                            full.push(std::mem::take(&mut packs.current));
-                                            packs.bytes = 0;
-                                        }
-                                    }
+                        by_hash.insert(c.hash, c.clone());
+                    }
+                    for block in page_blocks {
+                        let within = (block % PAGE_BLOCKS) as u16;
+                        match manifest::resolve_chain(&manifest_table, &chain, block)? {
+                            BlockContent::Zero => page.set(within, None),
+                            BlockContent::Chunk(hash) => {
+                                if let Some(c) =
+                                    placed.get(&hash).or_else(|| by_hash.get(&hash))
+                                {
+                                    page.set(within, Some(c.clone()));
+                                    continue;
+                                }
+                                missing.push((within, hash));
+                                if packs.queued.insert(hash) {
+                                    let loc = index::lookup(&chunks_table, &hash)?
+                                        .ok_or_else(|| {
+                                            UploadFailure::Fatal(format!(
+                                                "block {block} names chunk {hash}, which is not stored"
+                                            ))
+                                        })?
+                                        .0;
+                                    full.extend(packs.add(hash, loc, up.pack_bytes()));
                                 }
                             }
                         }
                     }
-                    waiting.insert(index, WaitingPage { page, missing });
-                    for pack in full {
-                        // Room for one more: wait for a result if as many as allowed
-                        // are on their way.
-                        self.collect_packs(up, id, &mut packs, &mut placed, limit - 1)?;
-                        packs.send(pack)?;
-                    }
-                    self.collect_packs(up, id, &mut packs, &mut placed, usize::MAX)?;
-                    done_pages +=
-                        self.finish_pages(up, &mut waiting, &placed, &mut pages, false)?;
-                    lock(&up.progress).insert(id, (done_pages, total));
-                    if up.renewal_due() {
-                        up.write_lease(&self.ns.view())?;
-                    }
                 }
-                let last = std::mem::take(&mut packs.current);
-                if !last.is_empty() {
-                    self.collect_packs(up, id, &mut packs, &mut placed, limit - 1)?;
-                    packs.send(last)?;
+                waiting.insert(index, WaitingPage { page, missing });
+                for pack in full {
+                    // Room for one more: wait for a result if as many as allowed
+                    // are on their way.
+                    self.collect_packs(up, id, packs, placed, packs.limit - 1)?;
+                    packs.send(pack)?;
                 }
-                self.collect_packs(up, id, &mut packs, &mut placed, 0)
-            })();
-            if walked.is_err() {
-                // Record what is already on its way, skip the rest.
-                abort.store(true, Ordering::Release);
-                let _ = self.collect_packs(up, id, &mut packs, &mut placed, 0);
+                self.collect_packs(up, id, packs, placed, usize::MAX)?;
+                done_pages +=
+                    self.finish_pages(up, &mut waiting, placed, &mut pages, false)?;
+                lock(&up.progress).insert(id, (done_pages, total));
+                if up.renewal_due() {
+                    up.write_lease(&self.ns.view())?;
+                }
             }
-            walked
+            let last = std::mem::take(&mut packs.current);
+            if !last.is_empty() {
+                self.collect_packs(up, id, packs, placed, packs.limit - 1)?;
+                packs.send(last)?;
+            }
+            self.collect_packs(up, id, packs, placed, 0)
         })?;
         self.finish_pages(up, &mut waiting, &placed, &mut pages, true)?;
         lock(&up.progress).insert(id, (total, total));
@@ -1031,6 +1028,9 @@ impl<S: Storage> SnapshotEngine<S> {
             .get(&id)
             .is_some_and(|s| s.captured && s.status == SnapshotStatus::Pending);
         if !still {
+            // Deleted meanwhile (kept hidden as its volume's base, not uploaded).
+            drop(commit);
+            self.clear_uploaded(id)?;
             return Ok(());
         }
         up.store.put_object(&root_name, &root.encode())?;
@@ -1042,7 +1042,12 @@ impl<S: Storage> SnapshotEngine<S> {
         // The same lease write that stops protecting what the upload wrote by its age
         // names the root that now references it.
         lock(&up.recent_roots).push((root_name.clone(), Instant::now()));
-        *lock(&up.capturing_since) = None;
+        // Other snapshots' chunks recorded in `uploaded` (an attempt that failed, a
+        // capture whose chunks went ahead) are referenced by no root yet: they stay
+        // protected by their age until their own upload completes.
+        if !self.uploads_unfinished()? {
+            *lock(&up.capturing_since) = None;
+        }
         up.write_lease(&self.ns.view())?;
         let elapsed = started.elapsed().as_secs_f64();
         let bytes = up.uploaded_bytes.load(Ordering::Relaxed) - bytes_before;
@@ -1061,6 +1066,246 @@ impl<S: Storage> SnapshotEngine<S> {
             }
         );
         Ok(())
+    }
+
+    /// Whether `uploaded` records chunks of any snapshot (uploads begun and not
+    /// completed).
+    fn uploads_unfinished(&self) -> UploadResult<bool> {
+        let txn = self.ns.read()?;
+        Ok(redb::ReadableTable::first(&txn.open_table(UPLOADED)?)?.is_some())
+    }
+
+    /// At start-up: forgets the upload records of snapshots no longer pending (left
+    /// by a crash between their end and the records' removal, or by versions that
+    /// kept them).
+    fn sweep_uploaded(&self) -> Result<(), NamespaceError> {
+        let view = self.ns.view();
+        let stale: BTreeSet<SnapshotId> = {
+            let txn = self.ns.read()?;
+            let table = txn.open_table(UPLOADED)?;
+            let mut ids = BTreeSet::new();
+            for row in redb::ReadableTable::iter(&table)? {
+                ids.insert(SnapshotId(row?.0.value().0));
+            }
+            ids.retain(|id| {
+                view.snapshots
+                    .get(id)
+                    .is_none_or(|s| s.status != SnapshotStatus::Pending)
+            });
+            ids
+        };
+        for id in stale {
+            self.clear_uploaded(id)?;
+        }
+        Ok(())
+    }
+
+    /// A capture committed a batch holding these new chunks: they may go up before
+    /// the capture ends (see [`Self::send_ahead`]).
+    pub(super) fn committed_chunks(&self, id: SnapshotId, hashes: Vec<ChunkHash>) {
+        let Some(up) = &self.remote else {
+            return;
+        };
+        if self.scheduling == Scheduling::Manual || hashes.is_empty() {
+            return;
+        }
+        let mut state = lock(&up.state);
+        if state.ahead_off.contains(&id) || state.ahead_len + hashes.len() > AHEAD_MAX {
+            return;
+        }
+        state.ahead_len += hashes.len();
+        state.ahead.entry(id).or_default().extend(hashes);
+        drop(state);
+        up.wake();
+    }
+
+    /// Whether snapshot `id` is still being captured.
+    fn capturing(&self, id: SnapshotId) -> bool {
+        self.ns
+            .view()
+            .snapshots
+            .get(&id)
+            .is_some_and(|s| s.status == SnapshotStatus::Pending && !s.captured)
+    }
+
+    /// Sends the chunks that committed batches of a running capture hold ahead of
+    /// its upload, in full packs, on the upload's workers; as each PUT returns, its
+    /// chunks are recorded in `uploaded` under the snapshot, exactly as the upload
+    /// records its own, so the upload (or one resumed after a crash) finds them
+    /// placed and sends only the rest. `capturing_since` is set first: until a root
+    /// names them, these packs are protected by their age. Goes on while the
+    /// capture of the first snapshot with chunks waiting runs and no upload is due;
+    /// chunks short of a full pack when it stops are left to the upload. A failure
+    /// stops sending ahead for that capture, with no other effect: its upload
+    /// retries and reports as usual.
+    fn send_ahead(&self, up: &Uploader) {
+        let Some(id) = lock(&up.state).ahead.keys().next().copied() else {
+            return;
+        };
+        if !self.capturing(id) {
+            up.drop_ahead(id, false);
+            return;
+        }
+        let before = up.uploaded_bytes.load(Ordering::Relaxed);
+        let sent = (|| -> UploadResult<()> {
+            up.begin_uploading(&self.ns.view())?;
+            let mut placed = self.placed_chunks(id)?;
+            self.with_pack_workers(up, id, &mut placed, |packs, placed| {
+                loop {
+                    if up.stopped() {
+                        return Err(UploadFailure::Stopped);
+                    }
+                    let hashes = {
+                        let mut state = lock(&up.state);
+                        let hashes = state.ahead.get_mut(&id).map(std::mem::take);
+                        let hashes = hashes.unwrap_or_default();
+                        state.ahead_len -= hashes.len();
+                        hashes
+                    };
+                    let mut full = Vec::new();
+                    if !hashes.is_empty() {
+                        let txn = self.ns.read()?;
+                        let chunks = txn.open_table(CHUNKS)?;
+                        for hash in hashes {
+                            if placed.contains_key(&hash) || !packs.queued.insert(hash) {
+                                continue;
+                            }
+                            // Gone if the capture was cancelled meanwhile.
+                            if let Some((loc, _)) = index::lookup(&chunks, &hash)? {
+                                full.extend(packs.add(hash, loc, up.pack_bytes()));
+                            }
+                        }
+                    }
+                    let idle = full.is_empty();
+                    for pack in full {
+                        self.collect_packs(up, id, packs, placed, packs.limit - 1)?;
+                        packs.send(pack)?;
+                    }
+                    self.collect_packs(up, id, packs, placed, usize::MAX)?;
+                    if up.renewal_due() {
+                        up.write_lease(&self.ns.view())?;
+                    }
+                    if !self.capturing(id) || up.upload_due() {
+                        break;
+                    }
+                    if idle {
+                        let state = lock(&up.state);
+                        if state.ahead.get(&id).is_none_or(Vec::is_empty) && !state.stopped {
+                            drop(up.changed.wait_timeout(state, AHEAD_POLL));
+                        }
+                    }
+                }
+                self.collect_packs(up, id, packs, placed, 0)
+            })
+        })();
+        let bytes = up.uploaded_bytes.load(Ordering::Relaxed) - before;
+        // A capture that failed or was cancelled while its packs were on their way
+        // had its records dropped before these came back.
+        let pending = self
+            .ns
+            .view()
+            .snapshots
+            .get(&id)
+            .is_some_and(|s| s.status == SnapshotStatus::Pending);
+        if !pending && let Err(e) = self.clear_uploaded(id) {
+            warn!("snapshot {id}: cannot forget where its chunks went: {e}");
+        }
+        match sent {
+            Ok(()) | Err(UploadFailure::Stopped) => {
+                if bytes > 0 {
+                    info!("snapshot {id}: {bytes} bytes of chunks sent while it was captured");
+                }
+                if !self.capturing(id) {
+                    up.drop_ahead(id, false);
+                }
+            }
+            Err(UploadFailure::Retry(reason) | UploadFailure::Fatal(reason)) => {
+                info!(
+                    "snapshot {id}: chunks are no longer sent while it is captured ({reason}); \
+                     its upload sends them"
+                );
+                up.drop_ahead(id, true);
+            }
+        }
+    }
+
+    /// Where earlier attempts at uploading snapshot `id` (and its packs sent ahead)
+    /// put its chunks, from the `uploaded` table.
+    fn placed_chunks(&self, id: SnapshotId) -> UploadResult<HashMap<ChunkHash, RemoteChunk>> {
+        let mut placed = HashMap::new();
+        let txn = self.ns.read()?;
+        let table = txn.open_table(UPLOADED)?;
+        for row in table.range((id.0, &[0u8; 32])..=(id.0, &[0xffu8; 32]))? {
+            let (key, value) = row?;
+            let hash = ChunkHash(*key.value().1);
+            match RemoteChunk::decode(value.value(), "uploaded chunk") {
+                Ok(chunk) => {
+                    placed.insert(hash, chunk);
+                }
+                Err(e) => warn!("snapshot {id}: ignoring a damaged upload record: {e}"),
+            }
+        }
+        Ok(placed)
+    }
+
+    /// Runs `body` with `upload_concurrency` pack workers (see [`Packs`]) for
+    /// snapshot `id`. If `body` fails, what is already on its way is still recorded
+    /// in `placed` and `uploaded`; the packs still queued are skipped.
+    fn with_pack_workers<T>(
+        &self,
+        up: &Uploader,
+        id: SnapshotId,
+        placed: &mut HashMap<ChunkHash, RemoteChunk>,
+        body: impl FnOnce(&mut Packs<'_>, &mut HashMap<ChunkHash, RemoteChunk>) -> UploadResult<T>,
+    ) -> UploadResult<T> {
+        let concurrency = up.store.settings.upload_concurrency.max(1);
+        let abort = AtomicBool::new(false);
+        let (jobs, job_queue) = std::sync::mpsc::channel::<Vec<(ChunkHash, ChunkLocation)>>();
+        let job_queue = Mutex::new(job_queue);
+        let done = std::thread::scope(|scope| -> UploadResult<T> {
+            let (results_in, results) = std::sync::mpsc::channel();
+            for _ in 0..concurrency {
+                let (job_queue, results_in, abort) = (&job_queue, results_in.clone(), &abort);
+                scope.spawn(move || {
+                    // Ends when the producer drops its end of the queue.
+                    while let Ok(pack) = lock(job_queue).recv() {
+                        let result = if abort.load(Ordering::Acquire) {
+                            Err(UploadFailure::Stopped)
+                        } else {
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                self.send_pack(up, &pack)
+                            }))
+                            .unwrap_or_else(|_| {
+                                Err(UploadFailure::Retry("upload thread panicked".into()))
+                            })
+                        };
+                        if results_in.send(result).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(results_in);
+            let mut packs = Packs {
+                jobs,
+                results,
+                abort: &abort,
+                in_flight: 0,
+                limit: concurrency + PACKS_QUEUED,
+                current: Vec::new(),
+                bytes: 0,
+                queued: HashSet::new(),
+            };
+            let done = body(&mut packs, placed);
+            if done.is_err() {
+                // Record what is already on its way, skip the rest.
+                abort.store(true, Ordering::Release);
+                let _ = self.collect_packs(up, id, &mut packs, placed, 0);
+            }
+            done
+        });
+        up.store.release_pack_buffers();
+        done
     }
 
     /// Reads one pack's chunk payloads from the local packs (verifying each), builds
@@ -1282,7 +1527,11 @@ fn remote_worker<S: Storage>(engine: Weak<SnapshotEngine<S>>, up: Arc<Uploader>)
                 .iter()
                 .find(|(_, at)| **at <= now)
                 .map(|(id, _)| *id);
-            let wait = if ready.is_some() || state.tombstones || !state.meta.is_empty() {
+            let wait = if ready.is_some()
+                || state.tombstones
+                || !state.meta.is_empty()
+                || !state.ahead.is_empty()
+            {
                 Duration::ZERO
             } else {
                 let next_retry = state
@@ -1332,6 +1581,8 @@ fn remote_worker<S: Storage>(engine: Weak<SnapshotEngine<S>>, up: Arc<Uploader>)
         engine.send_meta(&up);
         if let Some(id) = next_upload {
             engine.attempt_upload(&up, id);
+        } else {
+            engine.send_ahead(&up);
         }
         if collect && lock(&up.state).queue.is_empty() {
             *lock(&up.last_gc) = Some(Instant::now());
