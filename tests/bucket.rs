@@ -13,7 +13,7 @@ mod snapshot_support;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
@@ -445,6 +445,228 @@ fn an_upload_cut_by_kill_9_resumes_and_sends_nothing_twice() {
     let b = host(&s3, s3.config(HOST_B));
     wait_listed(&b, &of_a("db@one"));
     assert_eq!(sha256(&image(&b, &of_a("db@one"))), sum);
+}
+
+/// Packs go up while the capture still runs (each batch of 16,384 blocks it commits
+/// hands its chunks to the bucket thread); a `kill -9` then leaves a capture to
+/// resume and packs recorded under its snapshot: after the restart the capture
+/// resumes, the upload reuses what went ahead instead of sending it again, and B
+/// reads the snapshot's bytes.
+#[test]
+fn chunks_sent_while_capturing_survive_kill_9_and_are_not_sent_twice() {
+    let Some(s3) = s3_server() else {
+        return;
+    };
+    // 4 KiB blocks: a batch is 64 MiB, so the capture of 768 MiB commits eleven
+    // before its end. One pack at a time: at most one is in the bucket and not
+    // recorded when the kill comes.
+    let mut a = host(
+        &s3,
+        s3.config(HOST_A)
+            .top("block_size = \"4KiB\"")
+            .store("upload_concurrency = 1"),
+    );
+    let data = 768 * MIB;
+    random_volume(&a, "db", data / MIB, 0, data / MIB);
+    let sum = sha256(&a.volume("db"));
+    mkdir_snapshot(&a, "db@one").unwrap();
+    let progress = |a: &Ebsfs| -> u64 {
+        fs::read_to_string(a.snapshot("db@one").join("progress"))
+            .unwrap_or_default()
+            .trim()
+            .trim_end_matches('%')
+            .parse()
+            .unwrap_or(0)
+    };
+    let start = Instant::now();
+    let mut seen: BTreeMap<String, u64> = loop {
+        let found = s3.objects("packs");
+        // With a store, the capture is the first half of `progress`.
+        let capturing = progress(&a) < 50;
+        assert!(
+            capturing || !found.is_empty(),
+            "precondition: the capture ended before any pack went up:\n{}",
+            tail_lines(&a.log(), 20)
+        );
+        if !found.is_empty() {
+            assert!(
+                capturing,
+                "precondition: a pack went up only after the capture ended"
+            );
+            eprintln!(
+                "{} packs in the bucket after {:.1} s, capture at {}%",
+                found.len(),
+                start.elapsed().as_secs_f64(),
+                progress(&a) * 2
+            );
+            break found.into_iter().collect();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "no pack after 600 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    a.kill9();
+    a.restart();
+    let status = a.wait_snapshot("db@one");
+    assert_eq!(status, "completed", "{}", tail_lines(&a.log(), 30));
+    assert!(
+        a.log().contains("snapshot db@one resumes its capture"),
+        "the capture was cut short:\n{}",
+        tail_lines(&a.log(), 30)
+    );
+    // The line comes just after the status changes.
+    wait_until("the upload's log line", Duration::from_secs(30), || {
+        a.log().contains("snapshot db@one completed in the bucket")
+    });
+    assert!(
+        a.log().contains("chunks sent by an earlier attempt"),
+        "the upload reused nothing sent while capturing:\n{}",
+        tail_lines(&a.log(), 30)
+    );
+    seen.extend(s3.objects("packs"));
+    let ever: u64 = seen.values().sum();
+    eprintln!(
+        "{} packs, {} MiB, were ever in the bucket for {} MiB of data",
+        seen.len(),
+        ever / MIB,
+        data / MIB
+    );
+    assert!(
+        (data..=data + PACK).contains(&ever),
+        "{ever} bytes of packs were uploaded for {data} bytes of data: what went up \
+         while capturing was sent again"
+    );
+    let b = host(&s3, s3.config(HOST_B));
+    wait_listed(&b, &of_a("db@one"));
+    assert_eq!(sha256(&image(&b, &of_a("db@one"))), sum);
+}
+
+/// Between A and the server, one byte of the first pack's body is flipped on the
+/// wire: the server refuses the write (its checksum does not match), the upload
+/// retries, and the snapshot B reads has A's bytes. Nothing damaged lands.
+#[test]
+fn a_pack_damaged_on_the_wire_is_refused_and_sent_again() {
+    let Some(s3) = s3_server() else {
+        return;
+    };
+    let proxy = FlippingProxy::start(&s3.endpoint());
+    let a = host(&s3, s3.config(HOST_A).endpoint(&proxy.endpoint));
+    let data = 64 * MIB;
+    random_volume(&a, "db", data / MIB, 0, data / MIB);
+    let sum = sha256(&a.volume("db"));
+    mkdir_snapshot(&a, "db@one").unwrap();
+    let status = a.wait_snapshot("db@one");
+    assert_eq!(status, "completed", "{}", tail_lines(&a.log(), 30));
+    assert!(
+        proxy.flipped(),
+        "precondition: no pack went through the proxy"
+    );
+    assert!(
+        a.log().contains("upload failed, will retry"),
+        "the damaged pack was not refused:\n{}",
+        tail_lines(&a.log(), 30)
+    );
+    let b = host(&s3, s3.config(HOST_B));
+    wait_listed(&b, &of_a("db@one"));
+    assert_eq!(sha256(&image(&b, &of_a("db@one"))), sum);
+}
+
+/// A TCP proxy in front of an S3 server that flips one byte in the body of the first
+/// `PUT` of a pack it forwards, and forwards everything else unchanged.
+struct FlippingProxy {
+    endpoint: String,
+    flipped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FlippingProxy {
+    fn start(server: &str) -> FlippingProxy {
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let target = server
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let flipped = Arc::new(AtomicBool::new(false));
+        let done = flipped.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                let (mut from_server, mut to_client) =
+                    (server.try_clone().unwrap(), client.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from_server, &mut to_client);
+                    let _ = to_client.shutdown(std::net::Shutdown::Both);
+                });
+                let done = done.clone();
+                std::thread::spawn(move || {
+                    let (mut client, mut server) = (client, server);
+                    let mut seen: Vec<u8> = Vec::new();
+                    let mut buf = vec![0u8; 1 << 16];
+                    loop {
+                        let n = match client.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let chunk = &mut buf[..n];
+                        if !done.load(Ordering::Acquire) {
+                            // Look for a pack's PUT and the end of its headers; flip
+                            // the 4,096th byte of the body.
+                            let from = seen.len();
+                            seen.extend_from_slice(chunk);
+                            if let Some(put) = pack_put(&seen)
+                                && let Some(end) = find(&seen[put..], b"\r\n\r\n")
+                            {
+                                let target = put + end + 4 + 4096;
+                                if target >= from && target < seen.len() {
+                                    chunk[target - from] ^= 0x01;
+                                    done.store(true, Ordering::Release);
+                                }
+                            }
+                            if seen.len() > 1 << 20 && !done.load(Ordering::Acquire) {
+                                // Keep only the tail: a request line may straddle.
+                                seen.drain(..seen.len() - 4096);
+                            }
+                        }
+                        if server.write_all(chunk).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = server.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        FlippingProxy { endpoint, flipped }
+    }
+
+    fn flipped(&self) -> bool {
+        self.flipped.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Where the request line of the first `PUT` of a pack in `stream` starts.
+fn pack_put(stream: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    while let Some(found) = find(&stream[at..], b"PUT /") {
+        let line = at + found;
+        let line_end = find(&stream[line..], b"\r\n").map_or(stream.len(), |e| line + e);
+        if find(&stream[line..line_end], b"/packs/").is_some() {
+            return Some(line);
+        }
+        at = line + 1;
+    }
+    None
 }
 
 /// The S3 server goes away while A uploads: the snapshot stays pending with an
