@@ -167,6 +167,41 @@ fn wait_for_uploaded_packs(
     }
 }
 
+/// Host A with `block_size` blocks sending one pack at a time (each is recorded in
+/// the data directory as soon as its PUT returns, so at most one is in the bucket
+/// and not recorded when a kill comes), a volume `db` of `data` random bytes, and
+/// snapshot `db@one` of it just started; returns A and the volume's sha256.
+fn one_pack_at_a_time(s3: &S3Server, block_size: &str, data: u64) -> (Ebsfs, String) {
+    let a = host(
+        s3,
+        s3.config(HOST_A)
+            .top(&format!("block_size = \"{block_size}\""))
+            .store("upload_concurrency = 1"),
+    );
+    random_volume(&a, "db", data / MIB, 0, data / MIB);
+    let sum = sha256(&a.volume("db"));
+    mkdir_snapshot(&a, "db@one").unwrap();
+    (a, sum)
+}
+
+/// Checks that the packs `seen` in the bucket over a test (and those there now) add
+/// up to `data` plus at most the one pack in flight at a kill.
+fn assert_sent_once(s3: &S3Server, mut seen: BTreeMap<String, u64>, data: u64) {
+    seen.extend(s3.objects("packs"));
+    let ever: u64 = seen.values().sum();
+    eprintln!(
+        "{} packs, {} MiB, were ever in the bucket for {} MiB of data",
+        seen.len(),
+        ever / MIB,
+        data / MIB
+    );
+    assert!(
+        (data..=data + PACK).contains(&ever),
+        "{ever} bytes of packs were uploaded for {data} bytes of data: the resumed upload \
+         sent again what was there"
+    );
+}
+
 // ---------------------------------------------------------------------------------
 // Tests.
 // ---------------------------------------------------------------------------------
@@ -393,20 +428,10 @@ fn an_upload_cut_by_kill_9_resumes_and_sends_nothing_twice() {
     let Some(s3) = s3_server() else {
         return;
     };
-    // One pack at a time: each is recorded in the data directory as soon as its PUT
-    // returns, so at most one pack is in the bucket and not recorded when the kill
-    // comes. 32 KiB blocks, so that a page of the block map holds one pack's worth.
-    let mut a = host(
-        &s3,
-        s3.config(HOST_A)
-            .top("block_size = \"32KiB\"")
-            .store("upload_concurrency = 1"),
-    );
+    // 32 KiB blocks, so that a page of the block map holds one pack's worth.
     let data = 512 * MIB;
-    random_volume(&a, "db", data / MIB, 0, data / MIB);
-    let sum = sha256(&a.volume("db"));
-    mkdir_snapshot(&a, "db@one").unwrap();
-    let mut seen: BTreeMap<String, u64> = wait_for_uploaded_packs(&a, &s3, "db@one", 3)
+    let (mut a, sum) = one_pack_at_a_time(&s3, "32KiB", data);
+    let seen: BTreeMap<String, u64> = wait_for_uploaded_packs(&a, &s3, "db@one", 3)
         .into_iter()
         .collect();
     a.kill9();
@@ -419,19 +444,7 @@ fn an_upload_cut_by_kill_9_resumes_and_sends_nothing_twice() {
         "precondition: the upload was cut short:\n{}",
         tail_lines(&a.log(), 30)
     );
-    seen.extend(s3.objects("packs"));
-    let ever: u64 = seen.values().sum();
-    eprintln!(
-        "{} packs, {} MiB, were ever in the bucket for {} MiB of data",
-        seen.len(),
-        ever / MIB,
-        data / MIB
-    );
-    assert!(
-        (data..=data + PACK).contains(&ever),
-        "{ever} bytes of packs were uploaded for {data} bytes of data: the resumed upload \
-         sent again what was there"
-    );
+    assert_sent_once(&s3, seen, data);
     // A collects after its uploads: a pack sent twice goes.
     wait_until("A's collection", COLLECTION_TIMEOUT, || {
         collections(&a).len() > collected_before
@@ -458,18 +471,9 @@ fn chunks_sent_while_capturing_survive_kill_9_and_are_not_sent_twice() {
         return;
     };
     // 4 KiB blocks: a batch is 64 MiB, so the capture of 768 MiB commits eleven
-    // before its end. One pack at a time: at most one is in the bucket and not
-    // recorded when the kill comes.
-    let mut a = host(
-        &s3,
-        s3.config(HOST_A)
-            .top("block_size = \"4KiB\"")
-            .store("upload_concurrency = 1"),
-    );
+    // before its end.
     let data = 768 * MIB;
-    random_volume(&a, "db", data / MIB, 0, data / MIB);
-    let sum = sha256(&a.volume("db"));
-    mkdir_snapshot(&a, "db@one").unwrap();
+    let (mut a, sum) = one_pack_at_a_time(&s3, "4KiB", data);
     let progress = |a: &Ebsfs| -> u64 {
         fs::read_to_string(a.snapshot("db@one").join("progress"))
             .unwrap_or_default()
@@ -479,7 +483,7 @@ fn chunks_sent_while_capturing_survive_kill_9_and_are_not_sent_twice() {
             .unwrap_or(0)
     };
     let start = Instant::now();
-    let mut seen: BTreeMap<String, u64> = loop {
+    let seen: BTreeMap<String, u64> = loop {
         let found = s3.objects("packs");
         // With a store, the capture is the first half of `progress`.
         let capturing = progress(&a) < 50;
@@ -525,19 +529,7 @@ fn chunks_sent_while_capturing_survive_kill_9_and_are_not_sent_twice() {
         "the upload reused nothing sent while capturing:\n{}",
         tail_lines(&a.log(), 30)
     );
-    seen.extend(s3.objects("packs"));
-    let ever: u64 = seen.values().sum();
-    eprintln!(
-        "{} packs, {} MiB, were ever in the bucket for {} MiB of data",
-        seen.len(),
-        ever / MIB,
-        data / MIB
-    );
-    assert!(
-        (data..=data + PACK).contains(&ever),
-        "{ever} bytes of packs were uploaded for {data} bytes of data: what went up \
-         while capturing was sent again"
-    );
+    assert_sent_once(&s3, seen, data);
     let b = host(&s3, s3.config(HOST_B));
     wait_listed(&b, &of_a("db@one"));
     assert_eq!(sha256(&image(&b, &of_a("db@one"))), sum);
