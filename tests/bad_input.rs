@@ -71,17 +71,7 @@ fn free_bytes(path: &Path) -> u64 {
 
 /// Names in the mount's `volumes/`, sorted.
 fn volume_names(fs: &Ebsfs) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(fs.mnt.join("volumes"))
-        .expect("list volumes/")
-        .map(|e| {
-            e.expect("volumes/ entry")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
-    names.sort();
-    names
+    fs.names_in("volumes")
 }
 
 fn test_root() -> tempfile::TempDir {

@@ -655,12 +655,11 @@ fn volume_create_from_a_snapshot_on_the_command_line() {
             describe_output(&out)
         );
     }
-    let mut volumes: Vec<String> = fs::read_dir(fs.mnt.join("volumes"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    volumes.sort();
-    assert_eq!(volumes, ["big.img", "c.img", "v.img"], "volumes left");
+    assert_eq!(
+        fs.names_in("volumes"),
+        ["big.img", "c.img", "v.img"],
+        "volumes left"
+    );
 }
 
 // ---------------------------------------------------------------------------------

@@ -11,14 +11,10 @@ use common::*;
 
 /// The names of the policy's snapshots of `db` now on the mount.
 fn auto_snapshots(fs: &Ebsfs) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(fs.mnt.join("snapshots"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
+    fs.names_in("snapshots")
+        .into_iter()
         .filter(|n| n.starts_with("db@auto-"))
-        .collect();
-    names.sort();
-    names
+        .collect()
 }
 
 #[test]

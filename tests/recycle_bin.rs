@@ -17,13 +17,7 @@ fn ebsfs_cli(fs: &Ebsfs, args: &[&str]) -> std::process::Output {
 }
 
 fn in_bin(fs: &Ebsfs) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(fs.mnt.join("recycle-bin"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
+    fs.names_in("recycle-bin")
 }
 
 #[test]

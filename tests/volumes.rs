@@ -500,12 +500,10 @@ fn namespace_changes_survive_kill9() {
     fs.kill9();
     fs.restart();
 
-    let mut names: Vec<String> = fs::read_dir(fs.mnt.join("volumes"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    assert_eq!(names, ["empty.img", "new.img", "sized.img"]);
+    assert_eq!(
+        fs.names_in("volumes"),
+        ["empty.img", "new.img", "sized.img"]
+    );
     assert_eq!(size_of(&sized), 40 * MIB);
     assert_eq!(
         first_nonzero(&read_range(&sized, 39 * MIB, MIB as usize)),

@@ -293,6 +293,22 @@ impl Ebsfs {
         Ok(())
     }
 
+    /// The names in directory `dir` of the mount (`volumes`, `snapshots`,
+    /// `recycle-bin`), sorted.
+    pub fn names_in(&self, dir: &str) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(self.mnt.join(dir))
+            .unwrap_or_else(|e| panic!("readdir {dir}/: {e}"))
+            .map(|e| {
+                e.unwrap_or_else(|e| panic!("{dir}/ entry: {e}"))
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
     /// The daemon's log: everything it printed, then the stderr of [`Ebsfs::try_restart`].
     pub fn log(&self) -> String {
         let mut log = fs::read_to_string(self.root.path().join("ebsfs.log")).unwrap_or_default();

@@ -222,17 +222,7 @@ pub fn image(fs: &Ebsfs, id: &str) -> PathBuf {
 
 /// Names listed in `snapshots/`, sorted.
 pub fn listed_snapshots(fs: &Ebsfs) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(fs.mnt.join("snapshots"))
-        .expect("readdir snapshots/")
-        .map(|e| {
-            e.expect("dirent")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
-    names.sort();
-    names
+    fs.names_in("snapshots")
 }
 
 /// A string value of a snapshot's `info`.
