@@ -7,7 +7,7 @@ use std::path::Path;
 use clap::Subcommand;
 
 use super::MountLocation;
-use super::snapshot::{Failure, explain, info_value, parse_ref, read_field, with_mount};
+use super::snapshot::{Failure, exit_code, explain, info_value, parse_ref, read_field, with_mount};
 
 /// The recycle bin's directory at the top of the mount.
 pub const DIR: &str = crate::fs::inode::RECYCLE_BIN;
@@ -36,13 +36,7 @@ pub enum BinCommand {
 }
 
 pub fn run(cmd: BinCommand) -> i32 {
-    match dispatch(cmd) {
-        Ok(()) => 0,
-        Err(Failure(code, message)) => {
-            eprintln!("ebsfs: {message}");
-            code
-        }
-    }
+    exit_code(dispatch(cmd))
 }
 
 fn dispatch(cmd: BinCommand) -> Result<(), Failure> {

@@ -99,14 +99,19 @@ pub enum SnapshotCommand {
 /// A failure to report, with the exit code to use.
 pub(super) struct Failure(pub i32, pub String);
 
-pub fn run(cmd: SnapshotCommand) -> i32 {
-    match dispatch(cmd) {
+/// The exit code of a command's outcome, after printing its failure if it failed.
+pub(super) fn exit_code(result: Result<(), Failure>) -> i32 {
+    match result {
         Ok(()) => 0,
         Err(Failure(code, message)) => {
             eprintln!("ebsfs: {message}");
             code
         }
     }
+}
+
+pub fn run(cmd: SnapshotCommand) -> i32 {
+    exit_code(dispatch(cmd))
 }
 
 fn dispatch(cmd: SnapshotCommand) -> Result<(), Failure> {

@@ -15,7 +15,9 @@ use std::time::Instant;
 use clap::Subcommand;
 
 use super::MountLocation;
-use super::snapshot::{Failure, SnapshotRef, get_xattr, parse_ref, snapshot_dir, with_mount};
+use super::snapshot::{
+    Failure, SnapshotRef, exit_code, get_xattr, parse_ref, snapshot_dir, with_mount,
+};
 use crate::config::ByteSize;
 use crate::names::VolumeName;
 
@@ -60,13 +62,7 @@ pub fn run(cmd: VolumeCommand) -> i32 {
         }),
         VolumeCommand::List { location } => with_mount(&location, list),
     };
-    match result {
-        Ok(()) => 0,
-        Err(Failure(code, message)) => {
-            eprintln!("ebsfs: {message}");
-            code
-        }
-    }
+    exit_code(result)
 }
 
 fn parse_create(
