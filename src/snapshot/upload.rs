@@ -192,6 +192,17 @@ struct WorkerState {
     stopped: bool,
 }
 
+impl WorkerState {
+    /// The first queued upload whose attempt may start now.
+    fn due_upload(&self) -> Option<SnapshotId> {
+        let now = Instant::now();
+        self.queue
+            .iter()
+            .find(|(_, at)| **at <= now)
+            .map(|(id, _)| *id)
+    }
+}
+
 /// A root listed in the lease while this guard lives.
 struct RootGuard<'a> {
     uploader: &'a Uploader,
@@ -442,8 +453,7 @@ impl Uploader {
 
     /// An upload waits for the bucket thread (not one retried later).
     fn upload_due(&self) -> bool {
-        let now = Instant::now();
-        lock(&self.state).queue.values().any(|at| *at <= now)
+        lock(&self.state).due_upload().is_some()
     }
 
     /// Forgets the chunks waiting to be sent ahead for snapshot `id`.
@@ -1522,11 +1532,7 @@ fn remote_worker<S: Storage>(engine: Weak<SnapshotEngine<S>>, up: Arc<Uploader>)
                 return;
             }
             let now = Instant::now();
-            let ready = state
-                .queue
-                .iter()
-                .find(|(_, at)| **at <= now)
-                .map(|(id, _)| *id);
+            let ready = state.due_upload();
             let wait = if ready.is_some()
                 || state.tombstones
                 || !state.meta.is_empty()
