@@ -29,6 +29,7 @@ use log::warn;
 use crate::namespace::tables::{CHUNKS, MANIFEST};
 use crate::namespace::{Chain, Namespace, NamespaceError, SnapshotId, VolumeId};
 use crate::storage::Storage;
+use crate::storage::direct::AlignedBuf;
 use crate::store::codec::{ChunkHash, Codec, Compressor};
 use crate::store::index::Existing;
 use crate::store::pack::{self, PackWriter};
@@ -452,11 +453,16 @@ fn new_chunks_in_block_order(batch: &Batch) -> Vec<ChunkHash> {
 
 /// Chunks a worker encoded but has not written yet: one unit's worth, appended as a
 /// single contiguous run so that neighbouring blocks stay neighbours in the pack (a
-/// sequential read of the snapshot then reads the pack sequentially).
+/// sequential read of the snapshot then reads the pack sequentially). The buffer is
+/// page-aligned and every payload padded with zeros to [`pack::PACK_ALIGN`], so the
+/// run is one aligned write that bypasses the page cache where the filesystem allows
+/// (see [`crate::storage::direct`]): nothing reads it back soon but the upload, and
+/// that reads whole runs with direct reads too.
 #[derive(Default)]
 struct Run {
-    /// Payloads, each padded to the pack alignment.
-    bytes: Vec<u8>,
+    bytes: AlignedBuf,
+    /// Bytes used in `bytes`: always a multiple of the pack alignment.
+    len: usize,
     /// (hash, codec, offset within `bytes`, stored length, plain length)
     chunks: Vec<(ChunkHash, Codec, u64, u32, u32)>,
 }
@@ -467,12 +473,19 @@ impl Run {
     }
 
     fn push(&mut self, hash: ChunkHash, codec: Codec, payload: &[u8], plain_len: usize) {
-        let at = self.bytes.len() as u64;
-        self.bytes.extend_from_slice(payload);
-        self.bytes
-            .resize(pack::align_up(self.bytes.len() as u64) as usize, 0);
-        self.chunks
-            .push((hash, codec, at, payload.len() as u32, plain_len as u32));
+        let at = self.len;
+        let end = pack::align_up((at + payload.len()) as u64) as usize;
+        let bytes = self.bytes.slice_mut_keeping(end);
+        bytes[at..at + payload.len()].copy_from_slice(payload);
+        bytes[at + payload.len()..end].fill(0);
+        self.len = end;
+        self.chunks.push((
+            hash,
+            codec,
+            at as u64,
+            payload.len() as u32,
+            plain_len as u32,
+        ));
     }
 
     /// Appends the run to the pack; returns where each chunk went.
@@ -483,7 +496,7 @@ impl Run {
         if self.chunks.is_empty() {
             return Ok(Vec::new());
         }
-        let base = writer.append(&self.bytes).map_err(|e| {
+        let base = writer.append(self.bytes.slice_mut(self.len)).map_err(|e| {
             SnapshotError::CaptureFailed(format!("writing to pack {}: {e}", writer.pack.id))
         })?;
         let written = self
@@ -500,7 +513,7 @@ impl Run {
                 (hash, loc)
             })
             .collect();
-        self.bytes.clear();
+        self.len = 0;
         Ok(written)
     }
 }

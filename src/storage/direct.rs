@@ -1,4 +1,5 @@
-//! Direct I/O to a volume's data file: aligned requests bypass the host page cache.
+//! Direct I/O to a volume's data file or a pack: aligned requests bypass the host
+//! page cache.
 //!
 //! A loop device over a volume already has a page cache above it (the filesystem on
 //! the device); caching the same bytes again in the data file's page cache costs a
@@ -53,6 +54,18 @@ impl AlignedBuf {
         }
         // SAFETY: ptr is valid for self.len >= len initialised bytes, owned by self.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), len) }
+    }
+
+    /// The first `len` bytes, growing the buffer if it is shorter while keeping the
+    /// bytes it held (bytes past the old capacity read as zeros).
+    pub fn slice_mut_keeping(&mut self, len: usize) -> &mut [u8] {
+        if len > self.len {
+            let mut grown = AlignedBuf::new();
+            let new = grown.slice_mut(len.max(2 * self.len));
+            new[..self.len].copy_from_slice(self.slice_mut(self.len));
+            std::mem::swap(self, &mut grown);
+        }
+        self.slice_mut(len)
     }
 
     fn grow(&mut self, len: usize) {
@@ -139,7 +152,7 @@ impl DirectFile {
     fn declined(&self, e: &io::Error) -> bool {
         if e.raw_os_error() == Some(libc::EINVAL) {
             if self.enabled.swap(false, Ordering::Relaxed) {
-                warn!("direct I/O to volume data refused ({e}); using buffered I/O");
+                warn!("direct I/O refused by the filesystem ({e}); using buffered I/O");
             }
             true
         } else {
@@ -222,6 +235,12 @@ mod tests {
         let big = buf.slice_mut(3 * ALIGN + 1);
         assert_eq!(big.len(), 3 * ALIGN + 1);
         assert_eq!(big.as_ptr() as usize % ALIGN, 0);
+
+        big[..ALIGN].fill(3);
+        let kept = buf.slice_mut_keeping(9 * ALIGN);
+        assert_eq!(kept.as_ptr() as usize % ALIGN, 0);
+        assert!(kept[..ALIGN].iter().all(|&b| b == 3), "contents kept");
+        assert!(kept[4 * ALIGN..].iter().all(|&b| b == 0), "new bytes zero");
     }
 
     #[test]

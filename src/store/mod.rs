@@ -29,6 +29,7 @@ use crate::layout::{Layout, parse_pack_file};
 use crate::namespace::tables::CHUNKS;
 use crate::namespace::{Namespace, NamespaceError};
 use crate::storage::Storage;
+use crate::storage::direct::AlignedBuf;
 use cache::BlockCache;
 use codec::{ChunkHash, CodecError};
 pub use index::ChunkLocation;
@@ -49,8 +50,9 @@ pub enum StoreError {
 pub type StoreResult<T> = Result<T, StoreError>;
 
 thread_local! {
-    /// Pack bytes read by this thread, reused so reads neither allocate nor zero.
-    static PACK_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Pack bytes read by this thread, reused so reads neither allocate nor zero;
+    /// page-aligned, so that long reads may go direct.
+    static PACK_BUF: std::cell::RefCell<AlignedBuf> = const { std::cell::RefCell::new(AlignedBuf::new()) };
 }
 
 fn io_at(path: &std::path::Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -298,11 +300,10 @@ impl<S: Storage> ChunkStore<S> {
         let last = run[run.len() - 1].1;
         let len = (last.offset + u64::from(last.stored_len) - first.offset) as usize;
         let pack = self.pack(first.pack)?;
-        PACK_BUF.with_borrow_mut(|bytes| -> StoreResult<()> {
-            if bytes.len() < len {
-                bytes.resize(len, 0);
-            }
-            pack.read_into(&mut bytes[..len], first.offset)
+        PACK_BUF.with_borrow_mut(|buf| -> StoreResult<()> {
+            // Payloads start on page boundaries and are padded to the next: read whole pages.
+            let bytes = buf.slice_mut(pack::align_up(len as u64) as usize);
+            pack.read_at_least(bytes, first.offset, len)
                 .map_err(io_at(&pack.path))?;
             for (n, (hash, loc)) in run.iter().enumerate() {
                 let at = (loc.offset - first.offset) as usize;

@@ -6,6 +6,13 @@
 //! space back at once. Payloads do not describe themselves: the chunk index in the
 //! metadata database records where each chunk lives, and the pack's committed length.
 //! Bytes past the committed length belong to a capture that never committed.
+//!
+//! Packs are opened for direct I/O as well ([`crate::storage::direct`]): a capture
+//! appends whole padded runs from page-aligned buffers, and reads of long runs of
+//! chunks are whole pages into page-aligned buffers, so both bypass the page cache
+//! where the filesystem allows; smaller or unaligned requests stay buffered. Direct
+//! writes are no more durable than buffered ones until the `fdatasync` a capture
+//! makes before it commits (which also flushes the device's cache).
 
 use std::io;
 use std::path::PathBuf;
@@ -92,13 +99,13 @@ pub struct PackFile<S: Storage> {
 impl<S: Storage> PackFile<S> {
     /// Opens an existing pack (never creates one: a missing pack is damage).
     pub fn open(storage: &S, path: PathBuf, id: u32) -> io::Result<PackFile<S>> {
-        let file = storage.open(&path, OpenOptions::EXISTING)?;
+        let file = storage.open(&path, OpenOptions::EXISTING.direct())?;
         Ok(PackFile { id, path, file })
     }
 
     /// Creates pack `id` with its header, synced, its name durable.
     pub fn create(storage: &S, path: PathBuf, id: u32) -> io::Result<PackFile<S>> {
-        let file = storage.open(&path, OpenOptions::TRUNCATE)?;
+        let file = storage.open(&path, OpenOptions::TRUNCATE.direct())?;
         file.write_all_at(&header(id), 0)?;
         file.sync_data()?;
         storage.sync_dir(parent_of(&path))?;
@@ -114,15 +121,23 @@ impl<S: Storage> PackFile<S> {
 
     /// Reads exactly `buf.len()` bytes at `offset`; a pack cut short is an error.
     pub fn read_into(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_at_least(buf, offset, buf.len())
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset`, of which at least `needed`; a pack
+    /// cut short before them is an error. A read of whole pages into a page-aligned
+    /// `buf` may go direct (see [`crate::storage::direct`]) even where the last
+    /// payload it needs ends inside its last page.
+    pub fn read_at_least(&self, buf: &mut [u8], offset: u64, needed: usize) -> io::Result<()> {
         let n = self.file.read_at(buf, offset)?;
-        if n < buf.len() {
+        if n < needed {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!(
                     "pack {} ends at {} (needed {})",
                     self.id,
                     offset + n as u64,
-                    offset + buf.len() as u64
+                    offset + needed as u64
                 ),
             ));
         }
@@ -236,6 +251,40 @@ mod tests {
         assert_eq!(pack.verify_header().unwrap(), Ok(()));
         let renamed = PackFile::<MemStorage>::open(&storage, path, 4).unwrap();
         assert!(renamed.verify_header().unwrap().is_err());
+    }
+
+    #[test]
+    fn runs_written_and_read_direct_on_a_real_filesystem_read_back() {
+        use crate::storage::direct::AlignedBuf;
+        use crate::storage::linux::LinuxStorage;
+        // The package directory: unlike /tmp, never a tmpfs that lacks O_DIRECT.
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("pack-00000003.dat");
+        let pack = Arc::new(PackFile::create(&LinuxStorage, path.clone(), 3).unwrap());
+        let writer = PackWriter::new(pack.clone(), 0);
+        // A run of two payloads, each padded to a page, from an aligned buffer.
+        let mut run = AlignedBuf::new();
+        let bytes = run.slice_mut(3 * 4096 + (256 << 10));
+        bytes[..5000].fill(7);
+        bytes[8192..].fill(9);
+        let at = writer.append(bytes).unwrap();
+        pack.sync_data().unwrap();
+        // Reread through a fresh descriptor, whole pages into an aligned buffer.
+        let reopened = PackFile::<LinuxStorage>::open(&LinuxStorage, path, 3).unwrap();
+        assert_eq!(reopened.verify_header().unwrap(), Ok(()));
+        let mut back = AlignedBuf::new();
+        let len = bytes.len();
+        let buf = back.slice_mut(len);
+        reopened.read_at_least(buf, at, len).unwrap();
+        assert_eq!(&buf[..], &bytes[..]);
+        // A pack cut inside its last page still gives what is needed of it, and an
+        // error when cut before that.
+        reopened.truncate(at + len as u64 - 100).unwrap();
+        let buf = back.slice_mut(len);
+        reopened.read_at_least(buf, at, len - 100).unwrap();
+        assert!(buf[8192..len - 100].iter().all(|&b| b == 9));
+        let err = reopened.read_at_least(buf, at, len).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 
     #[test]
