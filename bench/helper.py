@@ -1035,6 +1035,15 @@ def cmd_report(a):
              "mkdir to `completed`, which waits for the upload)",
              f"{bcap['capture_MBps']:.0f} MB/s ({bcap['capture_s']:.2f} s)", "≥ 200 MB/s",
              bcap["capture_MBps"] >= 200, "capture_MBps", bcap["capture_MBps"])
+    sput = next((r for r in recs if r["type"] == "server_put" and r.get("seconds")), None)
+    if sput:
+        put_rate = sput["bytes"] / 1e6 / sput["seconds"]
+        badd("  the server's own PUT rate: host A's packs again, in 32 MiB objects, 4 at once, by curl "
+             "(nothing else running)", f"{put_rate:.0f} MB/s ({sput['requests']:,} PUTs)", None, None,
+             "server_put_MBps", put_rate)
+        if bcap and bcap.get("capture_MBps"):
+            badd("  capture / the server's own PUT rate", f"{bcap['capture_MBps'] / put_rate:.2f}", None, None,
+                 "capture_over_server_put", bcap["capture_MBps"] / put_rate)
     req = next((r for r in recs if r["type"] == "requests" and r.get("what") == "capture"), None)
     if req and bcap and bcap.get("changed_bytes"):
         gib = bcap["changed_bytes"] / 2**30
@@ -1052,6 +1061,16 @@ def cmd_report(a):
         badd("background hydration of a copy from the bucket (host B, cold)",
              f"— (still {bhyd.get('final_value')} after {bhyd.get('done_s', 0):.0f} s)", "≥ 300 MiB/s", False,
              "hydrate_MiBps", None)
+    sget = next((r for r in recs if r["type"] == "server_get" and r.get("seconds")), None)
+    if sget:
+        ceiling = sget["bytes"] / 2**20 / sget["seconds"]
+        badd("  the server's own GET rate: every pack in 4 MiB ranges, 16 at once, by curl (cold cache, "
+             "nothing else running)", f"{ceiling:.0f} MiB/s ({sget['requests']:,} GETs)", None, None,
+             "server_get_MiBps", ceiling)
+        if bhyd and bhyd.get("ok") and bhyd.get("hydrate_MBps"):
+            ratio = bhyd["hydrate_MBps"] * 1e6 / 2**20 / ceiling
+            badd("  hydration / the server's own GET rate", f"{ratio:.2f}", None, None,
+                 "hydrate_over_server_get", ratio)
     creq = {r.get("what"): r for r in recs if r["type"] == "requests"}
     cread = job_rec("bucket", "copyread", "read")
     if cread and cread.get("ok") and cread.get("read_MBps"):

@@ -318,8 +318,10 @@ case $ONLY in
   # CLONE_SPILL: what two copies that fall back to copying bytes may write before
   # they are stopped (the request in flight, up to 4 GiB, runs on).
   clones) need=$(( V_LARGE * 102 / 100 + 4 * V_SMALL + CLONE_SPILL + 2 * GiB )) ;;
-  # The volume, its chunks, the bucket's copy, the hydrated copy on the second host.
-  bucket) need=$(( 4 * CAP + 2 * GiB )) ;;
+  # The volume, its chunks, the bucket's copy, the hydrated copy on the second host,
+  # and the server's own PUT figure (a split copy of the packs, and its objects,
+  # deleted after, which Garage frees late).
+  bucket) need=$(( 6 * CAP + 2 * GiB )) ;;
   *) need=$(( V_LARGE * 106 / 100 + 6 * V_SMALL + 42 * CAP / 10 + CLONE_SPILL + 2 * GiB )) ;;
 esac
 if [[ $avail -lt $need ]]; then
@@ -991,6 +993,61 @@ start_ebsfs_b() {  # host B on $WORK/ebsfs-data-b; returns once it lists up@s3@b
   die "host B does not list up@s3@bench-a after 60 s"
 }
 
+# The server's own rates, measured with curl (a client that does no work of its own) in
+# the same run, so that the capture and hydration figures can be read against what the
+# server gives at most on this machine.
+s3_curl_env() {  # s3_curl_env: exports what the curl commands below use
+  export CEIL_BASE="http://127.0.0.1:$S3S_PORT/$BUCKET" CEIL_SIG="aws:amz:$S3_REGION:s3"
+}
+# shellcheck disable=SC2016 # expanded by the shells xargs starts
+S3_CURL='curl -sf --aws-sigv4 "$CEIL_SIG" -u "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" -o /dev/null'
+
+# shellcheck disable=SC2016 # the single-quoted parts are for the shells xargs starts
+server_put_ceiling() {  # server_put_ceiling: PUT host A's packs again, in 32 MiB objects, 4 at once
+  # Distinct data (Garage stores a block it already holds only once): host A's local
+  # packs, split into objects of the size ebsfs sends, read from disk as the upload does.
+  local src="$WORK/put-source" t0 t1 n
+  s3_curl_env
+  mkdir -p "$src"
+  cat "$WORK"/ebsfs-data/chunks/pack-*.dat | split -b $((32 * MiB)) -a 4 - "$src/" \
+    || { log "!!! cannot split host A's packs: no server PUT figure"; rm -rf "$src"; return 0; }
+  n=$(find "$src" -type f | wc -l)
+  drop_caches
+  t0=$(date +%s.%N)
+  find "$src" -type f -printf '%f\n' | xargs -P 4 -I{} sh -c "$S3_CURL"' -T "$0/{}" "$CEIL_BASE/ceiling/{}"' "$src" \
+    || { log "!!! a PUT with curl failed: no server PUT figure"; rm -rf "$src"; return 0; }
+  t1=$(date +%s.%N)
+  record server_put bytes="$(du -s -B1 --apparent-size "$src" | cut -f1)" requests="$n" \
+    seconds="$("$PY" -c "print($t1 - $t0)")"
+  log "bucket: the server's own PUT rate: $(du -s -BM --apparent-size "$src" | cut -f1) in $n PUTs (curl, 4 at once)"
+  find "$src" -type f -printf '%f\n' | xargs -P 4 -I{} sh -c "$S3_CURL"' -X DELETE "$CEIL_BASE/ceiling/{}"' \
+    || log "!!! deleting the objects of the PUT figure failed"
+  rm -rf "$src"
+}
+
+# shellcheck disable=SC2016 # the single-quoted parts are for the shells xargs starts
+server_get_ceiling() {  # server_get_ceiling: GET every pack in the bucket in 4 MiB ranges, 16 at once
+  local list="$WORK/packs.xml" ranges="$WORK/pack-ranges" t0 t1 bytes n
+  s3_curl_env
+  sh -c "${S3_CURL%-o /dev/null}"' -o "$0" "$CEIL_BASE?list-type=2&max-keys=1000&prefix=bench%2Fpacks%2F"' "$list" \
+    || { log "!!! cannot list the bucket's packs with curl: no server GET figure"; return 0; }
+  "$PY" - "$list" >"$ranges" <<'PYEOF'
+import re, sys
+for key, size in re.findall(r"<Key>([^<]+)</Key>.*?<Size>(\d+)</Size>", open(sys.argv[1]).read(), re.S):
+    for start in range(0, int(size), 4 << 20):
+        print(key, f"{start}-{min(start + (4 << 20), int(size)) - 1}")
+PYEOF
+  n=$(wc -l <"$ranges")
+  bytes=$(awk '{ split($2, r, "-"); s += r[2] - r[1] + 1 } END { printf "%.0f", s }' "$ranges")
+  drop_caches
+  t0=$(date +%s.%N)
+  xargs -P 16 -L 1 sh -c "$S3_CURL"' -r "$1" "$CEIL_BASE/$0"' <"$ranges" \
+    || { log "!!! a GET of a pack range with curl failed: no server GET figure"; return 0; }
+  t1=$(date +%s.%N)
+  record server_get bytes="$bytes" requests="$n" seconds="$("$PY" -c "print($t1 - $t0)")"
+  log "bucket: the server's own GET rate: $((bytes / MiB)) MiB in $n ranged GETs (curl, 16 at once)"
+}
+
 run_bucket() {
   local m=$EBSFS_MNT aux="$WORK/state/bucket" vol put0 post0 get0 put1 post1 sha_src remote b
   mkdir -p "$aux"
@@ -1011,6 +1068,9 @@ run_bucket() {
     $(bucket_usage)
   "$PY" "$HELPER" daemon-stats --pid "$EBSFS_PID" --label "host A after the capture into the bucket" \
     | sed 's/"type": "daemon"/"type": "bucket_daemon"/' >>"$RECORDS"
+  server_put_ceiling
+
+  server_get_ceiling
 
   log "=== bucket: host B copies up@s3@bench-a and hydrates the copy from the bucket"
   b="$WORK/ebsfs-data-b"
