@@ -444,6 +444,16 @@ mod tests {
         .map(|_| settings)
     }
 
+    /// Asserts that `text` is refused with an error that starts with its file and
+    /// `line` and names `key`.
+    fn assert_refused_at(text: &str, line: usize, key: &str) {
+        let err = load_text(text).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("test.toml:{line}:")) && err.contains(key),
+            "{text:?}: {err}"
+        );
+    }
+
     #[test]
     fn embedded_defaults_are_valid() {
         let s = Settings::embedded();
@@ -476,29 +486,21 @@ mod tests {
             signed.unwrap().store.unwrap().payload_checksum,
             PayloadChecksum::Sha256
         );
-        let err = load_text("[store]\nurl = \"s3://ebsfs\"\npayload_checksum = \"md5\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("test.toml:3:") && err.contains("store.payload_checksum"),
-            "{err}"
+        assert_refused_at(
+            "[store]\nurl = \"s3://ebsfs\"\npayload_checksum = \"md5\"\n",
+            3,
+            "store.payload_checksum",
         );
-        let err = load_text("[store]\nurl = \"s3://ebsfs\"\nendpoint = \"ftp://x\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("test.toml:3:") && err.contains("store.endpoint"),
-            "{err}"
+        assert_refused_at(
+            "[store]\nurl = \"s3://ebsfs\"\nendpoint = \"ftp://x\"\n",
+            3,
+            "store.endpoint",
         );
         let err = load_text("[store]\nregion = \"x\"\n")
             .unwrap_err()
             .to_string();
         assert!(err.contains("store.url"), "{err}");
-        let err = load_text("host_id = \"a b\"\n").unwrap_err().to_string();
-        assert!(
-            err.starts_with("test.toml:1:") && err.contains("host_id"),
-            "{err}"
-        );
+        assert_refused_at("host_id = \"a b\"\n", 1, "host_id");
     }
 
     #[test]
@@ -518,13 +520,7 @@ mod tests {
                 .recycle_bin_secs,
             Some(7 * 86_400)
         );
-        let err = load_text("hydrate = true\nrecycle_bin = \"soon\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("test.toml:2:") && err.contains("recycle_bin"),
-            "{err}"
-        );
+        assert_refused_at("hydrate = true\nrecycle_bin = \"soon\"\n", 2, "recycle_bin");
     }
 
     #[test]
@@ -534,31 +530,17 @@ mod tests {
                 .unwrap()
                 .block_public_access
         );
-        let err = load_text("block_public_access = \"yes\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("test.toml:1:") && err.contains("block_public_access"),
-            "{err}"
-        );
+        assert_refused_at("block_public_access = \"yes\"\n", 1, "block_public_access");
     }
 
     #[test]
     fn unknown_key_names_file_line_and_key() {
-        let err = load_text("data_dir = \"d\"\n\nblok_size = 3\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.starts_with("test.toml:3:"), "{err}");
-        assert!(err.contains("blok_size"), "{err}");
+        assert_refused_at("data_dir = \"d\"\n\nblok_size = 3\n", 3, "blok_size");
     }
 
     #[test]
     fn invalid_value_names_file_line_and_key() {
-        let err = load_text("# c\nblock_size = \"3KiB\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.starts_with("test.toml:2:"), "{err}");
-        assert!(err.contains("block_size"), "{err}");
+        assert_refused_at("# c\nblock_size = \"3KiB\"\n", 2, "block_size");
         let err = load_text("compression_level = 40").unwrap_err().to_string();
         assert!(
             err.contains("test.toml:1: key `compression_level`"),
@@ -631,11 +613,7 @@ mod tests {
                 "policy.keep_for",
             ),
         ] {
-            let err = load_text(&format!("{head}{rest}")).unwrap_err().to_string();
-            assert!(
-                err.starts_with(&format!("test.toml:{line}:")) && err.contains(key),
-                "{rest}: {err}"
-            );
+            assert_refused_at(&format!("{head}{rest}"), line, key);
         }
         let err = load_text(&format!(
             "{head}every = \"1h\"\nkeep = 0\nkeep_for = \"1d\"\n"
@@ -651,11 +629,7 @@ mod tests {
         assert!(err.contains("two policies"), "{err}");
         let same_label = "[[policy]]\nname = \"a\"\nvolumes = [\"db\", \"log\"]\nevery = \"1h\"\nkeep = 1\nlabel = \"x-%Y%m%d-%H\"\n\
                           [[policy]]\nname = \"b\"\nvolumes = [\"log\"]\nevery = \"1h\"\nkeep = 2\nlabel = \"x-%Y%m%d-%H\"\n";
-        let err = load_text(same_label).unwrap_err().to_string();
-        assert!(
-            err.starts_with("test.toml:12:") && err.contains("same labels"),
-            "{err}"
-        );
+        assert_refused_at(same_label, 12, "same labels");
         let apart = same_label.replace("[\"log\"]\nevery", "[\"web\"]\nevery");
         assert_eq!(load_text(&apart).unwrap().policies.len(), 2);
         let err = load_text(
