@@ -50,6 +50,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -532,6 +533,34 @@ impl Packs<'_> {
             .map_err(|_| UploadFailure::Retry("the upload workers are gone".into()))?;
         self.in_flight += 1;
         Ok(())
+    }
+}
+
+/// Starts `concurrency` workers in `scope` that take jobs from `queue` until its
+/// sending end is dropped, and send `work(job)` back on `results` (a worker stops
+/// early once nobody takes results). A worker holds the queue's lock only while it
+/// takes a job: `while let Ok(job) = lock(queue).recv()` would keep the guard through
+/// the loop body and run one job at a time.
+fn spawn_workers<'scope, 'env, J: Send, R: Send + 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    concurrency: usize,
+    queue: &'env Mutex<Receiver<J>>,
+    results: &Sender<R>,
+    work: &'env (dyn Fn(J) -> R + Sync),
+) {
+    for _ in 0..concurrency {
+        let results = results.clone();
+        scope.spawn(move || {
+            loop {
+                let next = lock(queue).recv();
+                let Ok(job) = next else {
+                    return;
+                };
+                if results.send(work(job)).is_err() {
+                    return;
+                }
+            }
+        });
     }
 }
 
@@ -1272,29 +1301,16 @@ impl<S: Storage> SnapshotEngine<S> {
         let abort = AtomicBool::new(false);
         let (jobs, job_queue) = std::sync::mpsc::channel::<Vec<(ChunkHash, ChunkLocation)>>();
         let job_queue = Mutex::new(job_queue);
+        let send = |pack: Vec<(ChunkHash, ChunkLocation)>| {
+            if abort.load(Ordering::Acquire) {
+                return Err(UploadFailure::Stopped);
+            }
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.send_pack(up, &pack)))
+                .unwrap_or_else(|_| Err(UploadFailure::Retry("upload thread panicked".into())))
+        };
         let done = std::thread::scope(|scope| -> UploadResult<T> {
             let (results_in, results) = std::sync::mpsc::channel();
-            for _ in 0..concurrency {
-                let (job_queue, results_in, abort) = (&job_queue, results_in.clone(), &abort);
-                scope.spawn(move || {
-                    // Ends when the producer drops its end of the queue.
-                    while let Ok(pack) = lock(job_queue).recv() {
-                        let result = if abort.load(Ordering::Acquire) {
-                            Err(UploadFailure::Stopped)
-                        } else {
-                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                self.send_pack(up, &pack)
-                            }))
-                            .unwrap_or_else(|_| {
-                                Err(UploadFailure::Retry("upload thread panicked".into()))
-                            })
-                        };
-                        if results_in.send(result).is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
+            spawn_workers(scope, concurrency, &job_queue, &results_in, &send);
             drop(results_in);
             let mut packs = Packs {
                 jobs,
@@ -1652,5 +1668,45 @@ impl<S: Storage> SnapshotEngine<S> {
             lock(&up.state).tombstones = true;
             up.wake();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With one job per worker, every job must be running before any may finish:
+    /// each waits (up to 10 s) until all have started.
+    #[test]
+    fn workers_run_as_many_jobs_at_once_as_there_are_workers() {
+        const WORKERS: usize = 3;
+        let (jobs, queue) = std::sync::mpsc::channel();
+        let queue = Mutex::new(queue);
+        let (started, all_started) = (Mutex::new(0usize), Condvar::new());
+        let work = |job: usize| -> (usize, bool) {
+            let mut count = lock(&started);
+            *count += 1;
+            all_started.notify_all();
+            let (_count, wait) = all_started
+                .wait_timeout_while(count, Duration::from_secs(10), |n| *n < WORKERS)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            (job, !wait.timed_out())
+        };
+        let (results_in, results) = std::sync::mpsc::channel();
+        let mut done = std::thread::scope(|scope| {
+            spawn_workers(scope, WORKERS, &queue, &results_in, &work);
+            drop(results_in);
+            for job in 0..WORKERS {
+                jobs.send(job).unwrap();
+            }
+            drop(jobs);
+            results.iter().collect::<Vec<_>>()
+        });
+        done.sort();
+        let all_at_once: Vec<_> = (0..WORKERS).map(|job| (job, true)).collect();
+        assert_eq!(
+            done, all_at_once,
+            "each job (number, whether it saw all {WORKERS} running) must run alongside the others"
+        );
     }
 }
