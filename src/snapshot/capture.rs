@@ -8,7 +8,8 @@
 //! unit. A unit's manifest entries are published together with its run, so a published
 //! entry only ever names a chunk already written.
 //!
-//! Published entries are committed in batches of [`BATCH_ENTRIES`]: the pack is
+//! Published entries are committed in batches of [`BATCH_ENTRIES`] (fewer for blocks
+//! larger than 16 KiB: at most [`BATCH_BYTES`] of blocks): the pack is
 //! fsynced, then one transaction adds the entries and their chunk references. Memory
 //! and transaction size stay bounded whatever the size of the volume. The entries of a
 //! pending snapshot are read only by readers of its pending image, for blocks marked
@@ -88,8 +89,18 @@ pub struct CaptureJob<S: Storage> {
     pub committed_before: u64,
 }
 
-/// Manifest entries committed per transaction while a capture runs.
+/// Most manifest entries committed per transaction while a capture runs.
 pub const BATCH_ENTRIES: usize = 16_384;
+
+/// Most bytes of blocks per batch: with large blocks a batch closes sooner, so that
+/// its chunks may go up to a bucket while the capture goes on (see `committed`).
+pub const BATCH_BYTES: u64 = 256 << 20;
+
+/// Entries per batch for blocks of `block_size` bytes.
+fn batch_entries(block_size: u64) -> usize {
+    let by_bytes = usize::try_from(BATCH_BYTES / block_size.max(1)).unwrap_or(usize::MAX);
+    BATCH_ENTRIES.min(by_bytes).max(1)
+}
 
 /// Entries published by the workers and not committed yet, with what they reference.
 #[derive(Default)]
@@ -407,7 +418,8 @@ impl<S: Storage> Workers<'_, S> {
             .fetch_add(unit.entries.len() as u64, Ordering::Relaxed);
         batch.entries.extend(unit.entries);
         batch.existing.extend(unit.existing);
-        (batch.entries.len() >= BATCH_ENTRIES).then(|| std::mem::take(&mut *batch))
+        (batch.entries.len() >= batch_entries(self.job.volume.block_size))
+            .then(|| std::mem::take(&mut *batch))
     }
 
     /// Makes a full batch durable: chunks first, then one transaction.
