@@ -342,7 +342,8 @@ impl RemoteStore {
 
     /// A page of a block map, through the page cache.
     pub fn page(&self, name: &str) -> RemoteResult<Arc<Page>> {
-        if let Some(page) = lock(&self.pages).get(name) {
+        let cached = lock(&self.pages).get(name);
+        if let Some(page) = cached {
             return Ok(page);
         }
         let bytes = self.get_object(name)?.ok_or_else(|| {

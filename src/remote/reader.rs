@@ -271,7 +271,8 @@ impl SnapshotBlocks for RemoteBlocks {
             buf[..n].copy_from_slice(&plain[..n]);
             buf[n..].fill(0);
         };
-        if let Some(plain) = lock(&self.store.chunks).get(&chunk.hash) {
+        let cached = lock(&self.store.chunks).get(&chunk.hash);
+        if let Some(plain) = cached {
             copy(buf, &plain);
             return Ok(());
         }
@@ -309,7 +310,8 @@ impl SnapshotBlocks for RemoteBlocks {
         let cached = |chunk: &RemoteChunk| lock(&self.store.chunks).contains(&chunk.hash);
         let budget = lock(&self.store.chunks).limit() / 4;
         if !cached(&head) {
-            if let Some(running) = lock(&self.ahead).take() {
+            let running = lock(&self.ahead).take();
+            if let Some(running) = running {
                 let _ = running.join();
             }
             if !cached(&head) {
@@ -494,7 +496,8 @@ mod tests {
 
     impl RemoteBlocks {
         fn wait_ahead(&self) {
-            if let Some(running) = lock(&self.ahead).take() {
+            let running = lock(&self.ahead).take();
+            if let Some(running) = running {
                 running.join().unwrap();
             }
         }

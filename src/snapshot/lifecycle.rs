@@ -255,7 +255,8 @@ impl<S: Storage> SnapshotEngine<S> {
         // Only now, with the record final, are the capture's files garbage.
         self.remove_capture_files(job.lineage, job.snapshot);
         self.store.end_capture(&self.ns);
-        if let Some((progress, _)) = lock(&self.running).remove(&job.snapshot) {
+        let running = lock(&self.running).remove(&job.snapshot);
+        if let Some((progress, _)) = running {
             progress.finish();
         }
     }
@@ -538,7 +539,8 @@ impl<S: Storage> SnapshotEngine<S> {
                 job.progress.cancelled.store(true, Ordering::Relaxed);
                 self.fail(&job, SnapshotError::Cancelled, &capture::Batch::default());
                 self.remove_capture_files(job.lineage, job.snapshot);
-                if let Some((progress, _)) = lock(&self.running).remove(&id) {
+                let running = lock(&self.running).remove(&id);
+                if let Some((progress, _)) = running {
                     progress.finish();
                 }
             } else if let Some(progress) = self.progress(id) {

@@ -710,10 +710,8 @@ impl<S: Storage> SnapshotEngine<S> {
         };
         lock(&up.state).stopped = true;
         up.wake();
-        for handle in [lock(&up.thread).take(), lock(&up.poller).take()]
-            .into_iter()
-            .flatten()
-        {
+        let handles = [lock(&up.thread).take(), lock(&up.poller).take()];
+        for handle in handles.into_iter().flatten() {
             if handle.join().is_err() {
                 error!("a bucket thread panicked");
             }

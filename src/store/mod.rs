@@ -417,7 +417,8 @@ impl<S: Storage> ChunkStore<S> {
     /// Hands out a pack for one capture to append to. A new pack's row is committed
     /// before its file is created, so a pack file always has a row.
     pub fn checkout_writer(&self, ns: &Namespace) -> StoreResult<PackWriter<S>> {
-        if let Some((id, len)) = lock(&self.idle).pop() {
+        let idle = lock(&self.idle).pop();
+        if let Some((id, len)) = idle {
             return Ok(PackWriter::new(self.pack(id)?, len));
         }
         let id = ns.change_data(|data| -> Result<u32, NamespaceError> {
