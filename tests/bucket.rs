@@ -167,6 +167,32 @@ fn wait_for_uploaded_packs(
     }
 }
 
+/// Snapshot `id`'s `progress` in percent (0 when unreadable). With a store, the
+/// capture is the first half.
+fn progress(fs: &Ebsfs, id: &str) -> u64 {
+    fs::read_to_string(fs.snapshot(id).join("progress"))
+        .unwrap_or_default()
+        .trim()
+        .trim_end_matches('%')
+        .parse()
+        .unwrap_or(0)
+}
+
+/// Waits until snapshot `id` is captured and still pending; returns how many packs
+/// the bucket holds then.
+fn wait_captured(fs: &Ebsfs, s3: &S3Server, id: &str) -> usize {
+    wait_until("the capture's end", Duration::from_secs(600), || {
+        progress(fs, id) >= 50
+    });
+    let packs = s3.objects("packs").len();
+    assert_eq!(
+        fs.status(id),
+        "pending",
+        "precondition: snapshot {id} was uploaded as soon as it was captured ({packs} packs)"
+    );
+    packs
+}
+
 /// Host A with `block_size` blocks sending one pack at a time (each is recorded in
 /// the data directory as soon as its PUT returns, so at most one is in the bucket
 /// and not recorded when a kill comes), a volume `db` of `data` random bytes, and
@@ -431,7 +457,10 @@ fn an_upload_cut_by_kill_9_resumes_and_sends_nothing_twice() {
     // 32 KiB blocks, so that a page of the block map holds one pack's worth.
     let data = 512 * MIB;
     let (mut a, sum) = one_pack_at_a_time(&s3, "32KiB", data);
-    let seen: BTreeMap<String, u64> = wait_for_uploaded_packs(&a, &s3, "db@one", 3)
+    // Packs may go ahead while the capture runs: the kill comes after the capture
+    // ended and two more packs went up, in the upload proper.
+    let ahead = wait_captured(&a, &s3, "db@one");
+    let seen: BTreeMap<String, u64> = wait_for_uploaded_packs(&a, &s3, "db@one", ahead + 2)
         .into_iter()
         .collect();
     a.kill9();
@@ -474,19 +503,11 @@ fn chunks_sent_while_capturing_survive_kill_9_and_are_not_sent_twice() {
     // before its end.
     let data = 768 * MIB;
     let (mut a, sum) = one_pack_at_a_time(&s3, "4KiB", data);
-    let progress = |a: &Ebsfs| -> u64 {
-        fs::read_to_string(a.snapshot("db@one").join("progress"))
-            .unwrap_or_default()
-            .trim()
-            .trim_end_matches('%')
-            .parse()
-            .unwrap_or(0)
-    };
     let start = Instant::now();
     let seen: BTreeMap<String, u64> = loop {
         let found = s3.objects("packs");
         // With a store, the capture is the first half of `progress`.
-        let capturing = progress(&a) < 50;
+        let capturing = progress(&a, "db@one") < 50;
         assert!(
             capturing || !found.is_empty(),
             "precondition: the capture ended before any pack went up:\n{}",
@@ -501,7 +522,7 @@ fn chunks_sent_while_capturing_survive_kill_9_and_are_not_sent_twice() {
                 "{} packs in the bucket after {:.1} s, capture at {}%",
                 found.len(),
                 start.elapsed().as_secs_f64(),
-                progress(&a) * 2
+                progress(&a, "db@one") * 2
             );
             break found.into_iter().collect();
         }
