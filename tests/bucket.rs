@@ -148,13 +148,11 @@ fn wait_for_uploaded_packs(
         );
         if found.len() >= packs {
             eprintln!(
-                "{} packs ({} MiB) in the bucket after {:.1} s, progress {}",
+                "{} packs ({} MiB) in the bucket after {:.1} s, progress {}%",
                 found.len(),
                 found.iter().map(|p| p.1).sum::<u64>() / MIB,
                 start.elapsed().as_secs_f64(),
-                fs::read_to_string(fs.snapshot(id).join("progress"))
-                    .unwrap_or_default()
-                    .trim()
+                fs.progress(id)
             );
             return found;
         }
@@ -165,32 +163,6 @@ fn wait_for_uploaded_packs(
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// Snapshot `id`'s `progress` in percent (0 when unreadable). With a store, the
-/// capture is the first half.
-fn progress(fs: &Ebsfs, id: &str) -> u64 {
-    fs::read_to_string(fs.snapshot(id).join("progress"))
-        .unwrap_or_default()
-        .trim()
-        .trim_end_matches('%')
-        .parse()
-        .unwrap_or(0)
-}
-
-/// Waits until snapshot `id` is captured and still pending; returns how many packs
-/// the bucket holds then.
-fn wait_captured(fs: &Ebsfs, s3: &S3Server, id: &str) -> usize {
-    wait_until("the capture's end", Duration::from_secs(600), || {
-        progress(fs, id) >= 50
-    });
-    let packs = s3.objects("packs").len();
-    assert_eq!(
-        fs.status(id),
-        "pending",
-        "precondition: snapshot {id} was uploaded as soon as it was captured ({packs} packs)"
-    );
-    packs
 }
 
 /// Host A with `block_size` blocks sending one pack at a time (each is recorded in
@@ -459,7 +431,9 @@ fn an_upload_cut_by_kill_9_resumes_and_sends_nothing_twice() {
     let (mut a, sum) = one_pack_at_a_time(&s3, "32KiB", data);
     // Packs may go ahead while the capture runs: the kill comes after the capture
     // ended and two more packs went up, in the upload proper.
-    let ahead = wait_captured(&a, &s3, "db@one");
+    // With a store, the capture is the first half of `progress`.
+    wait_for_progress(&a, "db@one", 50);
+    let ahead = s3.objects("packs").len();
     let seen: BTreeMap<String, u64> = wait_for_uploaded_packs(&a, &s3, "db@one", ahead + 2)
         .into_iter()
         .collect();
@@ -507,7 +481,7 @@ fn chunks_sent_while_capturing_survive_kill_9_and_are_not_sent_twice() {
     let seen: BTreeMap<String, u64> = loop {
         let found = s3.objects("packs");
         // With a store, the capture is the first half of `progress`.
-        let capturing = progress(&a, "db@one") < 50;
+        let capturing = a.progress("db@one") < 50;
         assert!(
             capturing || !found.is_empty(),
             "precondition: the capture ended before any pack went up:\n{}",
@@ -522,7 +496,7 @@ fn chunks_sent_while_capturing_survive_kill_9_and_are_not_sent_twice() {
                 "{} packs in the bucket after {:.1} s, capture at {}%",
                 found.len(),
                 start.elapsed().as_secs_f64(),
-                progress(&a, "db@one") * 2
+                a.progress("db@one") * 2
             );
             break found.into_iter().collect();
         }

@@ -13,15 +13,6 @@ use common::*;
 
 const SIZE: usize = 128 << 20;
 
-fn progress(fs: &Ebsfs, id: &str) -> u64 {
-    fs::read_to_string(fs.snapshot(id).join("progress"))
-        .unwrap_or_default()
-        .trim()
-        .trim_end_matches('%')
-        .parse()
-        .unwrap_or(0)
-}
-
 /// A mount with 4 KiB blocks: volume `b` of pattern 1 and its snapshot `b@c`, then
 /// the whole volume rewritten with pattern 2 and the capture of `b@e` past its first
 /// batch (or ended). Returns the mount and the size of `chunks/` after `b@c`.
@@ -38,7 +29,7 @@ fn capture_past_its_first_batch() -> (Ebsfs, u64) {
     wait_until(
         "the capture to pass its first batch",
         Duration::from_secs(120),
-        || progress(&fs, "b@e") >= 60 || fs.status("b@e") != "pending",
+        || fs.progress("b@e") >= 60 || fs.status("b@e") != "pending",
     );
     (fs, chunks_after_c)
 }

@@ -344,6 +344,17 @@ impl Ebsfs {
             .to_string()
     }
 
+    /// A snapshot's `progress` in percent (0 when unreadable). With a store, the
+    /// capture is the first half.
+    pub fn progress(&self, id: &str) -> u64 {
+        fs::read_to_string(self.snapshot(id).join("progress"))
+            .unwrap_or_default()
+            .trim()
+            .trim_end_matches('%')
+            .parse()
+            .unwrap_or(0)
+    }
+
     /// Waits until a snapshot is no longer pending; returns its final status.
     pub fn wait_snapshot(&self, id: &str) -> String {
         let mut status = String::new();

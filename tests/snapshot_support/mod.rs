@@ -244,8 +244,7 @@ pub fn wait_for_progress(fs: &Ebsfs, id: &str, min_percent: u64) -> u64 {
     let start = Instant::now();
     loop {
         let status = fs.status(id);
-        let progress = fs::read_to_string(fs.snapshot(id).join("progress")).unwrap_or_default();
-        let percent: u64 = progress.trim().trim_end_matches('%').parse().unwrap_or(0);
+        let percent = fs.progress(id);
         if status != "pending" {
             panic!(
                 "precondition: snapshot {id} became {status:?} before its progress reached \
