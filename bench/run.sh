@@ -898,18 +898,16 @@ EOF
     </dev/null >"$S3S_LOG" 2>&1 &
   S3S_PID=$!
   BG_PIDS+=("$S3S_PID")
+  # `node id` reads the node's key file, so it may answer before the server takes RPC
+  # calls: `status` must answer too.
   for ((i = 0; i < 100; i++)); do
-    id=$("$GARAGE" -c "$d/garage.toml" node id -q 2>/dev/null) && break
+    id=$("$GARAGE" -c "$d/garage.toml" node id -q 2>/dev/null) \
+      && "$GARAGE" -c "$d/garage.toml" status >/dev/null 2>&1 && break
+    id=""
     proc_alive "$S3S_PID" || { tail -n 5 "$S3S_LOG" >&2; die "garage exited"; }
     sleep 0.2
   done
   [[ -n $id ]] || die "garage does not answer"
-  # `node id` reads the node's key file: the server may not take RPC calls yet.
-  for ((i = 0; i < 100; i++)); do
-    "$GARAGE" -c "$d/garage.toml" status >/dev/null 2>&1 && break
-    proc_alive "$S3S_PID" || { tail -n 5 "$S3S_LOG" >&2; die "garage exited"; }
-    sleep 0.2
-  done
   gcli() { "$GARAGE" -c "$d/garage.toml" "$@" >/dev/null; }
   gcli layout assign -z dc1 -c 100G "${id:0:16}" && gcli layout apply --version 1 \
     && gcli key import --yes -n ebsfs-bench "$key_id" "$S3S_SECRET" \
