@@ -676,6 +676,11 @@ fn a_snapshot_waits_for_a_server_that_went_away_while_its_volume_works() {
         info_str(&a, "db@one", "upload_error").is_some()
     });
     eprintln!("upload_error: {}", info_text(&a, "db@one", "upload_error"));
+    assert!(
+        a.log().contains("backing off"),
+        "the client's retries are not in the daemon's log:\n{}",
+        tail_lines(&a.log(), 30)
+    );
     assert_eq!(a.status("db@one"), "pending");
     let written = a.scratch_pattern(4 * MIB as usize, 5);
     let volume = path_str(&a.volume("db"));
