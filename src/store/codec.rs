@@ -259,9 +259,16 @@ mod tests {
 
     #[test]
     fn small_blocks_are_compressed_without_a_probe() {
-        // 4 KiB blocks are below the probe's size: saving a page is all that counts.
-        let plain = vec![7u8; 16384];
+        // 16 KiB is below the probe's sizes: random bytes, whose sample a probe
+        // would refuse, then the same 8 KiB again, which zstd finds.
+        let mut plain = pseudo_random(16384, 23);
+        plain.copy_within(..8192, 8192);
         let compressed = Compressor::new(1).unwrap().compress(&plain).unwrap();
+        assert!(
+            compressed.len() + 4096 <= plain.len(),
+            "{}",
+            compressed.len()
+        );
         round_trips(&plain, &compressed);
     }
 
